@@ -1,0 +1,34 @@
+# Two commands set everything up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PORT ?= 8000
+
+.PHONY: install test lint run bench clean
+
+# torch is installed first and pinned: on these machines `torch==2.13.0` is the
+# CPU build served from local disk; an unpinned torch would pull a multi-GB CUDA
+# build on a machine without a GPU.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "torch==$${TORCH_VERSION:-2.13.0}"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks scripts
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks scripts
+	$(PY) -m ruff format --check src tests benchmarks scripts
+
+bench: $(STAMP)
+	$(PY) benchmarks/sweep.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

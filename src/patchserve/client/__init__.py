@@ -1,0 +1,1 @@
+"""patchserve.client"""

@@ -1,0 +1,23 @@
+"""The hooked model runtime: families, loading, the transformer and its hook sites."""
+
+from patchserve.models.config import CheckpointError, ModelConfig
+from patchserve.models.hooks import HOOKS, INJECTABLE_HOOKS, HookContext, SiteEdit, make_edit
+from patchserve.models.loading import LoadedModel, load_model
+from patchserve.models.registry import SUPPORTED_ARCHITECTURES
+from patchserve.models.transformer import ForwardResult, KVCache, Transformer
+
+__all__ = [
+    "HOOKS",
+    "INJECTABLE_HOOKS",
+    "SUPPORTED_ARCHITECTURES",
+    "CheckpointError",
+    "ForwardResult",
+    "HookContext",
+    "KVCache",
+    "LoadedModel",
+    "ModelConfig",
+    "SiteEdit",
+    "Transformer",
+    "load_model",
+    "make_edit",
+]

@@ -1,0 +1,152 @@
+"""Causal self-attention with a reusable key/value prefix.
+
+Queries of the tokens being computed attend to two key sets: a *prefix*
+(keys/values already in a cache, absolute positions ``0..P-1``) and the
+*new* keys computed in this pass. A prefix with batch 1 is shared by every
+row without being copied: its scores are one batched matmul with the rows
+folded into the matrix dimension. That is what lets a sweep recompute
+thousands of patched suffixes on top of one corrupt-run cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from patchserve.models.config import ModelConfig
+from patchserve.models.layers import RMSNorm, apply_rotary
+
+
+@dataclass
+class AttentionMasks:
+    """Boolean masks (True = may attend) for one window size.
+
+    ``new``: [batch, 1, tokens, tokens]; ``prefix``: [batch, 1, tokens, P] or
+    None when there is no prefix. ``causal_only`` marks the common case that
+    SDPA's own ``is_causal`` handles (no padding, no window, no prefix).
+    """
+
+    new: torch.Tensor | None
+    prefix: torch.Tensor | None
+    causal_only: bool
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        )
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.q_size, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        one_plus = cfg.norm_kind == "rms_one_plus"
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, one_plus) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, one_plus) if cfg.qk_norm else None
+        self.scale = cfg.attn_scale / (layer + 1 if cfg.attn_scale_by_layer else 1)
+        self.softcap = cfg.attn_softcap
+        self.window = cfg.sliding_windows[layer]
+        self.rope = cfg.rope[layer]
+
+    def project(
+        self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries [B, H, T, D] and rotated keys/values [B, KV, T, D] of ``x``."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cos_sin is not None:
+            q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
+        return q, k, v
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix: tuple[torch.Tensor, torch.Tensor] | None,
+    masks: AttentionMasks,
+    scale: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Attention output [B, T, H, D] of queries ``q`` over ``prefix`` + new ``k``/``v``."""
+    b, h = q.shape[:2]
+    kv = k.shape[1]
+    if prefix is not None and prefix[0].shape[2] == 0:
+        prefix = None
+    if softcap is None and (prefix is None or prefix[0].shape[0] == b):
+        if prefix is not None:
+            k = torch.cat((prefix[0].expand(b, -1, -1, -1), k), dim=2)
+            v = torch.cat((prefix[1].expand(b, -1, -1, -1), v), dim=2)
+            mask = torch.cat((masks.prefix, masks.new), dim=-1)  # type: ignore[arg-type]
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=scale, enable_gqa=kv != h
+            )
+        elif masks.causal_only:
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=scale, enable_gqa=kv != h
+            )
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=masks.new, scale=scale, enable_gqa=kv != h
+            )
+        return out.transpose(1, 2)
+    return _attend_explicit(q, k, v, prefix, masks, scale, softcap)
+
+
+def _attend_explicit(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix: tuple[torch.Tensor, torch.Tensor] | None,
+    masks: AttentionMasks,
+    scale: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Softmax attention written out: soft-capping, and a shared (batch-1) prefix."""
+    b, h, t, d = q.shape
+    kv = k.shape[1]
+    g = h // kv
+    qg = q.reshape(b, kv, g * t, d)  # query heads grouped under their kv head
+    scores = torch.matmul(qg, k.transpose(-1, -2)).view(b, kv, g, t, t)
+    parts = [scores]
+    p = 0
+    if prefix is not None:
+        pk, pv = prefix
+        p = pk.shape[2]
+        if pk.shape[0] == 1:
+            # Fold the rows into the matrix dimension: one matmul per kv head, no copy of K.
+            qf = qg.transpose(0, 1).reshape(kv, b * g * t, d)
+            ps = torch.matmul(qf, pk[0].transpose(-1, -2)).view(kv, b, g, t, p).transpose(0, 1)
+        else:
+            ps = torch.matmul(qg, pk.transpose(-1, -2)).view(b, kv, g, t, p)
+        parts.insert(0, ps)
+    scores = torch.cat(parts, dim=-1) * scale if len(parts) > 1 else scores * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    mask = masks.new if prefix is None else torch.cat((masks.prefix, masks.new), dim=-1)
+    if mask is None:
+        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask[:, :, None] if mask.dim() == 4 else ~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(probs[..., p:].reshape(b, kv, g * t, t), v)
+    if prefix is not None:
+        pp = probs[..., :p]
+        pv = prefix[1]
+        if pv.shape[0] == 1:
+            pf = pp.transpose(0, 1).reshape(kv, b * g * t, p)
+            out = out + torch.matmul(pf, pv[0]).view(kv, b, g * t, d).transpose(0, 1)
+        else:
+            out = out + torch.matmul(pp.reshape(b, kv, g * t, p), pv)
+    return out.view(b, kv, g, t, d).reshape(b, h, t, d).transpose(1, 2)

@@ -1,0 +1,65 @@
+"""The decoder block, with every hook site in plain sight.
+
+One class covers all supported families; the differences are which norms
+exist (Gemma's post-branch norms) and whether the MLP reads the residual
+before or after attention (GPT-NeoX's parallel residual). For a parallel block
+``post_attn`` is a virtual residual, ``pre_attn + attn_out``: writing it changes
+``post_block`` exactly as writing ``attn_out`` would, and the MLP still reads
+``pre_attn``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from patchserve.models.attention import Attention, attend
+from patchserve.models.config import ModelConfig
+from patchserve.models.layers import MLP, make_norm
+
+if TYPE_CHECKING:
+    from patchserve.models.transformer import PassState
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.parallel = cfg.parallel_residual
+        d = cfg.hidden_size
+        self.attn_norm = make_norm(cfg.norm_kind, d, cfg.norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.attn_post_norm = (
+            make_norm(cfg.norm_kind, d, cfg.norm_eps) if cfg.post_attn_norm else None
+        )
+        self.mlp_norm = make_norm(cfg.norm_kind, d, cfg.norm_eps)
+        self.mlp = MLP(d, cfg.intermediate_size, cfg.activation, cfg.gated_mlp, cfg.mlp_bias)
+        self.mlp_post_norm = (
+            make_norm(cfg.norm_kind, d, cfg.norm_eps) if cfg.post_mlp_norm else None
+        )
+
+    def forward(self, x: torch.Tensor, state: PassState) -> torch.Tensor:
+        site, i = state.hooks.site, self.layer
+        x = site(i, "pre_attn", x)
+        a = site(i, "attn_out", self.attention_branch(self.attn_norm(x), state))
+        h = site(i, "post_attn", x + a)
+        m_in = site(i, "mlp_in", self.mlp_norm(x if self.parallel else h))
+        m = site(i, "mlp_out", self.mlp_branch(m_in))
+        return site(i, "post_block", h + m)
+
+    def attention_branch(self, x: torch.Tensor, state: PassState) -> torch.Tensor:
+        attn = self.attn
+        q, k, v = attn.project(x, state.rope_tables(attn.rope))
+        state.keep_kv(self.layer, k, v)
+        z = attend(
+            q, k, v, state.prefix_kv(self.layer), state.masks(attn.window), attn.scale, attn.softcap
+        )
+        z = state.hooks.site(self.layer, "attn_head", z)
+        out = attn.o_proj(z.reshape(*z.shape[:2], -1))
+        return self.attn_post_norm(out) if self.attn_post_norm is not None else out
+
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.mlp(x)
+        return self.mlp_post_norm(out) if self.mlp_post_norm is not None else out

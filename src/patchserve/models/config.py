@@ -1,0 +1,141 @@
+"""The one configuration every model family is translated into.
+
+Each family module reads a Hugging Face ``config.json`` (both the
+``transformers`` 4.x spelling — ``rope_theta``, ``rope_scaling``,
+``rotary_pct`` — and the 5.x ``rope_parameters`` spelling) into a
+:class:`ModelConfig`; the runtime only ever sees this dataclass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+NormKind = Literal["rms", "rms_one_plus", "layer"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: missing files, unknown architecture, bad shapes."""
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary position embedding of one attention layer."""
+
+    theta: float
+    rotary_dim: int
+    # rope_type and its parameters as sorted (key, value) pairs (hashable); None for default
+    scaling: tuple[tuple[str, Any], ...] | None = None
+
+    def scaling_params(self) -> dict[str, Any] | None:
+        return dict(self.scaling) if self.scaling is not None else None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: str
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm_kind: NormKind
+    norm_eps: float
+    activation: str
+    gated_mlp: bool
+    tie_word_embeddings: bool
+    # Per-layer attention shape: rotary (None for learned absolute positions)
+    # and sliding window (None for global attention).
+    rope: tuple[RopeConfig | None, ...]
+    sliding_windows: tuple[int | None, ...]
+    attn_scale: float
+    max_position_embeddings: int
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    parallel_residual: bool = False
+    post_attn_norm: bool = False  # Gemma: norm on the attention branch output
+    post_mlp_norm: bool = False  # Gemma: norm on the MLP branch output
+    learned_positions: bool = False  # GPT-2
+    embed_scale: float | None = None  # Gemma: sqrt(hidden_size)
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    attn_scale_by_layer: bool = False  # GPT-2 scale_attn_by_inverse_layer_idx
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def hook_width(self, hook: str) -> int:
+        return self.head_dim if hook == "attn_head" else self.hidden_size
+
+
+def require(raw: dict[str, Any], *keys: str) -> Any:
+    """The first present key of ``raw``; a :class:`CheckpointError` naming them all otherwise."""
+    for key in keys:
+        if raw.get(key) is not None:
+            return raw[key]
+    raise CheckpointError(f"config.json lacks {' / '.join(keys)}")
+
+
+def rope_parameters(raw: dict[str, Any], layer_type: str | None = None) -> dict[str, Any]:
+    """Rope settings as one dict in the 5.x shape, whichever spelling the checkpoint uses."""
+    params = raw.get("rope_parameters")
+    if isinstance(params, dict) and layer_type is not None and layer_type in params:
+        params = params[layer_type]
+    if isinstance(params, dict) and "rope_theta" in params:
+        return dict(params)
+    merged: dict[str, Any] = dict(raw.get("rope_scaling") or {})
+    merged.setdefault("rope_theta", raw.get("rope_theta", raw.get("rotary_emb_base", 10000.0)))
+    if "type" in merged and "rope_type" not in merged:
+        merged["rope_type"] = merged.pop("type")
+    merged.setdefault("rope_type", "default")
+    if "partial_rotary_factor" not in merged:
+        factor = raw.get("partial_rotary_factor", raw.get("rotary_pct"))
+        if factor is not None:
+            merged["partial_rotary_factor"] = factor
+    return merged
+
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def make_rope(params: dict[str, Any], head_dim: int) -> RopeConfig:
+    rope_type = params.get("rope_type", "default")
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise CheckpointError(
+            f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    rotary_dim = int(head_dim * float(params.get("partial_rotary_factor", 1.0)))
+    scaling = None
+    if rope_type != "default":
+        scaling = tuple(
+            sorted((k, v) for k, v in params.items() if not isinstance(v, (dict, list)))
+        )
+    return RopeConfig(theta=float(params["rope_theta"]), rotary_dim=rotary_dim, scaling=scaling)
+
+
+def layer_windows(raw: dict[str, Any], num_layers: int) -> tuple[int | None, ...]:
+    """Sliding window per layer from ``layer_types`` (5.x) or the older flags."""
+    window = raw.get("sliding_window")
+    types = raw.get("layer_types")
+    if types:
+        if len(types) != num_layers:
+            raise CheckpointError("config.json layer_types does not have one entry per layer")
+        return tuple(window if t == "sliding_attention" and window else None for t in types)
+    if window and raw.get("use_sliding_window", raw.get("model_type") == "mistral"):
+        # Qwen2/Qwen3: layers from max_window_layers on use the window; Mistral: all.
+        first = raw.get("max_window_layers", 0) if raw.get("model_type") != "mistral" else 0
+        return tuple(window if i >= first else None for i in range(num_layers))
+    return (None,) * num_layers

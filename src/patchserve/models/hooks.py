@@ -1,0 +1,205 @@
+"""Hook sites of a decoder block and the interventions applied at them.
+
+Every block exposes the same named activations (SPEC §1). In TransformerLens
+vocabulary: ``pre_attn`` = ``resid_pre``, ``attn_out`` = ``attn_out``,
+``post_attn`` = ``resid_mid``, ``mlp_in`` = ``ln2.hook_normalized``,
+``mlp_out`` = ``mlp_out``, ``post_block`` = ``resid_post`` and ``attn_head`` =
+``z`` (one query head's attention output before the output projection).
+
+A :class:`HookContext` is handed down one forward pass. At each site the block
+calls ``ctx.site(layer, hook, tensor)``, which applies the interventions
+registered for that site (patches first, then additions) and records the
+result when the site is captured. Interventions address batch rows and
+*absolute* token positions, so the same request works for a full forward, a
+suffix forward on a prefix cache, or one decoding step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+HOOKS: tuple[str, ...] = (
+    "pre_attn",
+    "attn_out",
+    "post_attn",
+    "mlp_in",
+    "mlp_out",
+    "post_block",
+    "attn_head",
+)
+RESIDUAL_HOOKS: tuple[str, ...] = HOOKS[:-1]
+INJECTABLE_HOOKS: tuple[str, ...] = HOOKS
+
+TRANSFORMER_LENS_NAMES: dict[str, str] = {
+    "pre_attn": "hook_resid_pre",
+    "attn_out": "hook_attn_out",
+    "post_attn": "hook_resid_mid",
+    "mlp_in": "ln2.hook_normalized",
+    "mlp_out": "hook_mlp_out",
+    "post_block": "hook_resid_post",
+    "attn_head": "attn.hook_z",
+}
+
+
+def check_hook(hook: str) -> str:
+    if hook not in HOOKS:
+        raise ValueError(f"unknown hook {hook!r}; expected one of {', '.join(HOOKS)}")
+    return hook
+
+
+@dataclass
+class SiteEdit:
+    """A batch of edits at one ``(layer, hook)`` site.
+
+    Entry ``i`` edits row ``rows[i]`` at absolute position ``positions[i]``
+    (and query head ``heads[i]`` for ``attn_head``).
+
+    ``kind == "patch"``: ``out = (1 - w) * h + w * source`` with
+    ``w = alpha * mask`` — ``w == 1`` is an exact copy of the source and
+    ``w == 0`` leaves ``h`` untouched, bit for bit.
+    ``kind == "add"``: ``out = h + scale * source`` (steering); ``alpha``
+    holds the scale.
+    """
+
+    layer: int
+    hook: str
+    rows: torch.Tensor  # long [n]
+    positions: torch.Tensor  # long [n], absolute token positions
+    source: torch.Tensor  # [n, width]
+    alpha: torch.Tensor  # [n]
+    mask: torch.Tensor | None = None  # [n, width] in [0, 1]
+    heads: torch.Tensor | None = None  # long [n]
+    kind: str = "patch"
+
+    def __post_init__(self) -> None:
+        check_hook(self.hook)
+        if self.kind not in ("patch", "add"):
+            raise ValueError(f"unknown edit kind {self.kind!r}")
+        if (self.hook == "attn_head") != (self.heads is not None):
+            raise ValueError("heads are given exactly for attn_head edits")
+        n = self.rows.shape[0]
+        if self.positions.shape != (n,) or self.alpha.shape != (n,) or self.source.shape[0] != n:
+            raise ValueError("rows, positions, alpha and source must have one entry per edit")
+        if self.mask is not None and self.mask.shape != self.source.shape:
+            raise ValueError("mask must have the shape of source")
+
+
+def make_edit(
+    layer: int,
+    hook: str,
+    rows: Iterable[int] | torch.Tensor,
+    positions: Iterable[int] | torch.Tensor,
+    source: torch.Tensor,
+    *,
+    alpha: float | torch.Tensor = 1.0,
+    mask: torch.Tensor | None = None,
+    heads: Iterable[int] | torch.Tensor | None = None,
+    kind: str = "patch",
+) -> SiteEdit:
+    """Build a :class:`SiteEdit` from plain Python values (on ``source``'s device)."""
+    device = source.device
+    rows_t = torch.as_tensor(rows, dtype=torch.long, device=device).reshape(-1)
+    pos_t = torch.as_tensor(positions, dtype=torch.long, device=device).reshape(-1)
+    n = rows_t.shape[0]
+    if source.dim() == 1:
+        source = source.expand(n, -1)
+    alpha_t = torch.as_tensor(alpha, dtype=torch.float32, device=device).reshape(-1)
+    if alpha_t.shape[0] == 1 and n != 1:
+        alpha_t = alpha_t.expand(n)
+    if mask is not None and mask.dim() == 1:
+        mask = mask.expand(n, -1)
+    heads_t = None
+    if heads is not None:
+        heads_t = torch.as_tensor(heads, dtype=torch.long, device=device).reshape(-1)
+        if heads_t.shape[0] == 1 and n != 1:
+            heads_t = heads_t.expand(n)
+    return SiteEdit(layer, hook, rows_t, pos_t, source, alpha_t, mask, heads_t, kind)
+
+
+def blend(h: torch.Tensor, source: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``(1 - w) * h + w * s`` with exact copies at ``w == 1`` and no-ops at ``w == 0``.
+
+    The arithmetic runs in float32 (or the wider input dtype) and is cast back.
+    """
+    work = torch.promote_types(h.dtype, torch.float32)
+    w = weight.to(work)
+    mixed = ((1 - w) * h.to(work) + w * source.to(work)).to(h.dtype)
+    src = source.to(h.dtype)
+    return torch.where(w == 1, src, torch.where(w == 0, h, mixed))
+
+
+@dataclass
+class HookContext:
+    """Interventions and captures for one forward pass.
+
+    ``offsets[b]`` is the absolute position of the first token of row ``b`` in
+    the tensors this pass computes; ``lengths[b]`` how many of its tokens are
+    real (rows are right-padded). Captured tensors are the site values after
+    any edit, ``[batch, tokens, width]`` (``[batch, tokens, heads, head_dim]``
+    for ``attn_head``).
+    """
+
+    edits: dict[tuple[int, str], list[SiteEdit]] = field(default_factory=dict)
+    capture: set[tuple[int, str]] = field(default_factory=set)
+    captured: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    offsets: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
+
+    @classmethod
+    def build(
+        cls,
+        edits: Iterable[SiteEdit] = (),
+        capture: Iterable[tuple[int, str]] = (),
+    ) -> HookContext:
+        ctx = cls(capture={(int(layer), check_hook(hook)) for layer, hook in capture})
+        for edit in edits:
+            ctx.edits.setdefault((edit.layer, edit.hook), []).append(edit)
+        return ctx
+
+    def wants(self, layer: int, hook: str) -> bool:
+        key = (layer, hook)
+        return key in self.edits or key in self.capture
+
+    def site(self, layer: int, hook: str, h: torch.Tensor) -> torch.Tensor:
+        key = (layer, hook)
+        edits = self.edits.get(key)
+        if edits:
+            # Patches first (they define the value), then additive steering.
+            for edit in sorted(edits, key=lambda e: e.kind != "patch"):
+                h = self._apply(h, edit)
+        if key in self.capture:
+            self.captured[key] = h
+        return h
+
+    def _apply(self, h: torch.Tensor, edit: SiteEdit) -> torch.Tensor:
+        tokens = h.shape[1]
+        offsets = self.offsets
+        local = edit.positions - (offsets[edit.rows] if offsets is not None else 0)
+        keep = (local >= 0) & (local < tokens) & (edit.rows < h.shape[0])
+        if self.lengths is not None:
+            keep &= local < self.lengths[edit.rows.clamp(max=h.shape[0] - 1)]
+        if not bool(keep.any()):
+            return h
+        if not bool(keep.all()):
+            idx = keep.nonzero().squeeze(1)
+            rows, local = edit.rows[idx], local[idx]
+            source, alpha = edit.source[idx], edit.alpha[idx]
+            mask = edit.mask[idx] if edit.mask is not None else None
+            heads = edit.heads[idx] if edit.heads is not None else None
+        else:
+            rows, source, alpha = edit.rows, edit.source, edit.alpha
+            mask, heads = edit.mask, edit.heads
+        index = (rows, local) if heads is None else (rows, local, heads)
+        current = h[index]
+        if edit.kind == "add":
+            new = (current.float() + alpha[:, None] * source.float()).to(h.dtype)
+        else:
+            weight = alpha[:, None].expand_as(current)
+            if mask is not None:
+                weight = weight * mask.to(weight.dtype)
+            new = blend(current, source, weight)
+        # Out of place: the input may also be a captured tensor of an earlier site.
+        return h.index_put(index, new)

@@ -1,0 +1,161 @@
+"""Load a Hugging Face checkpoint (local folder or hub id) into a :class:`Transformer`.
+
+Weights stream tensor by tensor from ``*.safetensors`` (sharded checkpoints
+through their ``model.safetensors.index.json``), are renamed by the family's
+mapping, shape-checked against the runtime's parameters and cast to the
+requested dtype. Every way a checkpoint can be wrong ends in one
+:class:`CheckpointError` that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from patchserve.models.config import CheckpointError, ModelConfig
+from patchserve.models.layers import Rotary
+from patchserve.models.registry import family_for
+from patchserve.models.transformer import Transformer
+
+HUB_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+]
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}") from None
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    config: ModelConfig
+    path: Path
+    raw_config: dict[str, Any]
+
+
+def resolve_checkpoint(path_or_id: str | Path) -> Path:
+    """A local folder as is; anything else is treated as a hub id and downloaded."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; expected a checkpoint folder")
+    name = str(path_or_id)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise CheckpointError(f"checkpoint folder {name} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:  # network, auth, missing repo: all one message
+        raise CheckpointError(
+            f"{name} is not a local folder and could not be fetched from the hub: {exc}"
+        ) from exc
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder} has no config.json")
+    try:
+        raw = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_path} must hold a JSON object")
+    return raw
+
+
+def weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [folder / n for n in names]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{folder}: shards listed in the index are missing: {missing}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder} has no *.safetensors weights")
+    return files
+
+
+def load_model(
+    path_or_id: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+) -> LoadedModel:
+    folder = resolve_checkpoint(path_or_id)
+    raw = read_config(folder)
+    family, architecture = family_for(raw)
+    cfg = family.read_config(raw, architecture)
+    torch_dtype = parse_dtype(dtype)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    params = dict(model.named_parameters())
+    tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    loaded: dict[str, torch.Tensor] = {}
+    for file in weight_files(folder):
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+        except Exception as exc:
+            raise CheckpointError(f"{file} is not a readable safetensors file: {exc}") from exc
+        with handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                mapped = family.map_tensor(name, handle.get_tensor(name), cfg)
+                if mapped is None:
+                    raise CheckpointError(
+                        f"{file.name}: unexpected tensor {name!r} for {architecture}"
+                    )
+                for target, value in mapped:
+                    if target not in params or target in tied:
+                        raise CheckpointError(
+                            f"{file.name}: tensor {name!r} maps to {target!r}, "
+                            f"which {architecture} with this config.json does not have"
+                        )
+                    expected = tuple(params[target].shape)
+                    if tuple(value.shape) != expected:
+                        raise CheckpointError(
+                            f"{file.name}: tensor {name!r} has shape {tuple(value.shape)}, "
+                            f"expected {expected} from config.json"
+                        )
+                    loaded[target] = value.to(device=device, dtype=torch_dtype)
+    missing = sorted(set(params) - set(loaded) - tied)
+    if missing:
+        shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise CheckpointError(f"{folder}: checkpoint lacks {len(missing)} tensors: {shown}")
+    model.load_state_dict(loaded, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    for module in model.modules():
+        if isinstance(module, Rotary):
+            module.reset(device)
+    model.eval().requires_grad_(False)
+    return LoadedModel(model=model, config=cfg, path=folder, raw_config=raw)

@@ -1,0 +1,288 @@
+"""The hooked decoder-only transformer and its forward entry points.
+
+``Transformer.forward`` is the single entry point; its arguments select the
+variants the sweep engine and the server need:
+
+* a full forward of token ids (optionally returning the key/value cache);
+* a forward of a *suffix* of tokens on top of a :class:`KVCache` of the prefix,
+  where a batch-1 cache is shared by every row without copying and each row
+  may see a different prefix length (``prefix_lengths``);
+* a forward that *starts at layer l* from a supplied residual stream
+  (``hidden``, the ``pre_attn`` input of block ``l``);
+* logits only where they are read (``logits_at``), or none at all.
+
+Interventions and captures travel in a :class:`HookContext`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from patchserve.models.attention import AttentionMasks
+from patchserve.models.block import DecoderBlock
+from patchserve.models.config import ModelConfig, RopeConfig
+from patchserve.models.hooks import HookContext
+from patchserve.models.layers import Rotary, make_norm
+
+
+@dataclass
+class KVCache:
+    """Rotated keys and values per layer, ``[batch, kv_heads, tokens, head_dim]``.
+
+    Layers that a pass did not compute (it started above them) hold ``None``.
+    """
+
+    keys: list[torch.Tensor | None]
+    values: list[torch.Tensor | None]
+
+    @property
+    def length(self) -> int:
+        for k in self.keys:
+            if k is not None:
+                return k.shape[2]
+        return 0
+
+    @property
+    def batch(self) -> int:
+        for k in self.keys:
+            if k is not None:
+                return k.shape[0]
+        return 0
+
+    def extend(self, other: KVCache) -> KVCache:
+        """This cache followed by ``other`` along the token axis (a decoding step)."""
+        keys, values = [], []
+        for k0, v0, k1, v1 in zip(self.keys, self.values, other.keys, other.values, strict=True):
+            keys.append(k1 if k0 is None else k0 if k1 is None else torch.cat((k0, k1), 2))
+            values.append(v1 if v0 is None else v0 if v1 is None else torch.cat((v0, v1), 2))
+        return KVCache(keys, values)
+
+    def select(self, rows: torch.Tensor | list[int]) -> KVCache:
+        """The cache of some rows (e.g. to fork one prompt's cache)."""
+        return KVCache(
+            [None if k is None else k[rows] for k in self.keys],
+            [None if v is None else v[rows] for v in self.values],
+        )
+
+    def truncate(self, length: int) -> KVCache:
+        return KVCache(
+            [None if k is None else k[:, :, :length] for k in self.keys],
+            [None if v is None else v[:, :, :length] for v in self.values],
+        )
+
+    def nbytes(self) -> int:
+        tensors = [t for t in self.keys + self.values if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class ForwardResult:
+    logits: torch.Tensor | None  # [batch, k, vocab] at the requested positions
+    captured: dict[tuple[int, str], torch.Tensor]
+    kv: KVCache | None  # keys/values of the tokens this pass computed
+    hidden: torch.Tensor  # residual stream leaving the last block run, before the final norm
+
+
+@dataclass
+class PassState:
+    """What the blocks of one forward pass share: masks, rotary tables, caches, hooks."""
+
+    hooks: HookContext
+    positions: torch.Tensor  # [batch, tokens] absolute
+    lengths: torch.Tensor  # [batch] real tokens per row
+    prefix: KVCache | None
+    prefix_lengths: torch.Tensor | None  # [batch]
+    rotaries: dict[RopeConfig, Rotary]
+    dtype: torch.dtype
+    keep_cache: bool
+    padded: bool
+    new_keys: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _tables: dict[RopeConfig, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _masks: dict[int | None, AttentionMasks] = field(default_factory=dict)
+
+    def rope_tables(self, rope: RopeConfig | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if rope is None:
+            return None
+        if rope not in self._tables:
+            self._tables[rope] = self.rotaries[rope].tables(self.positions, self.dtype)
+        return self._tables[rope]
+
+    def keep_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.keep_cache:
+            self.new_keys[layer] = (k, v)
+
+    def prefix_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.prefix is None:
+            return None
+        k, v = self.prefix.keys[layer], self.prefix.values[layer]
+        if k is None or v is None:
+            raise ValueError(f"the prefix cache has no keys for layer {layer}")
+        return k, v
+
+    def masks(self, window: int | None) -> AttentionMasks:
+        if window not in self._masks:
+            self._masks[window] = self._build_masks(window)
+        return self._masks[window]
+
+    def _build_masks(self, window: int | None) -> AttentionMasks:
+        pos = self.positions
+        b, t = pos.shape
+        device = pos.device
+        plen = self.prefix.length if self.prefix is not None else 0
+        window_binds = window is not None and int(pos.max()) >= window
+        if plen == 0 and not self.padded and not window_binds:
+            return AttentionMasks(None, None, causal_only=True)
+        idx = torch.arange(t, device=device)
+        new = idx[None, :] <= idx[:, None]  # [t_q, t_k]
+        new = new[None].expand(b, t, t)
+        real_key = idx[None, :] < self.lengths[:, None]  # [b, t_k]
+        # A padded query still sees itself, so its (unused) output stays finite.
+        new = new & (real_key[:, None, :] | torch.eye(t, dtype=torch.bool, device=device)[None])
+        if window_binds:
+            new = new & (pos[:, :, None] - pos[:, None, :] < window)
+        prefix = None
+        if plen:
+            j = torch.arange(plen, device=device)
+            limit = self.prefix_lengths if self.prefix_lengths is not None else pos[:, 0]
+            prefix = (j[None, None, :] < limit[:, None, None]).expand(b, t, plen)
+            if window_binds:
+                prefix = prefix & (pos[:, :, None] - j[None, None, :] < window)
+            prefix = prefix[:, None]
+        return AttentionMasks(new[:, None], prefix, causal_only=False)
+
+
+LogitsAt = Literal["last", "all"] | torch.Tensor | None
+
+
+class Transformer(nn.Module):
+    """A decoder-only LM built from a :class:`ModelConfig`; weights come from a family loader."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, d)
+        self.embed_positions = (
+            nn.Embedding(cfg.max_position_embeddings, d) if cfg.learned_positions else None
+        )
+        self.blocks = nn.ModuleList(DecoderBlock(cfg, layer) for layer in range(cfg.num_layers))
+        self.final_norm = make_norm(cfg.norm_kind, d, cfg.norm_eps)
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        ropes = sorted({r for r in cfg.rope if r is not None}, key=repr)
+        self.rotary_modules = nn.ModuleList(Rotary(r) for r in ropes)
+        self._rotaries = dict(zip(ropes, self.rotary_modules, strict=True))
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The residual stream entering block 0 (before its ``pre_attn`` hook)."""
+        x = self.embed_tokens(input_ids)
+        if self.cfg.embed_scale is not None:
+            x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(positions)
+        return x
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of a residual stream leaving the last block."""
+        logits = self.lm_head(self.final_norm(hidden))
+        cap = self.cfg.final_softcap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        *,
+        hidden: torch.Tensor | None = None,
+        start_layer: int = 0,
+        offsets: torch.Tensor | int | None = None,
+        lengths: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        prefix_lengths: torch.Tensor | None = None,
+        hooks: HookContext | None = None,
+        logits_at: LogitsAt = "last",
+        return_kv: bool = False,
+    ) -> ForwardResult:
+        """Run blocks ``start_layer..L-1`` over a batch of right-padded token rows.
+
+        Args:
+            input_ids: ``[batch, tokens]`` token ids (with ``start_layer == 0``).
+            hidden: ``[batch, tokens, hidden]`` residual stream entering block
+                ``start_layer`` (instead of ``input_ids``).
+            offsets: absolute position of each row's first token; defaults to
+                the cache length (0 without a cache).
+            lengths: real tokens per row (right padding); defaults to all.
+            cache: keys/values of the prefix, batch 1 (shared) or ``batch``.
+            prefix_lengths: how many prefix tokens each row sees; defaults to
+                ``offsets``.
+            hooks: interventions to apply and sites to capture.
+            logits_at: ``"last"`` (last real token of each row), ``"all"``, a
+                ``[batch, k]`` tensor of token indices, or None for no logits.
+            return_kv: also return the keys/values of the computed tokens.
+        """
+        if (input_ids is None) == (hidden is None):
+            raise ValueError("pass exactly one of input_ids and hidden")
+        if input_ids is not None and start_layer != 0:
+            raise ValueError("input_ids start at layer 0; pass hidden to start higher")
+        ref = input_ids if input_ids is not None else hidden
+        assert ref is not None
+        b, t = ref.shape[:2]
+        device = ref.device
+        if offsets is None:
+            offsets = cache.length if cache is not None else 0
+        offsets_t = torch.as_tensor(offsets, dtype=torch.long, device=device).reshape(-1)
+        offsets_t = offsets_t.expand(b) if offsets_t.shape[0] == 1 else offsets_t
+        positions = offsets_t[:, None] + torch.arange(t, device=device)[None]
+        padded = lengths is not None and bool((lengths < t).any())
+        lengths_t = lengths if lengths is not None else torch.full((b,), t, device=device)
+        if prefix_lengths is None and cache is not None:
+            prefix_lengths = offsets_t
+        hooks = hooks if hooks is not None else HookContext()
+        hooks.offsets, hooks.lengths = offsets_t, lengths_t
+        state = PassState(
+            hooks=hooks,
+            positions=positions,
+            lengths=lengths_t,
+            prefix=cache,
+            prefix_lengths=prefix_lengths,
+            rotaries=self._rotaries,
+            dtype=self.dtype,
+            keep_cache=return_kv,
+            padded=padded,
+        )
+        x = self.embed(input_ids, positions) if input_ids is not None else hidden
+        assert x is not None
+        for block in self.blocks[start_layer:]:
+            x = block(x, state)
+        logits = None
+        if logits_at is not None:
+            if isinstance(logits_at, str) and logits_at == "all":
+                picked = x
+            elif isinstance(logits_at, str) and logits_at == "last":
+                picked = x[torch.arange(b, device=device), lengths_t - 1][:, None]
+            else:
+                index = torch.as_tensor(logits_at, dtype=torch.long, device=device)
+                picked = x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+            logits = self.unembed(picked)
+        kv = None
+        if return_kv:
+            n = self.cfg.num_layers
+            kv = KVCache(
+                [state.new_keys[i][0] if i in state.new_keys else None for i in range(n)],
+                [state.new_keys[i][1] if i in state.new_keys else None for i in range(n)],
+            )
+        return ForwardResult(logits=logits, captured=hooks.captured, kv=kv, hidden=x)

@@ -1,0 +1,1 @@
+"""Text utilities: tokenizer access, spans, alignment (shared by server and client)."""

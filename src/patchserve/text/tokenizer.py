@@ -1,0 +1,61 @@
+"""The model's tokenizer, through ``transformers.AutoTokenizer`` (fast, with offsets).
+
+Prompts are encoded with special tokens exactly as the model expects (BOS for
+Llama and Gemma tokenizers that add one; nothing for GPT-2), so position ``i``
+here is position ``i`` in every activation the runtime returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class Encoding:
+    ids: list[int]
+    offsets: list[tuple[int, int]] | None  # character range of each token; None if unknown
+    special: list[bool]  # whether each token is a special token (BOS, ...)
+
+
+class Tokenizer:
+    def __init__(self, hf: PreTrainedTokenizerBase) -> None:
+        self.hf = hf
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> Tokenizer:
+        return cls(AutoTokenizer.from_pretrained(str(folder)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.hf, "chat_template", None))
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.hf.eos_token_id
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> Encoding:
+        is_fast = bool(getattr(self.hf, "is_fast", False))
+        out = self.hf(
+            text,
+            add_special_tokens=add_special_tokens,
+            return_offsets_mapping=is_fast,
+            return_special_tokens_mask=True,
+        )
+        ids = list(out["input_ids"])
+        offsets = [tuple(o) for o in out["offset_mapping"]] if is_fast else None
+        special = [bool(s) for s in out["special_tokens_mask"]]
+        return Encoding(ids=ids, offsets=offsets, special=special)  # type: ignore[arg-type]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        """Each token decoded on its own (readable axis labels, not raw BPE symbols)."""
+        return [self.hf.decode([i]) for i in ids]

@@ -1,0 +1,163 @@
+"""Tiny random Hugging Face checkpoints of every supported family, built offline.
+
+Each checkpoint is made with ``transformers`` (``from_config`` +
+``save_pretrained``) next to a byte-level BPE tokenizer trained here with
+``tokenizers``; nothing is downloaded. Norm weights and biases are randomised
+too, so that a wrong name mapping cannot hide behind an all-ones weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers as tf
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+VOCAB = 320
+CORPUS = [
+    "The Eiffel Tower is in Paris, the capital of France.",
+    "The Colosseum is in Rome, the capital of Italy.",
+    "When Mary and John went to the store, John gave a drink to Mary.",
+    "Berlin is the capital of Germany and Madrid is the capital of Spain.",
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Activation patching finds which activations carry a behaviour.",
+] * 20
+
+
+def build_tokenizer(folder: Path, add_bos: bool) -> tf.PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B", special_tokens=[("<|bos|>", 0)]
+        )
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    fast = tf.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>"
+    )
+    fast.save_pretrained(folder)
+    return fast
+
+
+COMMON = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+LLAMA_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+CONFIGS: dict[str, Callable[[], tf.PretrainedConfig]] = {
+    "llama": lambda: tf.LlamaConfig(
+        **COMMON,
+        **LLAMA_SHAPE,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    ),
+    "llama_tied_bias": lambda: tf.LlamaConfig(
+        **COMMON,
+        **LLAMA_SHAPE,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        mlp_bias=True,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+    ),
+    "mistral": lambda: tf.MistralConfig(**COMMON, **LLAMA_SHAPE, sliding_window=6),
+    "qwen2": lambda: tf.Qwen2Config(**COMMON, **LLAMA_SHAPE),
+    "qwen3": lambda: tf.Qwen3Config(**COMMON, **LLAMA_SHAPE, head_dim=32),
+    "gpt2": lambda: tf.GPT2Config(**COMMON, n_embd=64, n_layer=3, n_head=4, n_positions=256),
+    "gpt_neox": lambda: tf.GPTNeoXConfig(
+        **COMMON,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        rotary_pct=0.25,
+        max_position_embeddings=256,
+    ),
+    "gpt_neox_sequential": lambda: tf.GPTNeoXConfig(
+        **COMMON,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        rotary_pct=0.5,
+        use_parallel_residual=False,
+        max_position_embeddings=256,
+    ),
+    "gemma2": lambda: tf.Gemma2Config(
+        **COMMON,
+        **LLAMA_SHAPE,
+        head_dim=16,
+        sliding_window=5,
+        query_pre_attn_scalar=24,
+        attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0,
+    ),
+    "gemma3": lambda: tf.Gemma3TextConfig(
+        **COMMON,
+        **{**LLAMA_SHAPE, "num_hidden_layers": 4},
+        head_dim=16,
+        sliding_window=5,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+        },
+    ),
+}
+ADDS_BOS = {"llama", "llama_tied_bias", "mistral", "gemma2", "gemma3"}
+FAMILIES = tuple(CONFIGS)
+
+
+def randomise(model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if p.dim() == 1 and ("norm" in name or "ln" in name):
+                base = 0.0 if "gemma" in type(model).__name__.lower() else 1.0
+                p.copy_(base + 0.2 * noise)
+            elif p.dim() == 1:
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(noise / p.shape[-1] ** 0.5)
+
+
+def build_checkpoint(family: str, root: Path, seed: int = 0) -> Path:
+    """Save a random ``family`` checkpoint + tokenizer under ``root/family``; return the folder."""
+    folder = root / family
+    if (folder / "config.json").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(folder, add_bos=family in ADDS_BOS)
+    config = CONFIGS[family]()
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    randomise(model, seed)
+    model.save_pretrained(folder)
+    return folder
+
+
+def load_reference(folder: Path, dtype: torch.dtype = torch.float32) -> tf.PreTrainedModel:
+    """The same checkpoint through ``transformers`` (eager attention): the oracle."""
+    model = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager")
+    return model.eval()
