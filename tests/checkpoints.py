@@ -159,5 +159,7 @@ def build_checkpoint(family: str, root: Path, seed: int = 0) -> Path:
 
 def load_reference(folder: Path, dtype: torch.dtype = torch.float32) -> tf.PreTrainedModel:
     """The same checkpoint through ``transformers`` (eager attention): the oracle."""
-    model = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager")
+    model = tf.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, attn_implementation="eager"
+    )
     return model.eval()

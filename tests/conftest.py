@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from checkpoints import FAMILIES, build_checkpoint  # noqa: E402
+from checkpoints import FAMILIES, build_checkpoint
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

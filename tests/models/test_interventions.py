@@ -1,0 +1,246 @@
+"""Patching, steering and the forward entry points the sweep engine relies on."""
+
+from __future__ import annotations
+
+import torch
+
+from models.helpers import OTHER, PROMPT, ids_of, loaded, tokenizer
+from patchserve.models import HookContext, make_edit
+from patchserve.models.hooks import HOOKS, RESIDUAL_HOOKS, blend
+
+
+def _all_sites(n: int) -> list[tuple[int, str]]:
+    return [(i, h) for i in range(n) for h in HOOKS]
+
+
+def _run(model, ids, edits=(), capture=(), **kw):
+    with torch.inference_mode():
+        return model(ids, hooks=HookContext.build(edits, capture), **kw)
+
+
+def test_alpha_zero_is_a_bitwise_noop(family_checkpoint):
+    model = loaded(family_checkpoint).model
+    ids = ids_of(family_checkpoint)
+    t = ids.shape[1]
+    base = _run(model, ids, logits_at="all").logits
+    gen = torch.Generator().manual_seed(0)
+    for hook in HOOKS:
+        width = model.cfg.hook_width(hook)
+        source = torch.randn(t, width, generator=gen) * 100
+        heads = [1] * t if hook == "attn_head" else None
+        edit = make_edit(1, hook, [0] * t, range(t), source, alpha=0.0, heads=heads)
+        assert torch.equal(_run(model, ids, [edit], logits_at="all").logits, base), hook
+
+
+def test_patching_a_run_with_its_own_activations_is_bitwise_identical(family_checkpoint):
+    model = loaded(family_checkpoint).model
+    n = model.cfg.num_layers
+    ids = ids_of(family_checkpoint)
+    t = ids.shape[1]
+    base = _run(model, ids, capture=_all_sites(n), logits_at="all")
+    for layer in range(n):
+        for hook in HOOKS:
+            own = base.captured[layer, hook][0]
+            if hook == "attn_head":
+                edit = make_edit(layer, hook, [0] * t, range(t), own[:, 2], heads=[2] * t)
+            else:
+                edit = make_edit(layer, hook, [0] * t, range(t), own)
+            assert torch.equal(_run(model, ids, [edit], logits_at="all").logits, base.logits)
+
+
+def test_replacing_layer0_residual_reproduces_the_clean_run(family_checkpoint):
+    model = loaded(family_checkpoint).model
+    clean, corrupt = ids_of(family_checkpoint, PROMPT), ids_of(family_checkpoint, OTHER)
+    assert clean.shape == corrupt.shape and not torch.equal(clean, corrupt)
+    t = clean.shape[1]
+    clean_run = _run(model, clean, capture=[(0, "pre_attn")], logits_at="all")
+    edit = make_edit(0, "pre_attn", [0] * t, range(t), clean_run.captured[0, "pre_attn"][0])
+    patched = _run(model, corrupt, [edit], logits_at="all").logits
+    assert torch.equal(patched, clean_run.logits)
+
+
+def test_patch_follows_the_interpolation_formula_with_masks(family_checkpoint):
+    model = loaded(family_checkpoint).model
+    ids = ids_of(family_checkpoint)
+    d = model.cfg.hidden_size
+    base = _run(model, ids, capture=[(1, "mlp_out")], logits_at=None).captured[1, "mlp_out"]
+    gen = torch.Generator().manual_seed(1)
+    source = torch.randn(2, d, generator=gen)
+    mask = (torch.rand(2, d, generator=gen) > 0.5).float()
+    mask[1] = torch.rand(d, generator=gen)  # a soft mask
+    alpha = torch.tensor([0.25, 0.8])
+    edit = make_edit(1, "mlp_out", [0, 0], [3, 5], source, alpha=alpha, mask=mask)
+    got = _run(model, ids, [edit], capture=[(1, "mlp_out")], logits_at=None).captured[1, "mlp_out"]
+    for i, pos in enumerate((3, 5)):
+        w = alpha[i] * mask[i]
+        expected = (1 - w) * base[0, pos] + w * source[i]
+        assert torch.allclose(got[0, pos], expected, atol=1e-6)
+    untouched = [p for p in range(ids.shape[1]) if p not in (3, 5)]
+    assert torch.equal(got[0, untouched], base[0, untouched])
+
+
+def test_blend_is_exact_at_the_ends():
+    h = torch.tensor([-0.0, 1.5, float("1e30"), -2.0])
+    s = torch.tensor([3.0, -7.25, 1.0, float("-1e-30")])
+    assert torch.equal(blend(h, s, torch.ones(4)), s)
+    assert torch.equal(blend(h, s, torch.zeros(4)), h)
+    assert torch.equal(torch.signbit(blend(h, s, torch.zeros(4))), torch.signbit(h))
+
+
+def test_head_patch_touches_only_that_head(family_checkpoint):
+    model = loaded(family_checkpoint).model
+    cfg = model.cfg
+    ids = ids_of(family_checkpoint)
+    source = torch.full((cfg.head_dim,), 0.5)
+    edit = make_edit(0, "attn_head", [0], [4], source, heads=[cfg.num_heads - 1])
+    site = [(0, "attn_head")]
+    base = _run(model, ids, capture=site, logits_at=None).captured[0, "attn_head"]
+    got = _run(model, ids, [edit], capture=site, logits_at=None).captured[0, "attn_head"]
+    assert torch.equal(got[0, 4, -1], source)
+    changed = (got != base).any(dim=-1)
+    assert changed.sum().item() == 1 and changed[0, 4, -1]
+
+
+def test_steering_adds_a_scaled_vector(family_checkpoint):
+    model = loaded(family_checkpoint).model
+    ids = ids_of(family_checkpoint)
+    vec = torch.linspace(-1, 1, model.cfg.hidden_size)
+    site = [(1, "post_block")]
+    base = _run(model, ids, capture=site, logits_at=None).captured[1, "post_block"]
+    edit = make_edit(1, "post_block", [0, 0], [2, 6], vec, alpha=3.0, kind="add")
+    got = _run(model, ids, [edit], capture=site, logits_at=None).captured[1, "post_block"]
+    assert torch.allclose(got[0, 2], base[0, 2] + 3.0 * vec, atol=1e-6)
+    assert torch.allclose(got[0, 6], base[0, 6] + 3.0 * vec, atol=1e-6)
+    assert torch.equal(got[0, 3], base[0, 3])
+
+
+def test_edits_address_rows_independently(family_checkpoint):
+    model = loaded(family_checkpoint).model
+    clean, corrupt = ids_of(family_checkpoint, PROMPT), ids_of(family_checkpoint, OTHER)
+    t = clean.shape[1]
+    clean_run = _run(model, clean, capture=[(1, "post_attn")], logits_at="all")
+    source = clean_run.captured[1, "post_attn"][0]
+    batch = corrupt.expand(3, -1)
+    edits = [make_edit(1, "post_attn", [r] * t, range(t), source) for r in (0, 2)]
+    out = _run(model, batch, edits, logits_at="all").logits
+    alone = _run(model, corrupt, logits_at="all").logits
+    patched_alone = _run(model, corrupt, [make_edit(1, "post_attn", [0] * t, range(t), source)])
+    assert (out[1] - alone[0]).abs().max() < 1e-5
+    assert (out[0, -1] - patched_alone.logits[0, -1]).abs().max() < 1e-5
+    assert (out[2] - out[0]).abs().max() < 1e-5
+
+
+def test_start_at_layer_from_the_stored_residual(family_checkpoint):
+    model = loaded(family_checkpoint).model
+    n = model.cfg.num_layers
+    ids = ids_of(family_checkpoint)
+    full = _run(model, ids, capture=[(i, "pre_attn") for i in range(n)], logits_at="all")
+    for layer in range(1, n):
+        hidden = full.captured[layer, "pre_attn"]
+        with torch.inference_mode():
+            got = model(hidden=hidden, start_layer=layer, logits_at="all").logits
+        assert torch.equal(got, full.logits)
+
+
+def test_suffix_rows_share_one_prefix_cache(family_checkpoint):
+    """Rows with different prefix lengths on one batch-1 cache equal their own full forwards."""
+    model = loaded(family_checkpoint).model
+    ids = ids_of(family_checkpoint)
+    t = ids.shape[1]
+    with torch.inference_mode():
+        full = model(ids, logits_at="all", return_kv=True)
+        starts = [3, 5, 9]
+        width = t - min(starts)
+        rows = torch.zeros(len(starts), width, dtype=torch.long)
+        lengths = torch.tensor([t - s for s in starts])
+        for r, s in enumerate(starts):
+            rows[r, : t - s] = ids[0, s:]
+        out = model(
+            rows,
+            cache=full.kv,
+            offsets=torch.tensor(starts),
+            lengths=lengths,
+            logits_at="all",
+        ).logits
+    for r, s in enumerate(starts):
+        assert (out[r, : t - s] - full.logits[0, s:]).abs().max() < 1e-5
+
+
+def test_suffix_from_a_layer_on_a_shared_prefix(family_checkpoint):
+    """The sweep engine's path: start at layer l, positions >= p, on the corrupt cache."""
+    model = loaded(family_checkpoint).model
+    n = model.cfg.num_layers
+    ids = ids_of(family_checkpoint)
+    t = ids.shape[1]
+    with torch.inference_mode():
+        full = model(
+            ids,
+            hooks=HookContext.build(capture=[(i, "pre_attn") for i in range(n)]),
+            logits_at="all",
+            return_kv=True,
+        )
+        for layer in range(1, n):
+            for p in (0, 4, t - 1):
+                hidden = full.captured[layer, "pre_attn"][:, p:]
+                got = model(
+                    hidden=hidden, start_layer=layer, cache=full.kv, offsets=p, logits_at="last"
+                ).logits
+                assert (got[0, 0] - full.logits[0, -1]).abs().max() < 1e-5
+
+
+def test_right_padded_batch_matches_rows_alone(family_checkpoint):
+    model = loaded(family_checkpoint).model
+    tok = tokenizer(family_checkpoint)
+    texts = [PROMPT, "The capital of France", "John"]
+    encoded = [tok.encode(t).ids for t in texts]
+    t = max(map(len, encoded))
+    batch = torch.full((len(texts), t), 2, dtype=torch.long)
+    for r, e in enumerate(encoded):
+        batch[r, : len(e)] = torch.tensor(e)
+    lengths = torch.tensor([len(e) for e in encoded])
+    with torch.inference_mode():
+        out = model(batch, lengths=lengths, logits_at="last").logits
+        for r, e in enumerate(encoded):
+            alone = model(torch.tensor([e]), logits_at="last").logits
+            assert (out[r] - alone[0]).abs().max() < 1e-5
+
+
+def test_decoding_steps_on_an_extended_cache(family_checkpoint):
+    model = loaded(family_checkpoint).model
+    ids = ids_of(family_checkpoint)
+    with torch.inference_mode():
+        full = model(ids, logits_at="all").logits
+        step = model(ids[:, :5], return_kv=True)
+        cache = step.kv
+        for i in range(5, ids.shape[1]):
+            step = model(ids[:, i : i + 1], cache=cache, return_kv=True)
+            cache = cache.extend(step.kv)
+            assert (step.logits[0, 0] - full[0, i]).abs().max() < 1e-5
+    assert cache.length == ids.shape[1]
+
+
+def test_edits_at_positions_past_the_window_wait(family_checkpoint):
+    """An edit at a later absolute position applies only on the pass that computes it."""
+    model = loaded(family_checkpoint).model
+    ids = ids_of(family_checkpoint)
+    t = ids.shape[1]
+    vec = torch.ones(model.cfg.hidden_size)
+    edit = make_edit(0, "post_block", [0], [t - 1], vec, alpha=2.0, kind="add")
+    with torch.inference_mode():
+        whole = model(ids, hooks=HookContext.build([edit]), logits_at="last").logits
+        head = model(ids[:, :-1], hooks=HookContext.build([edit]), return_kv=True)
+        tail = model(ids[:, -1:], cache=head.kv, hooks=HookContext.build([edit])).logits
+        plain = model(ids[:, :-1]).logits
+    assert torch.equal(head.logits, plain)
+    assert (tail - whole).abs().max() < 1e-5
+
+
+def test_residual_hooks_are_listed_in_block_order():
+    assert RESIDUAL_HOOKS == (
+        "pre_attn",
+        "attn_out",
+        "post_attn",
+        "mlp_in",
+        "mlp_out",
+        "post_block",
+    )

@@ -1,0 +1,150 @@
+"""Logits and activations of every family equal ``transformers``' on the same checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from checkpoints import load_reference
+from models.helpers import DEVICES, ids_of, loaded
+from patchserve.models import HookContext
+from patchserve.models.hooks import RESIDUAL_HOOKS
+
+TOL = 1e-4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_logits_match_transformers(family_checkpoint, device):
+    ids = ids_of(family_checkpoint, device=device)
+    ref = load_reference(family_checkpoint).to(device)
+    ours = loaded(family_checkpoint, device).model
+    with torch.inference_mode():
+        expected = ref(ids).logits
+        got = ours(ids, logits_at="all").logits
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("split", [1, 7, 15])
+def test_cache_split_matches_transformers(family_checkpoint, split):
+    ids = ids_of(family_checkpoint)
+    ref = load_reference(family_checkpoint)
+    ours = loaded(family_checkpoint).model
+    with torch.inference_mode():
+        expected = ref(ids).logits
+        prefix = ours(ids[:, :split], logits_at="all", return_kv=True)
+        suffix = ours(ids[:, split:], cache=prefix.kv, logits_at="all")
+        full = ours(ids, logits_at="all").logits
+    got = torch.cat((prefix.logits, suffix.logits), dim=1)
+    assert (got - expected).abs().max().item() < TOL
+    assert (suffix.logits - full[:, split:]).abs().max().item() < 1e-5
+
+
+def _reference_branch_outputs(ref, family: str) -> tuple[list, dict]:
+    """Forward hooks on the transformers model that record each block's branch outputs."""
+    records: dict[tuple[int, str], torch.Tensor] = {}
+    if family.startswith("gpt2"):
+        blocks = ref.transformer.h
+        attn, mlp = "attn", "mlp"
+    elif family.startswith("gpt_neox"):
+        blocks = ref.gpt_neox.layers
+        attn, mlp = "attention", "mlp"
+    elif family.startswith("gemma"):
+        blocks = ref.model.layers
+        attn, mlp = "post_attention_layernorm", "post_feedforward_layernorm"
+    else:
+        blocks = ref.model.layers
+        attn, mlp = "self_attn", "mlp"
+    handles = []
+    for i, block in enumerate(blocks):
+        for hook, name in (("attn_out", attn), ("mlp_out", mlp)):
+
+            def record(_m, _inp, out, key=(i, hook)):
+                records[key] = out[0] if isinstance(out, tuple) else out
+
+            handles.append(getattr(block, name).register_forward_hook(record))
+    return handles, records
+
+
+def test_captures_match_transformers(family_checkpoint):
+    family = family_checkpoint.name
+    ids = ids_of(family_checkpoint)
+    ref = load_reference(family_checkpoint)
+    ours = loaded(family_checkpoint).model
+    n = ours.cfg.num_layers
+    handles, branch = _reference_branch_outputs(ref, family)
+    with torch.inference_mode():
+        out = ref(ids, output_hidden_states=True)
+        for h in handles:
+            h.remove()
+        ctx = HookContext.build(capture=[(i, h) for i in range(n) for h in RESIDUAL_HOOKS])
+        res = ours(ids, hooks=ctx, logits_at=None)
+    hs = out.hidden_states
+    cap = res.captured
+    for layer in range(n):
+        assert (cap[layer, "pre_attn"] - hs[layer]).abs().max() < TOL
+        if layer < n - 1:
+            assert (cap[layer, "post_block"] - hs[layer + 1]).abs().max() < TOL
+        for hook in ("attn_out", "mlp_out"):
+            assert (cap[layer, hook] - branch[layer, hook]).abs().max() < TOL, (layer, hook)
+        # Exact identities of the residual stream.
+        assert torch.equal(
+            cap[layer, "post_block"], cap[layer, "post_attn"] + cap[layer, "mlp_out"]
+        )
+        assert torch.equal(cap[layer, "post_attn"], cap[layer, "pre_attn"] + cap[layer, "attn_out"])
+    # transformers' last hidden state is after the final norm; ours is before it.
+    final = ours.final_norm(cap[n - 1, "post_block"])
+    assert (final - hs[n]).abs().max() < TOL
+    assert torch.equal(res.hidden, cap[n - 1, "post_block"])
+
+
+def test_attn_heads_project_to_attn_out(family_checkpoint):
+    ids = ids_of(family_checkpoint)
+    model = loaded(family_checkpoint).model
+    cfg = model.cfg
+    n = cfg.num_layers
+    ctx = HookContext.build(capture=[(i, h) for i in range(n) for h in ("attn_head", "attn_out")])
+    with torch.inference_mode():
+        cap = model(ids, hooks=ctx, logits_at=None).captured
+    for layer, block in enumerate(model.blocks):
+        z = cap[layer, "attn_head"]
+        assert z.shape == (1, ids.shape[1], cfg.num_heads, cfg.head_dim)  # query heads (GQA)
+        w = block.attn.o_proj.weight.view(cfg.hidden_size, cfg.num_heads, cfg.head_dim)
+        per_head = torch.einsum("bthd,ehd->bthe", z, w)  # each head's write into the residual
+        total = per_head.sum(dim=2)
+        if block.attn.o_proj.bias is not None:
+            total = total + block.attn.o_proj.bias
+        if block.attn_post_norm is not None:
+            total = block.attn_post_norm(total)
+        assert (total - cap[layer, "attn_out"]).abs().max() < TOL
+
+
+def test_mlp_in_is_the_normalised_residual(family_checkpoint):
+    ids = ids_of(family_checkpoint)
+    model = loaded(family_checkpoint).model
+    n = model.cfg.num_layers
+    ctx = HookContext.build(capture=[(i, h) for i in range(n) for h in RESIDUAL_HOOKS])
+    with torch.inference_mode():
+        cap = model(ids, hooks=ctx, logits_at=None).captured
+    for layer, block in enumerate(model.blocks):
+        read = cap[layer, "pre_attn"] if model.cfg.parallel_residual else cap[layer, "post_attn"]
+        assert torch.equal(cap[layer, "mlp_in"], block.mlp_norm(read))
+        assert torch.equal(cap[layer, "mlp_out"], block.mlp_branch(cap[layer, "mlp_in"]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_half_precision_as_accurate_as_transformers(family_checkpoint, dtype, device):
+    """In bf16/fp16 both implementations round differently; ours must be no further
+    from the float32 truth than transformers' own half-precision forward."""
+    ids = ids_of(family_checkpoint, device=device)
+    ours = loaded(family_checkpoint, device, dtype).model
+    assert ours.dtype == dtype
+    with torch.inference_mode():
+        truth = load_reference(family_checkpoint).to(device)(ids).logits
+        theirs = load_reference(family_checkpoint, dtype=dtype).to(device)(ids).logits.float()
+        got = ours(ids, logits_at="all").logits.float()
+    their_err = (theirs - truth).abs().max().item()
+    our_err = (got - truth).abs().max().item()
+    assert our_err <= 1.5 * their_err + 1e-3
+    assert (got - theirs).abs().max().item() < 4e-2 * truth.abs().max().item()
