@@ -244,3 +244,43 @@ def test_residual_hooks_are_listed_in_block_order():
         "mlp_out",
         "post_block",
     )
+
+
+def test_packed_rows_equal_padded_rows(family_checkpoint):
+    """Rows packed back to back (no padding) on a shared prefix, with edits, match padded rows."""
+    model = loaded(family_checkpoint).model
+    ids = ids_of(family_checkpoint)
+    t = ids.shape[1]
+    starts = [2, 6, 11]
+    lengths = torch.tensor([t - s for s in starts])
+    vec = torch.linspace(-2, 2, model.cfg.hidden_size)
+    edits = [make_edit(1, "post_attn", [0, 1, 2], starts, vec)]
+    with torch.inference_mode():
+        full = model(ids, return_kv=True)
+        padded = torch.full((3, t - min(starts)), 2, dtype=torch.long)
+        for r, s in enumerate(starts):
+            padded[r, : t - s] = ids[0, s:]
+        packed = torch.cat([ids[0, s:] for s in starts])
+        common = dict(cache=full.kv, offsets=torch.tensor(starts), lengths=lengths)
+        a = model(padded, hooks=HookContext.build(edits), **common).logits
+        b = model(packed, hooks=HookContext.build(edits), **common).logits
+    assert (a - b).abs().max() < 1e-5
+
+
+def test_resume_with_reused_attention_equals_full_forward(family_checkpoint):
+    from patchserve.models.transformer import Reuse
+
+    model = loaded(family_checkpoint).model
+    n = model.cfg.num_layers
+    ids = ids_of(family_checkpoint)
+    sites = [(i, h) for i in range(n) for h in ("pre_attn", "attn_out", "attn_head")]
+    with torch.inference_mode():
+        full = model(ids, hooks=HookContext.build(capture=sites), return_kv=True)
+        for layer in range(n):
+            x = full.captured[layer, "pre_attn"]
+            for reuse in (
+                Reuse(attn_out=full.captured[layer, "attn_out"]),
+                Reuse(attn_head=full.captured[layer, "attn_head"]),
+            ):
+                got = model(hidden=x, start_layer=layer, reuse=reuse).logits
+                assert (got - full.logits).abs().max() < 1e-5

@@ -1,11 +1,12 @@
 """The decoder block, with every hook site in plain sight.
 
-One class covers all supported families; the differences are which norms
-exist (Gemma's post-branch norms) and whether the MLP reads the residual
-before or after attention (GPT-NeoX's parallel residual). For a parallel block
-``post_attn`` is a virtual residual, ``pre_attn + attn_out``: writing it changes
-``post_block`` exactly as writing ``attn_out`` would, and the MLP still reads
-``pre_attn``.
+One class covers all supported families, on a padded ``[batch, tokens, d]``
+or packed ``[tokens, d]`` residual stream (only attention needs to know
+which). The family differences are which norms exist (Gemma's post-branch
+norms) and whether the MLP reads the residual before or after attention
+(GPT-NeoX's parallel residual). For a parallel block ``post_attn`` is a
+virtual residual, ``pre_attn + attn_out``: writing it changes ``post_block``
+exactly as writing ``attn_out`` would, and the MLP still reads ``pre_attn``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from patchserve.models.config import ModelConfig
 from patchserve.models.layers import MLP, make_norm
 
 if TYPE_CHECKING:
-    from patchserve.models.transformer import PassState
+    from patchserve.models.transformer import PassState, Reuse
 
 
 class DecoderBlock(nn.Module):
@@ -40,24 +41,40 @@ class DecoderBlock(nn.Module):
             make_norm(cfg.norm_kind, d, cfg.norm_eps) if cfg.post_mlp_norm else None
         )
 
-    def forward(self, x: torch.Tensor, state: PassState) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, state: PassState, reuse: Reuse | None = None
+    ) -> torch.Tensor:
         site, i = state.hooks.site, self.layer
         x = site(i, "pre_attn", x)
-        a = site(i, "attn_out", self.attention_branch(self.attn_norm(x), state))
+        a = site(i, "attn_out", self.attention_branch(x, state, reuse))
         h = site(i, "post_attn", x + a)
         m_in = site(i, "mlp_in", self.mlp_norm(x if self.parallel else h))
         m = site(i, "mlp_out", self.mlp_branch(m_in))
         return site(i, "post_block", h + m)
 
-    def attention_branch(self, x: torch.Tensor, state: PassState) -> torch.Tensor:
-        attn = self.attn
-        q, k, v = attn.project(x, state.rope_tables(attn.rope))
-        state.keep_kv(self.layer, k, v)
-        z = attend(
-            q, k, v, state.prefix_kv(self.layer), state.masks(attn.window), attn.scale, attn.softcap
-        )
+    def attention_branch(
+        self, x: torch.Tensor, state: PassState, reuse: Reuse | None = None
+    ) -> torch.Tensor:
+        """``attn_out`` of the residual ``x``: norm, attention, ``attn_head`` site, o_proj.
+
+        ``reuse`` short-cuts a resumed block whose attention inputs are
+        unchanged: its ``attn_out`` (returned as is) or its per-head ``attn_head``
+        output (from which o_proj and any post-norm are recomputed).
+        """
+        if reuse is not None and reuse.attn_out is not None:
+            return reuse.attn_out
+        attn, layout = self.attn, state.layout
+        if reuse is not None and reuse.attn_head is not None:
+            z = reuse.attn_head
+        else:
+            q, k, v = attn.project(self.attn_norm(x), state.rope_tables(attn.rope))
+            q, k, v = (layout.pad(t).transpose(1, 2) for t in (q, k, v))
+            state.keep_kv(self.layer, k, v)
+            masks = state.masks(attn.window)
+            prefix = state.prefix_kv(self.layer)
+            z = layout.unpad(attend(q, k, v, prefix, masks, attn.scale, attn.softcap))
         z = state.hooks.site(self.layer, "attn_head", z)
-        out = attn.o_proj(z.reshape(*z.shape[:2], -1))
+        out = attn.o_proj(z.flatten(-2))
         return self.attn_post_norm(out) if self.attn_post_norm is not None else out
 
     def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -131,22 +132,30 @@ def blend(h: torch.Tensor, source: torch.Tensor, weight: torch.Tensor) -> torch.
     return torch.where(w == 1, src, torch.where(w == 0, h, mixed))
 
 
+class SiteLayout(Protocol):
+    """How (row, absolute position) maps onto the tensors of one forward pass."""
+
+    def locate(
+        self, rows: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """``keep`` [n] (entries this pass computes) and the index of the kept entries."""
+        ...
+
+
 @dataclass
 class HookContext:
     """Interventions and captures for one forward pass.
 
-    ``offsets[b]`` is the absolute position of the first token of row ``b`` in
-    the tensors this pass computes; ``lengths[b]`` how many of its tokens are
-    real (rows are right-padded). Captured tensors are the site values after
-    any edit, ``[batch, tokens, width]`` (``[batch, tokens, heads, head_dim]``
-    for ``attn_head``).
+    The forward pass sets ``layout``; captured tensors are the site values
+    after any edit, in the pass's layout (``[batch, tokens, width]`` for a
+    padded batch, ``[tokens, width]`` for packed rows; ``attn_head`` has
+    ``heads, head_dim`` in place of ``width``).
     """
 
     edits: dict[tuple[int, str], list[SiteEdit]] = field(default_factory=dict)
     capture: set[tuple[int, str]] = field(default_factory=set)
     captured: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
-    offsets: torch.Tensor | None = None
-    lengths: torch.Tensor | None = None
+    layout: SiteLayout | None = None
 
     @classmethod
     def build(
@@ -158,10 +167,6 @@ class HookContext:
         for edit in edits:
             ctx.edits.setdefault((edit.layer, edit.hook), []).append(edit)
         return ctx
-
-    def wants(self, layer: int, hook: str) -> bool:
-        key = (layer, hook)
-        return key in self.edits or key in self.capture
 
     def site(self, layer: int, hook: str, h: torch.Tensor) -> torch.Tensor:
         key = (layer, hook)
@@ -175,24 +180,19 @@ class HookContext:
         return h
 
     def _apply(self, h: torch.Tensor, edit: SiteEdit) -> torch.Tensor:
-        tokens = h.shape[1]
-        offsets = self.offsets
-        local = edit.positions - (offsets[edit.rows] if offsets is not None else 0)
-        keep = (local >= 0) & (local < tokens) & (edit.rows < h.shape[0])
-        if self.lengths is not None:
-            keep &= local < self.lengths[edit.rows.clamp(max=h.shape[0] - 1)]
+        if self.layout is None:
+            raise RuntimeError("HookContext used outside a forward pass")
+        keep, index = self.layout.locate(edit.rows, edit.positions)
         if not bool(keep.any()):
             return h
+        source, alpha, mask, heads = edit.source, edit.alpha, edit.mask, edit.heads
         if not bool(keep.all()):
             idx = keep.nonzero().squeeze(1)
-            rows, local = edit.rows[idx], local[idx]
-            source, alpha = edit.source[idx], edit.alpha[idx]
-            mask = edit.mask[idx] if edit.mask is not None else None
-            heads = edit.heads[idx] if edit.heads is not None else None
-        else:
-            rows, source, alpha = edit.rows, edit.source, edit.alpha
-            mask, heads = edit.mask, edit.heads
-        index = (rows, local) if heads is None else (rows, local, heads)
+            source, alpha = source[idx], alpha[idx]
+            mask = mask[idx] if mask is not None else None
+            heads = heads[idx] if heads is not None else None
+        if heads is not None:
+            index = (*index, heads)
         current = h[index]
         if edit.kind == "add":
             new = (current.float() + alpha[:, None] * source.float()).to(h.dtype)

@@ -116,10 +116,10 @@ class Rotary(nn.Module):
         self.inv_freq = rope_inv_freq(self.rope).to(device)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """``positions`` [batch, tokens] → cos, sin [batch, 1, tokens, rotary_dim]."""
+        """``positions`` [*tokens] → cos, sin [*tokens, 1, rotary_dim] (broadcast over heads)."""
         freqs = positions.float()[..., None] * self.inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+        return emb.cos().to(dtype)[..., None, :], emb.sin().to(dtype)[..., None, :]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +128,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first ``rotary_dim`` channels of ``x`` [batch, heads, tokens, head_dim]."""
+    """Rotate the first ``rotary_dim`` channels of ``x`` [*tokens, heads, head_dim]."""
     rd = cos.shape[-1]
     if rd == x.shape[-1]:
         return x * cos + rotate_half(x) * sin

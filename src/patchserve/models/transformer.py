@@ -88,18 +88,78 @@ class ForwardResult:
 
 
 @dataclass
+class Reuse:
+    """Activations a resumed first block may take instead of recomputing attention."""
+
+    attn_out: torch.Tensor | None = None
+    attn_head: torch.Tensor | None = None
+
+
+class Layout:
+    """Where the tokens of one pass live.
+
+    *Padded*: ``[batch, tmax, ...]``, row ``b`` real for its first
+    ``lengths[b]`` tokens. *Packed*: ``[N, ...]``, the rows' real tokens back to
+    back (no padding, so every projection and MLP runs on real tokens only);
+    attention pads them per row and packs its output again.
+    """
+
+    def __init__(
+        self, offsets: torch.Tensor, lengths: torch.Tensor, tmax: int, packed: bool
+    ) -> None:
+        self.offsets, self.lengths, self.tmax, self.packed = offsets, lengths, tmax, packed
+        self.batch = offsets.shape[0]
+        device = offsets.device
+        self.padded = bool((lengths < tmax).any())
+        self.grid = offsets[:, None] + torch.arange(tmax, device=device)[None]  # [B, tmax]
+        if packed:
+            self.starts = torch.cumsum(lengths, 0) - lengths
+            self.row_of = torch.repeat_interleave(torch.arange(self.batch, device=device), lengths)
+            self.local_of = (
+                torch.arange(int(lengths.sum()), device=device) - self.starts[self.row_of]
+            )
+            self.positions = offsets[self.row_of] + self.local_of  # [N]
+        else:
+            self.positions = self.grid
+
+    def pad(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.packed:
+            return t
+        out = t.new_zeros(self.batch, self.tmax, *t.shape[1:])
+        return out.index_put_((self.row_of, self.local_of), t)
+
+    def unpad(self, t: torch.Tensor) -> torch.Tensor:
+        return t[self.row_of, self.local_of] if self.packed else t
+
+    def locate(
+        self, rows: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        safe = rows.clamp(0, self.batch - 1)
+        local = positions - self.offsets[safe]
+        keep = (rows < self.batch) & (local >= 0) & (local < self.lengths[safe])
+        rows, local = rows[keep], local[keep]
+        if self.packed:
+            return keep, (self.starts[rows] + local,)
+        return keep, (rows, local)
+
+    def last(self, x: torch.Tensor) -> torch.Tensor:
+        """The last real token of each row: ``[batch, 1, ...]``."""
+        if self.packed:
+            return x[self.starts + self.lengths - 1][:, None]
+        return x[torch.arange(self.batch, device=x.device), self.lengths - 1][:, None]
+
+
+@dataclass
 class PassState:
-    """What the blocks of one forward pass share: masks, rotary tables, caches, hooks."""
+    """What the blocks of one forward pass share: layout, masks, rotary tables, caches, hooks."""
 
     hooks: HookContext
-    positions: torch.Tensor  # [batch, tokens] absolute
-    lengths: torch.Tensor  # [batch] real tokens per row
+    layout: Layout
     prefix: KVCache | None
     prefix_lengths: torch.Tensor | None  # [batch]
     rotaries: dict[RopeConfig, Rotary]
     dtype: torch.dtype
     keep_cache: bool
-    padded: bool
     new_keys: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _tables: dict[RopeConfig, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _masks: dict[int | None, AttentionMasks] = field(default_factory=dict)
@@ -108,7 +168,7 @@ class PassState:
         if rope is None:
             return None
         if rope not in self._tables:
-            self._tables[rope] = self.rotaries[rope].tables(self.positions, self.dtype)
+            self._tables[rope] = self.rotaries[rope].tables(self.layout.positions, self.dtype)
         return self._tables[rope]
 
     def keep_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -129,17 +189,18 @@ class PassState:
         return self._masks[window]
 
     def _build_masks(self, window: int | None) -> AttentionMasks:
-        pos = self.positions
+        layout = self.layout
+        pos = layout.grid
         b, t = pos.shape
         device = pos.device
         plen = self.prefix.length if self.prefix is not None else 0
         window_binds = window is not None and int(pos.max()) >= window
-        if plen == 0 and not self.padded and not window_binds:
+        if plen == 0 and not layout.padded and not window_binds:
             return AttentionMasks(None, None, causal_only=True)
         idx = torch.arange(t, device=device)
         new = idx[None, :] <= idx[:, None]  # [t_q, t_k]
         new = new[None].expand(b, t, t)
-        real_key = idx[None, :] < self.lengths[:, None]  # [b, t_k]
+        real_key = idx[None, :] < layout.lengths[:, None]  # [b, t_k]
         # A padded query still sees itself, so its (unused) output stays finite.
         new = new & (real_key[:, None, :] | torch.eye(t, dtype=torch.bool, device=device)[None])
         if window_binds:
@@ -147,7 +208,7 @@ class PassState:
         prefix = None
         if plen:
             j = torch.arange(plen, device=device)
-            limit = self.prefix_lengths if self.prefix_lengths is not None else pos[:, 0]
+            limit = self.prefix_lengths if self.prefix_lengths is not None else layout.offsets
             prefix = (j[None, None, :] < limit[:, None, None]).expand(b, t, plen)
             if window_binds:
                 prefix = prefix & (pos[:, :, None] - j[None, None, :] < window)
@@ -209,6 +270,7 @@ class Transformer(nn.Module):
         *,
         hidden: torch.Tensor | None = None,
         start_layer: int = 0,
+        reuse: Reuse | None = None,
         offsets: torch.Tensor | int | None = None,
         lengths: torch.Tensor | None = None,
         cache: KVCache | None = None,
@@ -217,22 +279,28 @@ class Transformer(nn.Module):
         logits_at: LogitsAt = "last",
         return_kv: bool = False,
     ) -> ForwardResult:
-        """Run blocks ``start_layer..L-1`` over a batch of right-padded token rows.
+        """Run blocks ``start_layer..L-1`` over a batch of token rows.
+
+        Rows are either padded — ``input_ids`` ``[batch, tokens]`` / ``hidden``
+        ``[batch, tokens, d]``, right-padded to ``lengths`` — or packed —
+        ``input_ids`` ``[N]`` / ``hidden`` ``[N, d]`` holding the rows back to back,
+        with ``lengths`` (required) giving each row's token count.
 
         Args:
-            input_ids: ``[batch, tokens]`` token ids (with ``start_layer == 0``).
-            hidden: ``[batch, tokens, hidden]`` residual stream entering block
-                ``start_layer`` (instead of ``input_ids``).
+            input_ids: token ids (with ``start_layer == 0``).
+            hidden: residual stream entering block ``start_layer`` (instead of ids).
+            reuse: unchanged attention output of block ``start_layer`` (see :class:`Reuse`).
             offsets: absolute position of each row's first token; defaults to
                 the cache length (0 without a cache).
-            lengths: real tokens per row (right padding); defaults to all.
+            lengths: real tokens per row; defaults to all (padded input).
             cache: keys/values of the prefix, batch 1 (shared) or ``batch``.
-            prefix_lengths: how many prefix tokens each row sees; defaults to
-                ``offsets``.
+            prefix_lengths: how many prefix tokens each row sees; defaults to ``offsets``.
             hooks: interventions to apply and sites to capture.
-            logits_at: ``"last"`` (last real token of each row), ``"all"``, a
-                ``[batch, k]`` tensor of token indices, or None for no logits.
-            return_kv: also return the keys/values of the computed tokens.
+            logits_at: ``"last"`` (last real token of each row, ``[batch, 1, V]``),
+                ``"all"`` (every token, in the input's layout), a ``[batch, k]``
+                tensor of token indices (padded input), or None for no logits.
+            return_kv: also return the keys/values of the computed tokens
+                (padded ``[batch, kv_heads, tokens, head_dim]``).
         """
         if (input_ids is None) == (hidden is None):
             raise ValueError("pass exactly one of input_ids and hidden")
@@ -240,41 +308,49 @@ class Transformer(nn.Module):
             raise ValueError("input_ids start at layer 0; pass hidden to start higher")
         ref = input_ids if input_ids is not None else hidden
         assert ref is not None
-        b, t = ref.shape[:2]
+        packed = ref.dim() == (1 if input_ids is not None else 2)
         device = ref.device
+        if packed:
+            if lengths is None:
+                raise ValueError("packed rows need lengths")
+            if int(lengths.sum()) != ref.shape[0]:
+                raise ValueError("packed rows: lengths must add up to the token count")
+            b, t = lengths.shape[0], int(lengths.max())
+        else:
+            b, t = ref.shape[:2]
         if offsets is None:
             offsets = cache.length if cache is not None else 0
         offsets_t = torch.as_tensor(offsets, dtype=torch.long, device=device).reshape(-1)
         offsets_t = offsets_t.expand(b) if offsets_t.shape[0] == 1 else offsets_t
-        positions = offsets_t[:, None] + torch.arange(t, device=device)[None]
-        padded = lengths is not None and bool((lengths < t).any())
-        lengths_t = lengths if lengths is not None else torch.full((b,), t, device=device)
+        if lengths is None:
+            lengths = torch.full((b,), t, dtype=torch.long, device=device)
+        layout = Layout(offsets_t, lengths.to(device), t, packed)
         if prefix_lengths is None and cache is not None:
             prefix_lengths = offsets_t
         hooks = hooks if hooks is not None else HookContext()
-        hooks.offsets, hooks.lengths = offsets_t, lengths_t
+        hooks.layout = layout
         state = PassState(
             hooks=hooks,
-            positions=positions,
-            lengths=lengths_t,
+            layout=layout,
             prefix=cache,
             prefix_lengths=prefix_lengths,
             rotaries=self._rotaries,
             dtype=self.dtype,
             keep_cache=return_kv,
-            padded=padded,
         )
-        x = self.embed(input_ids, positions) if input_ids is not None else hidden
+        x = self.embed(input_ids, layout.positions) if input_ids is not None else hidden
         assert x is not None
         for block in self.blocks[start_layer:]:
-            x = block(x, state)
+            x = block(x, state, reuse if block.layer == start_layer else None)
         logits = None
         if logits_at is not None:
             if isinstance(logits_at, str) and logits_at == "all":
                 picked = x
             elif isinstance(logits_at, str) and logits_at == "last":
-                picked = x[torch.arange(b, device=device), lengths_t - 1][:, None]
+                picked = layout.last(x)
             else:
+                if packed:
+                    raise ValueError("token indices for logits need padded rows")
                 index = torch.as_tensor(logits_at, dtype=torch.long, device=device)
                 picked = x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
             logits = self.unembed(picked)
