@@ -80,7 +80,7 @@ CONFIGS: dict[str, Callable[[], tf.PretrainedConfig]] = {
         mlp_bias=True,
         rope_scaling={"rope_type": "linear", "factor": 2.0},
     ),
-    "mistral": lambda: tf.MistralConfig(**COMMON, **LLAMA_SHAPE, sliding_window=6),
+    "mistral": lambda: tf.MistralConfig(**COMMON, **LLAMA_SHAPE, sliding_window=16),
     "qwen2": lambda: tf.Qwen2Config(**COMMON, **LLAMA_SHAPE),
     "qwen3": lambda: tf.Qwen3Config(**COMMON, **LLAMA_SHAPE, head_dim=32),
     "gpt2": lambda: tf.GPT2Config(**COMMON, n_embd=64, n_layer=3, n_head=4, n_positions=256),

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from checkpoints import FAMILIES, build_checkpoint
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)  # tiny test models: threads only add overhead
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,51 @@
+"""FLOP counts of the minimal computation of a sweep (multiply-adds count 2)."""
+
+from __future__ import annotations
+
+from patchserve.models.config import ModelConfig
+
+
+def attention_proj_flops(cfg: ModelConfig) -> int:
+    """q, k, v and output projections, per token."""
+    d = cfg.hidden_size
+    return 2 * (d * cfg.q_size + 2 * d * cfg.kv_size + cfg.q_size * d)
+
+
+def mlp_flops(cfg: ModelConfig) -> int:
+    return 2 * (3 if cfg.gated_mlp else 2) * cfg.hidden_size * cfg.intermediate_size
+
+
+def attention_score_flops(cfg: ModelConfig, layer: int, position: int) -> int:
+    """QK^T and the weighted sum of V for one query at ``position``."""
+    window = cfg.sliding_windows[layer]
+    keys = position + 1 if window is None else min(position + 1, window)
+    return 4 * cfg.num_heads * cfg.head_dim * keys
+
+
+def unembed_flops(cfg: ModelConfig) -> int:
+    return 2 * cfg.hidden_size * cfg.vocab_size
+
+
+def suffix_flops(
+    cfg: ModelConfig, start_layer: int, first: int, length: int, reuse: str | None = None
+) -> int:
+    """Blocks ``start_layer..L-1`` over positions ``first..length-1`` plus one unembedding.
+
+    ``reuse``: ``"attn_out"`` skips the first block's attention entirely,
+    ``"attn_head"`` keeps only its output projection.
+    """
+    tokens = length - first
+    total = 0
+    for layer in range(start_layer, cfg.num_layers):
+        total += tokens * (attention_proj_flops(cfg) + mlp_flops(cfg))
+        total += sum(attention_score_flops(cfg, layer, p) for p in range(first, length))
+        if layer == start_layer and reuse is not None:
+            total -= sum(attention_score_flops(cfg, layer, p) for p in range(first, length))
+            total -= tokens * attention_proj_flops(cfg)
+            if reuse == "attn_head":
+                total += tokens * 2 * cfg.q_size * cfg.hidden_size
+    return total + unembed_flops(cfg)
+
+
+def full_forward_flops(cfg: ModelConfig, length: int, logits_tokens: int = 1) -> int:
+    return suffix_flops(cfg, 0, 0, length) + (logits_tokens - 1) * unembed_flops(cfg)

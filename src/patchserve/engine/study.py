@@ -1,0 +1,188 @@
+"""From a study's plain inputs (prompts, strings, spans) to a validated :class:`SweepSpec`.
+
+Everything a request can get wrong is checked here, before any model work:
+hooks, layers, heads, positions and spans, the source run's coverage,
+masks, alpha, answer and foil tokens. The server, the command line and the
+in-process API all go through :func:`prepare_sweep`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from patchserve.engine.errors import RequestError
+from patchserve.engine.metrics import check_metric
+from patchserve.engine.request import parse_heads, parse_hooks, parse_layers, resolve_token
+from patchserve.engine.runs import CapturedRun
+from patchserve.engine.sweep import DEFAULT_BATCH_TOKENS, Source, SweepSpec, VectorSource
+from patchserve.models import Transformer
+from patchserve.text.alignment import align
+from patchserve.text.spans import SpanError, expand_positions, incremental_char_offsets
+from patchserve.text.tokenizer import Encoding, Tokenizer
+
+
+def char_offsets(tokenizer: Tokenizer, encoding: Encoding) -> list[tuple[int, int]]:
+    if encoding.offsets is not None:
+        return [
+            (a, b) if not s else (a, a)
+            for (a, b), s in zip(encoding.offsets, encoding.special, strict=True)
+        ]
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+    return incremental_char_offsets(decode, encoding.ids, encoding.special)
+
+
+def resolve_positions(
+    tokenizer: Tokenizer, prompt: str, encoding: Encoding, spec: Any, param: str = "positions"
+) -> list[int]:
+    if spec is None or spec == "all_prompt":
+        return list(range(len(encoding.ids)))
+    if isinstance(spec, str) or not isinstance(spec, Sequence):
+        raise RequestError("positions must be 'all_prompt' or a list of ints and spans", param)
+    if not spec:
+        raise RequestError("positions is empty", param)
+    try:
+        return expand_positions(spec, prompt, char_offsets(tokenizer, encoding), encoding.special)
+    except SpanError as exc:
+        raise RequestError(str(exc), param) from exc
+
+
+def _check_masks(
+    masks: dict[str, torch.Tensor] | torch.Tensor | None, hooks: list[str], model: Transformer
+) -> dict[str, torch.Tensor] | None:
+    if masks is None:
+        return None
+    if isinstance(masks, torch.Tensor):
+        masks = dict.fromkeys(hooks, masks)
+    out = {}
+    for hook in hooks:
+        mask = masks.get(hook)
+        if mask is None:
+            continue
+        width = model.cfg.hook_width(hook)
+        if mask.shape != (width,):
+            raise RequestError(
+                f"mask has {mask.numel()} values; hook {hook} is {width} wide", "mask"
+            )
+        if not bool(((mask >= 0) & (mask <= 1)).all()):
+            raise RequestError("mask values must lie in [0, 1]", "mask")
+        out[hook] = mask.float().to(model.device)
+    return out
+
+
+def _check_run(
+    run: CapturedRun,
+    hooks: list[str],
+    layers: list[int],
+    positions: list[int],
+    corrupt_ids: list[int],
+) -> None:
+    captured = run.hook_layers()
+    for hook in hooks:
+        missing = [layer for layer in layers if layer not in captured.get(hook, [])]
+        if missing:
+            raise RequestError(
+                f"source run {run.name!r} did not capture {hook} at layer(s) {missing}",
+                "source_run",
+            )
+    alignment = align(run.token_ids, corrupt_ids)
+    for p in positions:
+        src = alignment.source_position(p)
+        if src is not None and src not in run.positions:
+            raise RequestError(
+                f"source run {run.name!r} did not capture position {src} (paired with "
+                f"corrupt position {p})",
+                "source_run",
+            )
+
+
+def prepare_sweep(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    *,
+    prompt: str,
+    source: Source,
+    hook: str | None = None,
+    hooks: list[str] | None = None,
+    layers: Any = "all",
+    positions: Any = "all_prompt",
+    heads: Any = None,
+    alpha: float = 1.0,
+    masks: dict[str, torch.Tensor] | torch.Tensor | None = None,
+    answer_token: str | None = None,
+    answer_token_id: int | None = None,
+    foil_token: str | None = None,
+    foil_token_id: int | None = None,
+    metric: str = "logprob",
+    clean_baseline: float | None = None,
+    max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    max_cells: int | None = None,
+) -> tuple[SweepSpec, list[str]]:
+    """A validated sweep and the corrupt prompt's token strings (axis labels)."""
+    cfg = model.cfg
+    if not isinstance(prompt, str) or not prompt:
+        raise RequestError("prompt must be a non-empty string", "prompt")
+    encoding = tokenizer.encode(prompt)
+    if not encoding.ids:
+        raise RequestError("prompt tokenizes to no tokens", "prompt")
+    hook_list = parse_hooks(hook, hooks)
+    layer_list = parse_layers(layers, cfg.num_layers)
+    position_list = resolve_positions(tokenizer, prompt, encoding, positions)
+    head_list = parse_heads(heads, cfg.num_heads) if "attn_head" in hook_list else None
+    if heads is not None and head_list is None:
+        raise RequestError("heads apply to the attn_head hook only", "heads")
+    check_metric(metric)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise RequestError("alpha must be a finite number", "alpha")
+    if clean_baseline is not None and not math.isfinite(clean_baseline):
+        raise RequestError("clean_baseline must be a finite number", "clean_baseline")
+    vocab = cfg.vocab_size
+    answer = resolve_token(tokenizer, vocab, answer_token, answer_token_id, "answer_token")
+    foil = resolve_token(tokenizer, vocab, foil_token, foil_token_id, "foil_token")
+    if answer is not None and foil is not None and answer == foil:
+        raise RequestError("answer and foil are the same token", "foil_token")
+    if isinstance(source, CapturedRun):
+        _check_run(source, hook_list, layer_list, position_list, encoding.ids)
+        if metric == "kl" and source.last_logits is None:
+            raise RequestError("metric 'kl' needs a source run captured with logits", "metric")
+    elif metric == "recovered" and clean_baseline is None:
+        raise RequestError(
+            "metric 'recovered' on a vector-sourced sweep needs clean_baseline",
+            "clean_baseline",
+        )
+    n_cells = (
+        len(hook_list) * len(layer_list) * len(position_list) * (len(head_list) if head_list else 1)
+    )
+    if max_cells is not None and n_cells > max_cells:
+        raise RequestError(
+            f"the sweep has {n_cells} cells; this server allows at most {max_cells}",
+            "layers",
+        )
+    if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
+        raise RequestError("max_batch_tokens must be a positive integer", "max_batch_tokens")
+    spec = SweepSpec(
+        corrupt_ids=encoding.ids,
+        hooks=hook_list,
+        layers=layer_list,
+        positions=position_list,
+        source=source,
+        metric=metric,
+        answer=answer,
+        foil=foil,
+        heads=head_list,
+        alpha=float(alpha),
+        masks=_check_masks(masks, hook_list, model),
+        clean_baseline=clean_baseline,
+        max_batch_tokens=max_batch_tokens,
+    )
+    return spec, tokenizer.token_strings(encoding.ids)
+
+
+def zeros_source(model: Transformer) -> VectorSource:
+    cfg, device, dtype = model.cfg, model.device, model.dtype
+    return VectorSource(
+        "zeros", lambda hook, layer: torch.zeros(cfg.hook_width(hook), device=device, dtype=dtype)
+    )

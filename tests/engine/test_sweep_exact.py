@@ -1,0 +1,210 @@
+"""Every sweep cell equals a naive per-cell full forward (runtime and transformers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from checkpoints import load_reference
+from engine.oracles import naive_cell, transformers_cell
+from models.helpers import loaded, tokenizer
+
+from patchserve.engine.metrics import Grader
+from patchserve.engine.runs import capture_run
+from patchserve.engine.study import prepare_sweep, zeros_source
+from patchserve.engine.sweep import run_sweep
+from patchserve.models import HOOKS
+
+CLEAN = "When Mary and John went to the store, John gave a drink to"
+CORRUPT = "When Mari and John went to the store, John gave a drink to"
+LONGER = "When Mary and Jo went to the big store, John gave a drink to"
+TOL = 1e-4
+
+
+def _clean_run(model, tok, prompt=CLEAN):
+    ids = tok.encode(prompt).ids
+    n = model.cfg.num_layers
+    return capture_run(model, "clean", prompt, ids, {h: list(range(n)) for h in HOOKS})
+
+
+def _grader_for(outcome, run) -> Grader:
+    import torch as _t
+
+    clean_lp = _t.log_softmax(run.last_logits.double(), -1)
+    from patchserve.engine.metrics import raw_score
+
+    return Grader(
+        metric=outcome.metric,
+        answer=outcome.answer,
+        foil=outcome.foil,
+        clean_logprobs=clean_lp,
+        clean_score=float(raw_score(run.last_logits[None], outcome.answer, outcome.foil)[0]),
+        corrupt_score=float(
+            raw_score(outcome.corrupt_logits[None], outcome.answer, outcome.foil)[0]
+        ),
+    )
+
+
+def _assert_matches_naive(model, spec, outcome, run, alpha=1.0, masks=None):
+    grader = _grader_for(outcome, run)
+    from patchserve.text.alignment import align
+
+    tol = TOL
+    if outcome.metric == "recovered":
+        # recovered divides logit-space differences by (m_clean - m_corrupt).
+        tol = TOL / min(1.0, abs(grader.clean_score - grader.corrupt_score))
+
+    alignment = align(run.token_ids, spec.corrupt_ids)
+    checked = 0
+    for hook in spec.hooks:
+        grid = outcome.grids[hook]
+        for i, layer in enumerate(spec.layers):
+            for j, pos in enumerate(spec.positions):
+                src_pos = alignment.source_position(pos)
+                heads = spec.heads if hook == "attn_head" else [None]
+                for k, head in enumerate(heads):
+                    value = grid[i][j] if head is None else grid[i][j][k]
+                    if src_pos is None:
+                        assert value is None
+                        continue
+                    source = run.row(hook, layer, src_pos)
+                    if head is not None:
+                        source = source[head]
+                    mask = None if masks is None else masks.get(hook)
+                    expected = naive_cell(
+                        model,
+                        spec.corrupt_ids,
+                        hook,
+                        layer,
+                        pos,
+                        source,
+                        grader,
+                        head=head,
+                        alpha=alpha,
+                        mask=mask,
+                    )
+                    assert value == pytest.approx(expected, abs=tol), (hook, layer, pos, head)
+                    checked += 1
+    assert checked > 0
+
+
+@pytest.mark.parametrize("metric", ["logprob", "recovered"])
+def test_every_hook_matches_naive_forward(family_checkpoint, metric):
+    model = loaded(family_checkpoint).model
+    tok = tokenizer(family_checkpoint)
+    run = _clean_run(model, tok)
+    spec, _ = prepare_sweep(
+        model,
+        tok,
+        prompt=CORRUPT,
+        source=run,
+        hooks=list(HOOKS),
+        metric=metric,
+        heads=[0, model.cfg.num_heads - 1],
+        max_batch_tokens=64,
+    )
+    outcome = run_sweep(model, spec)
+    _assert_matches_naive(model, spec, outcome, run)
+    assert outcome.stats["computed"] > 0
+    assert outcome.noise_floor < 1e-4
+
+
+def test_unequal_lengths_align_prefix_and_suffix(family_checkpoint):
+    model = loaded(family_checkpoint).model
+    tok = tokenizer(family_checkpoint)
+    run = _clean_run(model, tok, LONGER)
+    spec, _ = prepare_sweep(
+        model, tok, prompt=CORRUPT, source=run, hooks=["post_block", "attn_out"]
+    )
+    assert len(run.token_ids) != len(spec.corrupt_ids)
+    outcome = run_sweep(model, spec)
+    unpaired = outcome.alignment.unpaired()
+    assert unpaired, "the prompts differ in the middle"
+    assert {s["position"] for s in outcome.skipped} == set(unpaired)
+    _assert_matches_naive(model, spec, outcome, run)
+
+
+def test_alpha_and_masks_match_naive_forward(family_checkpoint):
+    model = loaded(family_checkpoint).model
+    tok = tokenizer(family_checkpoint)
+    run = _clean_run(model, tok)
+    gen = torch.Generator().manual_seed(3)
+    cfg = model.cfg
+    masks = {
+        "post_attn": (torch.rand(cfg.hidden_size, generator=gen) > 0.5).float(),
+        "attn_head": torch.rand(cfg.head_dim, generator=gen),
+    }
+    spec, _ = prepare_sweep(
+        model,
+        tok,
+        prompt=CORRUPT,
+        source=run,
+        hooks=["post_attn", "attn_head"],
+        heads=[1],
+        alpha=0.6,
+        masks=masks,
+        metric="kl",
+    )
+    outcome = run_sweep(model, spec)
+    _assert_matches_naive(model, spec, outcome, run, alpha=0.6, masks=masks)
+
+
+@pytest.mark.parametrize("hook", ["post_block", "pre_attn", "attn_out", "mlp_out"])
+def test_grid_matches_transformers_module_hooks(family_checkpoint, hook):
+    model = loaded(family_checkpoint).model
+    tok = tokenizer(family_checkpoint)
+    run = _clean_run(model, tok)
+    spec, _ = prepare_sweep(
+        model,
+        tok,
+        prompt=CORRUPT,
+        source=run,
+        hook=hook,
+        metric="logit_diff",
+        answer_token_id=5,
+        foil_token_id=9,
+    )
+    outcome = run_sweep(model, spec)
+    ref = load_reference(family_checkpoint)
+    for i, layer in enumerate(spec.layers):
+        for j, pos in enumerate(spec.positions):
+            logits = transformers_cell(
+                ref,
+                family_checkpoint.name,
+                spec.corrupt_ids,
+                hook,
+                layer,
+                pos,
+                run.row(hook, layer, pos),
+            )
+            expected = float(logits[5] - logits[9])
+            assert outcome.grids[hook][i][j] == pytest.approx(expected, abs=TOL)
+
+
+def test_zero_ablation_matches_naive_forward(family_checkpoint):
+    model = loaded(family_checkpoint).model
+    tok = tokenizer(family_checkpoint)
+    spec, _ = prepare_sweep(
+        model,
+        tok,
+        prompt=CORRUPT,
+        source=zeros_source(model),
+        hooks=["mlp_out", "attn_head"],
+        heads="all",
+        metric="kl",
+    )
+    outcome = run_sweep(model, spec)
+    ids = torch.tensor([spec.corrupt_ids])
+    with torch.inference_mode():
+        ref_logits = model(ids).logits[0, -1]
+    grader = Grader("kl", outcome.answer, clean_logprobs=torch.log_softmax(ref_logits.double(), -1))
+    for i, layer in enumerate(spec.layers):
+        for j, pos in enumerate(spec.positions):
+            zeros = torch.zeros(model.cfg.hidden_size)
+            expected = naive_cell(model, spec.corrupt_ids, "mlp_out", layer, pos, zeros, grader)
+            assert outcome.grids["mlp_out"][i][j] == pytest.approx(expected, abs=TOL)
+            zh = torch.zeros(model.cfg.head_dim)
+            for k, head in enumerate(spec.heads):
+                expected = naive_cell(
+                    model, spec.corrupt_ids, "attn_head", layer, pos, zh, grader, head=head
+                )
+                assert outcome.grids["attn_head"][i][j][k] == pytest.approx(expected, abs=TOL)
