@@ -108,10 +108,17 @@ class Item:
     subject: str
     prompt: str
     answer: str
+    subject_start: int  # character offset of the subject in the prompt
 
     @property
     def text(self) -> str:
         return f"{self.prompt} {self.answer}."
+
+
+def make_item(relation: str, template: str, answer: str, **fields: str) -> Item:
+    """Fill a template; ``fields["s"]`` is the subject."""
+    prefix = template[: template.index("{s}")].format(**fields)
+    return Item(relation, template, fields["s"], template.format(**fields), answer, len(prefix))
 
 
 @dataclass
@@ -210,21 +217,23 @@ def fact_items(world: World) -> list[Item]:
     for relation, templates in FACT_TEMPLATES.items():
         for template in templates:
             for subject, answer in tables[relation].items():
-                prompt = template.format(s=subject)
-                items.append(Item(relation, template, subject, prompt, answer))
+                items.append(make_item(relation, template, answer, s=subject))
     return items
 
 
-def ioi_item(rng: random.Random, template: str | None = None) -> Item:
-    """A random IOI sentence; the answer is the name that is not repeated."""
-    template = template or rng.choice(IOI_TEMPLATES)
+def ioi_pair(rng: random.Random) -> tuple[Item, Item]:
+    """A random IOI sentence and its corrupt twin.
+
+    The clean answer is the name that is not repeated. The corrupt sentence repeats the
+    other name instead (only the second-clause subject changes), which flips the answer.
+    """
+    template = rng.choice(IOI_TEMPLATES)
     a, b = rng.sample(IOI_NAMES, 2)
-    s = rng.choice((a, b))
-    answer = b if s == a else a
-    prompt = template.format(
-        a=a, b=b, s=s, place=rng.choice(IOI_PLACES), obj=rng.choice(IOI_OBJECTS)
-    )
-    return Item("ioi", template, s, prompt, answer)
+    s, io = (a, b) if rng.random() < 0.5 else (b, a)
+    fields = {"a": a, "b": b, "place": rng.choice(IOI_PLACES), "obj": rng.choice(IOI_OBJECTS)}
+    clean = make_item("ioi", template, io, s=s, **fields)
+    corrupt = make_item("ioi", template, s, s=io, **fields)
+    return clean, corrupt
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -292,17 +301,25 @@ class Encoded:
     prompt_ids: tuple[int, ...]
     answer_id: int
     full_ids: tuple[int, ...]
+    subject_tokens: tuple[int, ...]  # prompt positions whose characters overlap the subject
 
 
 def encode_items(tok: PreTrainedTokenizerFast, items: Sequence[Item]) -> list[Encoded]:
     """Tokenize statements; the prompt's ids must be a prefix of the statement's."""
-    prompts = tok([it.prompt for it in items])["input_ids"]
+    prompts = tok([it.prompt for it in items], return_offsets_mapping=True)
     fulls = tok([it.text for it in items])["input_ids"]
     out = []
-    for it, p, f in zip(items, prompts, fulls, strict=True):
+    for i, (it, f) in enumerate(zip(items, fulls, strict=True)):
+        p = prompts["input_ids"][i]
         if list(f[: len(p)]) != list(p):
             raise ValueError(f"prompt is not a token prefix of its statement: {it.text!r}")
-        out.append(Encoded(it, tuple(p), f[len(p)], (*f, tok.eos_token_id)))
+        lo, hi = it.subject_start, it.subject_start + len(it.subject)
+        span = tuple(
+            j
+            for j, (a, b) in enumerate(prompts["offset_mapping"][i])
+            if b > a and a < hi and b > lo and p[j] != tok.bos_token_id
+        )
+        out.append(Encoded(it, tuple(p), f[len(p)], (*f, tok.eos_token_id), span))
     return out
 
 
@@ -401,6 +418,7 @@ def train(
     model: Qwen3ForCausalLM,
     data: Iterator[tuple[torch.Tensor, torch.Tensor]],
     eval_facts: list[Encoded],
+    eval_ioi: list[Encoded],
     args: argparse.Namespace,
 ) -> dict[str, list]:
     """Plain AdamW training loop; returns the loss curve and accuracy checkpoints."""
@@ -426,18 +444,20 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        window.append(float(loss))
+        window.append(loss.item())
         if (step + 1) % 50 == 0:
             curve.append({"step": step + 1, "loss": round(sum(window) / len(window), 4)})
             window = []
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             model.eval()
-            acc = accuracy(model, eval_facts)
+            acc, ioi_acc = accuracy(model, eval_facts), accuracy(model, eval_ioi)
             elapsed = time.perf_counter() - start
-            checkpoints.append({"step": step + 1, "fact_accuracy": round(acc, 4)})
+            checkpoints.append(
+                {"step": step + 1, "fact_accuracy": round(acc, 4), "ioi_accuracy": round(ioi_acc, 4)}
+            )
             print(
                 f"step {step + 1:5d}  loss {curve[-1]['loss']:.4f}  fact acc {acc:.4f}"
-                f"  {elapsed:6.1f}s",
+                f"  ioi acc {ioi_acc:.4f}  {elapsed:6.1f}s",
                 flush=True,
             )
     model.eval()
@@ -500,47 +520,41 @@ def differing_positions(a: Sequence[int], b: Sequence[int]) -> list[int]:
     return [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
 
 
+
+
 @dataclass
 class Candidate:
     """A clean/corrupt pair under evaluation."""
 
-    relation: str
-    template: str
     clean: Encoded
     corrupt: Encoded
-    n_subject_tokens: int
+
+    @property
+    def n_subject_tokens(self) -> int:
+        return len(self.clean.subject_tokens)
 
 
-def candidate_pairs(rng: random.Random, encoded: list[Encoded]) -> list[Candidate]:
-    """All same-template pairs whose prompts have equal length and one differing span."""
+def is_demo_pair(a: Encoded, b: Encoded) -> bool:
+    """Equal length, different answers, tokens differ only inside the subject span."""
+    if len(a.prompt_ids) != len(b.prompt_ids) or a.answer_id == b.answer_id:
+        return False
+    if a.subject_tokens != b.subject_tokens:
+        return False
+    diff = differing_positions(a.prompt_ids, b.prompt_ids)
+    return bool(diff) and set(diff) <= set(a.subject_tokens)
+
+
+def fact_candidates(rng: random.Random, facts: list[Encoded]) -> dict[str, list[Candidate]]:
+    """Shuffled candidate pairs per template."""
     by_template: dict[str, list[Encoded]] = {}
-    for e in encoded:
+    for e in facts:
         by_template.setdefault(e.item.template, []).append(e)
-    out = []
+    out: dict[str, list[Candidate]] = {}
     for template, group in by_template.items():
-        for a, b in itertools.permutations(group, 2):
-            if len(a.prompt_ids) != len(b.prompt_ids) or a.answer_id == b.answer_id:
-                continue
-            diff = differing_positions(a.prompt_ids, b.prompt_ids)
-            if not diff or diff != list(range(diff[0], diff[-1] + 1)):
-                continue
-            n_sub = len(a.prompt_ids) - len(encoded_without(a))
-            out.append(Candidate(a.item.relation, template, a, b, n_sub))
-    rng.shuffle(out)
+        pairs = [Candidate(a, b) for a, b in itertools.permutations(group, 2) if is_demo_pair(a, b)]
+        rng.shuffle(pairs)
+        out[template] = pairs
     return out
-
-
-def encoded_without(e: Encoded) -> tuple[int, ...]:
-    """Placeholder used by :func:`candidate_pairs`; replaced with exact counts below."""
-    return e.prompt_ids[: len(e.prompt_ids) - subject_token_count(e)]
-
-
-_SUBJECT_COUNTS: dict[tuple[str, str], int] = {}
-
-
-def subject_token_count(e: Encoded) -> int:
-    """Number of prompt tokens that belong to the subject (precomputed per item)."""
-    return _SUBJECT_COUNTS[(e.item.template, e.item.subject)]
 
 
 def check_candidate(
@@ -569,9 +583,11 @@ def check_candidate(
         "corrupt": c.corrupt.item.prompt,
         "answer": answer_text,
         "foil": foil_text,
-        "relation": c.relation,
-        "_metrics": {
-            "template": c.template,
+        "relation": c.clean.item.relation,
+        "metrics": {
+            "template": c.clean.item.template,
+            "clean_subject": c.clean.item.subject,
+            "corrupt_subject": c.corrupt.item.subject,
             "subject_tokens": c.n_subject_tokens,
             "prompt_tokens": len(c.clean.prompt_ids),
             "p_clean_answer": round(p_clean, 4),
@@ -579,71 +595,217 @@ def check_candidate(
             "sweep_max": round(float(grid.max()), 4),
             "layer0_best_position": best0,
             "layer0_best_recovered": round(float(grid[0].max()), 4),
+            "last_position_layer0_recovered": round(float(grid[0, -1]), 4),
             "differing_positions": diff,
         },
     }
+
+
+def pick_from(
+    model: Qwen3ForCausalLM,
+    tok: PreTrainedTokenizerFast,
+    pool: list[Candidate],
+    want: int,
+    max_checks: int = 200,
+) -> list[dict]:
+    """Up to ``want`` passing pairs, cycling over subject token counts for variety."""
+    by_size: dict[int, list[Candidate]] = {}
+    for c in pool:
+        by_size.setdefault(c.n_subject_tokens, []).append(c)
+    queues = [by_size[k] for k in sorted(by_size)]
+    used_subjects: set[str] = set()
+    picked: list[dict] = []
+    checks = 0
+    while len(picked) < want and any(queues) and checks < max_checks:
+        for queue in queues:
+            if len(picked) >= want:
+                break
+            while queue and checks < max_checks:
+                c = queue.pop(0)
+                if {c.clean.item.subject, c.corrupt.item.subject} & used_subjects:
+                    continue
+                checks += 1
+                record = check_candidate(model, tok, c)
+                if record is not None:
+                    picked.append(record)
+                    used_subjects |= {c.clean.item.subject, c.corrupt.item.subject}
+                    break
+    return picked
 
 
 def select_examples(
     model: Qwen3ForCausalLM,
     tok: PreTrainedTokenizerFast,
     facts: list[Encoded],
-    ioi: list[Encoded],
     seed: int,
     per_template: int,
     n_ioi: int,
 ) -> list[dict]:
-    """Pick pairs automatically: per template, spread over subject token counts."""
+    """Choose the demo pairs automatically by checking every criterion on the model."""
     rng = random.Random(seed)
+    candidates = fact_candidates(rng, facts)
     chosen: list[dict] = []
-    candidates = candidate_pairs(rng, facts)
-    for template in [t for ts in FACT_TEMPLATES.values() for t in ts]:
-        pool = [c for c in candidates if c.template == template]
-        picked: list[dict] = []
-        for size in itertools.cycle(sorted({c.n_subject_tokens for c in pool})):
-            if len(picked) >= per_template or not pool:
-                break
-            match = next((c for c in pool if c.n_subject_tokens == size), None)
-            while match is not None:
-                pool.remove(match)
-                record = check_candidate(model, tok, match)
-                if record is not None:
-                    picked.append(record)
-                    break
-                match = next((c for c in pool if c.n_subject_tokens == size), None)
-            if match is None and not any(c.n_subject_tokens == size for c in pool):
-                pool = [c for c in pool if c.n_subject_tokens != size]
-                if not pool:
-                    break
-        chosen += picked
-    for c in ioi_pairs(tok, ioi):
-        if sum(r["relation"] == "ioi" for r in chosen) >= n_ioi:
-            break
-        record = check_candidate(model, tok, c)
-        if record is not None:
-            chosen.append(record)
+    for templates in FACT_TEMPLATES.values():
+        for template in templates:
+            chosen += pick_from(model, tok, candidates.get(template, []), per_template)
+    ioi = []
+    for _ in range(400):
+        clean, corrupt = encode_items(tok, ioi_pair(rng))
+        if is_demo_pair(clean, corrupt):
+            ioi.append(Candidate(clean, corrupt))
+    chosen += pick_from(model, tok, ioi, n_ioi)
     return chosen
 
 
-def ioi_pairs(tok: PreTrainedTokenizerFast, ioi: list[Encoded]) -> Iterator[Candidate]:
-    """IOI pairs: the corrupt prompt repeats the other name, which flips the answer."""
-    for e in ioi:
-        it = e.item
-        head, _, _ = it.prompt.rpartition(f" {it.subject} ")
-        # Swap the repeated name (S2) for the indirect object: "..., Mary gave" -> answer John.
-        corrupt_prompt = it.prompt.replace(f" {it.subject} ", f" {it.answer} ")
-        corrupt_prompt = corrupt_prompt.replace(f" {it.answer} ", f" {it.subject} ", 1)
-        if not head:
-            continue
-        if corrupt_prompt.count(f" {it.answer} ") != 1:
-            corrupt_prompt = it.prompt[::-1].replace(
-                f" {it.subject} "[::-1], f" {it.answer} "[::-1], 1
-            )[::-1]
-        corrupt_item = Item("ioi", it.template, it.answer, corrupt_prompt, it.subject)
-        (corrupt,) = encode_items(tok, [corrupt_item])
-        if len(corrupt.prompt_ids) != len(e.prompt_ids):
-            continue
-        diff = differing_positions(e.prompt_ids, corrupt.prompt_ids)
-        if len(diff) != 1:
-            continue
-        yield Candidate("ioi", it.template, e, corrupt, 1)
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--steps", type=int, default=1600)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--ioi-fraction", type=float, default=0.3)
+    parser.add_argument("--eval-every", type=int, default=200)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--intermediate", type=int, default=768)
+    parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary cap")
+    parser.add_argument("--countries", type=int, default=100)
+    parser.add_argument("--people", type=int, default=150)
+    parser.add_argument("--objects", type=int, default=100)
+    parser.add_argument("--per-template", type=int, default=2, help="demo pairs per template")
+    parser.add_argument("--ioi-examples", type=int, default=4)
+    return parser.parse_args(argv)
+
+
+def setup_determinism(seed: int) -> None:
+    """Fixed seeds, fixed thread count, deterministic kernels."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(THREADS)
+    torch.use_deterministic_algorithms(True)
+
+
+def folder_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_determinism(args.seed)
+    t0 = time.perf_counter()
+    world = make_world(args.seed, args.countries, args.people, args.objects)
+    tok = train_tokenizer(world, args.vocab_size)
+    facts = encode_items(tok, fact_items(world))
+    data_rng = random.Random(args.seed + 1)
+    ioi_train = encode_items(tok, [ioi_pair(data_rng)[0] for _ in range(60_000)])
+    eval_rng = random.Random(args.seed + 2)
+    ioi_eval = encode_items(tok, [ioi_pair(eval_rng)[0] for _ in range(1000)])
+    print(f"vocab {len(tok)}  facts {len(facts)}  ioi pool {len(ioi_train)}", flush=True)
+
+    model = build_model(tok, args)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"parameters {n_params:,}", flush=True)
+    stream = batches(
+        data_rng, facts, ioi_train, args.batch_size, args.ioi_fraction, tok.pad_token_id
+    )
+    t_train = time.perf_counter()
+    log = train(model, stream, facts, ioi_eval[:300], args)
+    train_seconds = time.perf_counter() - t_train
+
+    fact_acc = accuracy(model, facts)
+    by_relation = accuracy_by_relation(model, facts)
+    ioi_acc = accuracy(model, ioi_eval)
+    print(f"fact accuracy {fact_acc:.4f} {by_relation}  ioi accuracy {ioi_acc:.4f}", flush=True)
+    examples = select_examples(
+        model, tok, facts, args.seed + 3, args.per_template, args.ioi_examples
+    )
+    print(f"selected {len(examples)} examples", flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.out, safe_serialization=True)
+    tok.save_pretrained(args.out)
+    public = [{k: v for k, v in ex.items() if k != "metrics"} for ex in examples]
+    (args.out / "examples.json").write_text(json.dumps(public, indent=2) + "\n")
+    write_log(args, world, tok, facts, log, examples, n_params, train_seconds, t0, by_relation,
+              fact_acc, ioi_acc)
+    return 0
+
+
+def subject_token_histogram(facts: Sequence[Encoded]) -> dict[str, int]:
+    """How many fact statements have subjects of 1, 2, 3, ... tokens."""
+    counts: dict[str, int] = {}
+    for e in facts:
+        key = str(len(e.subject_tokens))
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def write_log(
+    args: argparse.Namespace,
+    world: World,
+    tok: PreTrainedTokenizerFast,
+    facts: list[Encoded],
+    log: dict[str, list],
+    examples: list[dict],
+    n_params: int,
+    train_seconds: float,
+    t0: float,
+    by_relation: dict[str, float],
+    fact_acc: float,
+    ioi_acc: float,
+) -> None:
+    """Write ``training_log.json`` with everything the model card reports."""
+    tokens_seen = args.steps * args.batch_size
+    summary = {
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+        },
+        "data": {
+            "countries": len(world.capital),
+            "people": len(world.profession),
+            "objects": len(world.colour),
+            "cities": len(set(world.capital.values())),
+            "professions": len(PROFESSIONS),
+            "colours": len(COLOURS),
+            "ioi_names": len(IOI_NAMES),
+            "fact_statements": len(facts),
+            "fact_statements_by_relation": {
+                r: sum(e.item.relation == r for e in facts) for r in FACT_TEMPLATES
+            },
+            "templates": {r: list(ts) for r, ts in FACT_TEMPLATES.items()}
+            | {"ioi": list(IOI_TEMPLATES)},
+            "subject_token_counts": subject_token_histogram(facts),
+            "sequences_seen": tokens_seen,
+        },
+        "tokenizer": {"vocab_size": len(tok), "bos_eos_pad": SPECIAL},
+        "parameters": n_params,
+        "train_seconds": round(train_seconds, 1),
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "final_loss": log["loss_curve"][-1]["loss"],
+        "fact_accuracy": round(fact_acc, 4),
+        "fact_accuracy_by_relation": {k: round(v, 4) for k, v in by_relation.items()},
+        "ioi_accuracy": round(ioi_acc, 4),
+        "examples": [ex["metrics"] | {"relation": ex["relation"]} for ex in examples],
+        **log,
+    }
+    summary["size_on_disk_bytes"] = folder_size(args.out)
+    (args.out / "training_log.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {args.out} ({summary['size_on_disk_bytes'] / 1e6:.1f} MB)", flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from checkpoints import load_reference
 from engine.oracles import naive_cell, transformers_cell
 from models.helpers import loaded, tokenizer
-
 from patchserve.engine.metrics import Grader
 from patchserve.engine.runs import capture_run
 from patchserve.engine.study import prepare_sweep, zeros_source
