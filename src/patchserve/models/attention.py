@@ -11,6 +11,7 @@ thousands of patched suffixes on top of one corrupt-run cache.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,9 @@ from torch import nn
 
 from patchserve.models.config import ModelConfig
 from patchserve.models.layers import RMSNorm, apply_rotary
+
+if TYPE_CHECKING:
+    from patchserve.models.transformer import PassState
 
 
 @dataclass
@@ -54,6 +58,29 @@ class Attention(nn.Module):
         self.softcap = cfg.attn_softcap
         self.window = cfg.sliding_windows[layer]
         self.rope = cfg.rope[layer]
+
+    def forward(self, x: torch.Tensor, state: PassState) -> torch.Tensor:
+        """Per-head attention outputs ``[*tokens, H, D]`` of the normalised residual ``x``.
+
+        Queries attend the pass's prefix cache and the new keys, one attention
+        group at a time (see :class:`~patchserve.models.transformer.Layout`).
+        """
+        q, k, v = self.project(x, state.rope_tables(self.rope))
+        groups = state.layout.groups
+        if len(groups) == 1:
+            g = groups[0]
+            qg, kg, vg = (g.pad(t).transpose(1, 2) for t in (q, k, v))
+            state.keep_kv(self.layer, kg, vg)
+            prefix = state.prefix_kv(self.layer, g.prefix_limit)
+            masks = state.masks(0, self.window)
+            return g.unpad(attend(qg, kg, vg, prefix, masks, self.scale, self.softcap))
+        z = torch.empty_like(q)
+        for i, g in enumerate(groups):
+            qg, kg, vg = (g.pad(t).transpose(1, 2) for t in (q, k, v))
+            prefix = state.prefix_kv(self.layer, g.prefix_limit)
+            masks = state.masks(i, self.window)
+            z[g.tokens] = g.unpad(attend(qg, kg, vg, prefix, masks, self.scale, self.softcap))
+        return z
 
     def project(
         self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor] | None

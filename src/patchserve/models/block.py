@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from patchserve.models.attention import Attention, attend
+from patchserve.models.attention import Attention
 from patchserve.models.config import ModelConfig
 from patchserve.models.layers import MLP, make_norm
 
@@ -63,16 +63,11 @@ class DecoderBlock(nn.Module):
         """
         if reuse is not None and reuse.attn_out is not None:
             return reuse.attn_out
-        attn, layout = self.attn, state.layout
+        attn = self.attn
         if reuse is not None and reuse.attn_head is not None:
             z = reuse.attn_head
         else:
-            q, k, v = attn.project(self.attn_norm(x), state.rope_tables(attn.rope))
-            q, k, v = (layout.pad(t).transpose(1, 2) for t in (q, k, v))
-            state.keep_kv(self.layer, k, v)
-            masks = state.masks(attn.window)
-            prefix = state.prefix_kv(self.layer)
-            z = layout.unpad(attend(q, k, v, prefix, masks, attn.scale, attn.softcap))
+            z = attn(self.attn_norm(x), state)
         z = state.hooks.site(self.layer, "attn_head", z)
         out = attn.o_proj(z.flatten(-2))
         return self.attn_post_norm(out) if self.attn_post_norm is not None else out

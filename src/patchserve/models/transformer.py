@@ -16,6 +16,7 @@ Interventions and captures travel in a :class:`HookContext`.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -95,41 +96,117 @@ class Reuse:
     attn_head: torch.Tensor | None = None
 
 
+@dataclass
+class AttentionGroup:
+    """Rows attended together: padded to their longest row, reading prefix keys ``< limit``.
+
+    ``tokens`` is the group's slice of a packed pass (None for a padded pass,
+    which is one group of every row).
+    """
+
+    rows: slice
+    tokens: slice | None
+    offsets: torch.Tensor  # [rows]
+    lengths: torch.Tensor  # [rows]
+    prefix_lengths: torch.Tensor | None  # [rows]
+    prefix_limit: int
+    tmax: int
+    row_of: torch.Tensor | None = None  # packed: group-local row of each token
+    local_of: torch.Tensor | None = None  # packed: index of each token within its row
+
+    @property
+    def grid(self) -> torch.Tensor:
+        """Absolute position of every padded slot, ``[rows, tmax]``."""
+        return self.offsets[:, None] + torch.arange(self.tmax, device=self.offsets.device)[None]
+
+    @property
+    def padded(self) -> bool:
+        return bool((self.lengths < self.tmax).any())
+
+    def pad(self, t: torch.Tensor) -> torch.Tensor:
+        if self.tokens is None:
+            return t
+        out = t.new_zeros(self.lengths.shape[0], self.tmax, *t.shape[1:])
+        return out.index_put_((self.row_of, self.local_of), t[self.tokens])
+
+    def unpad(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.tokens is None else t[self.row_of, self.local_of]
+
+
+# A packed group closes when a row is this much shorter than its first row and the
+# group already holds this many padded query slots (so short tails stay together).
+GROUP_SHRINK = 0.7
+GROUP_MIN_SLOTS = 256
+
+
 class Layout:
     """Where the tokens of one pass live.
 
     *Padded*: ``[batch, tmax, ...]``, row ``b`` real for its first
     ``lengths[b]`` tokens. *Packed*: ``[N, ...]``, the rows' real tokens back to
-    back (no padding, so every projection and MLP runs on real tokens only);
-    attention pads them per row and packs its output again.
+    back (no padding, so every projection and MLP runs on real tokens only).
+    Attention runs per :class:`AttentionGroup`: packed rows of similar length
+    (callers order rows longest first) are padded together, so the attention
+    of short rows does not pay for the longest row.
     """
 
     def __init__(
-        self, offsets: torch.Tensor, lengths: torch.Tensor, tmax: int, packed: bool
+        self,
+        offsets: torch.Tensor,
+        lengths: torch.Tensor,
+        tmax: int,
+        packed: bool,
+        prefix_lengths: torch.Tensor | None = None,
+        prefix_total: int = 0,
     ) -> None:
         self.offsets, self.lengths, self.tmax, self.packed = offsets, lengths, tmax, packed
         self.batch = offsets.shape[0]
         device = offsets.device
-        self.padded = bool((lengths < tmax).any())
-        self.grid = offsets[:, None] + torch.arange(tmax, device=device)[None]  # [B, tmax]
         if packed:
             self.starts = torch.cumsum(lengths, 0) - lengths
-            self.row_of = torch.repeat_interleave(torch.arange(self.batch, device=device), lengths)
-            self.local_of = (
-                torch.arange(int(lengths.sum()), device=device) - self.starts[self.row_of]
+            row_of = torch.repeat_interleave(torch.arange(self.batch, device=device), lengths)
+            self.positions = offsets[row_of] + (
+                torch.arange(int(lengths.sum()), device=device) - self.starts[row_of]
             )
-            self.positions = offsets[self.row_of] + self.local_of  # [N]
+            self.groups = self._packed_groups(prefix_lengths)
         else:
-            self.positions = self.grid
+            self.positions = offsets[:, None] + torch.arange(tmax, device=device)[None]
+            self.groups = [
+                AttentionGroup(
+                    slice(0, self.batch), None, offsets, lengths, prefix_lengths, prefix_total, tmax
+                )
+            ]
 
-    def pad(self, t: torch.Tensor) -> torch.Tensor:
-        if not self.packed:
-            return t
-        out = t.new_zeros(self.batch, self.tmax, *t.shape[1:])
-        return out.index_put_((self.row_of, self.local_of), t)
-
-    def unpad(self, t: torch.Tensor) -> torch.Tensor:
-        return t[self.row_of, self.local_of] if self.packed else t
+    def _packed_groups(self, prefix_lengths: torch.Tensor | None) -> list[AttentionGroup]:
+        lengths = self.lengths.tolist()
+        bounds, first = [0], 0
+        for r in range(1, len(lengths)):
+            slots = (r - first) * lengths[first]
+            if lengths[r] < GROUP_SHRINK * lengths[first] and slots >= GROUP_MIN_SLOTS:
+                bounds.append(r)
+                first = r
+        bounds.append(len(lengths))
+        starts = self.starts.tolist()
+        groups = []
+        for a, b in itertools.pairwise(bounds):
+            lens = self.lengths[a:b]
+            row_of = torch.repeat_interleave(torch.arange(b - a, device=lens.device), lens)
+            local_of = torch.cat([torch.arange(n, device=lens.device) for n in lengths[a:b]])
+            plens = prefix_lengths[a:b] if prefix_lengths is not None else None
+            groups.append(
+                AttentionGroup(
+                    rows=slice(a, b),
+                    tokens=slice(starts[a], starts[b - 1] + lengths[b - 1]),
+                    offsets=self.offsets[a:b],
+                    lengths=lens,
+                    prefix_lengths=plens,
+                    prefix_limit=int(plens.max()) if plens is not None else 0,
+                    tmax=max(lengths[a:b]),
+                    row_of=row_of,
+                    local_of=local_of,
+                )
+            )
+        return groups
 
     def locate(
         self, rows: torch.Tensor, positions: torch.Tensor
@@ -156,13 +233,12 @@ class PassState:
     hooks: HookContext
     layout: Layout
     prefix: KVCache | None
-    prefix_lengths: torch.Tensor | None  # [batch]
     rotaries: dict[RopeConfig, Rotary]
     dtype: torch.dtype
     keep_cache: bool
     new_keys: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _tables: dict[RopeConfig, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    _masks: dict[int | None, AttentionMasks] = field(default_factory=dict)
+    _masks: dict[tuple[int, int | None], AttentionMasks] = field(default_factory=dict)
 
     def rope_tables(self, rope: RopeConfig | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         if rope is None:
@@ -175,32 +251,36 @@ class PassState:
         if self.keep_cache:
             self.new_keys[layer] = (k, v)
 
-    def prefix_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def prefix_kv(
+        self, layer: int, limit: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.prefix is None:
             return None
         k, v = self.prefix.keys[layer], self.prefix.values[layer]
         if k is None or v is None:
             raise ValueError(f"the prefix cache has no keys for layer {layer}")
+        if limit is not None and limit < k.shape[2]:
+            k, v = k[:, :, :limit], v[:, :, :limit]
         return k, v
 
-    def masks(self, window: int | None) -> AttentionMasks:
-        if window not in self._masks:
-            self._masks[window] = self._build_masks(window)
-        return self._masks[window]
+    def masks(self, group_index: int, window: int | None) -> AttentionMasks:
+        key = (group_index, window)
+        if key not in self._masks:
+            self._masks[key] = self._build_masks(self.layout.groups[group_index], window)
+        return self._masks[key]
 
-    def _build_masks(self, window: int | None) -> AttentionMasks:
-        layout = self.layout
-        pos = layout.grid
+    def _build_masks(self, group: AttentionGroup, window: int | None) -> AttentionMasks:
+        pos = group.grid
         b, t = pos.shape
         device = pos.device
-        plen = self.prefix.length if self.prefix is not None else 0
+        plen = min(group.prefix_limit, self.prefix.length) if self.prefix is not None else 0
         window_binds = window is not None and int(pos.max()) >= window
-        if plen == 0 and not layout.padded and not window_binds:
+        if plen == 0 and not group.padded and not window_binds:
             return AttentionMasks(None, None, causal_only=True)
         idx = torch.arange(t, device=device)
         new = idx[None, :] <= idx[:, None]  # [t_q, t_k]
         new = new[None].expand(b, t, t)
-        real_key = idx[None, :] < layout.lengths[:, None]  # [b, t_k]
+        real_key = idx[None, :] < group.lengths[:, None]  # [b, t_k]
         # A padded query still sees itself, so its (unused) output stays finite.
         new = new & (real_key[:, None, :] | torch.eye(t, dtype=torch.bool, device=device)[None])
         if window_binds:
@@ -208,7 +288,7 @@ class PassState:
         prefix = None
         if plen:
             j = torch.arange(plen, device=device)
-            limit = self.prefix_lengths if self.prefix_lengths is not None else layout.offsets
+            limit = group.prefix_lengths if group.prefix_lengths is not None else group.offsets
             prefix = (j[None, None, :] < limit[:, None, None]).expand(b, t, plen)
             if window_binds:
                 prefix = prefix & (pos[:, :, None] - j[None, None, :] < window)
@@ -324,16 +404,18 @@ class Transformer(nn.Module):
         offsets_t = offsets_t.expand(b) if offsets_t.shape[0] == 1 else offsets_t
         if lengths is None:
             lengths = torch.full((b,), t, dtype=torch.long, device=device)
-        layout = Layout(offsets_t, lengths.to(device), t, packed)
         if prefix_lengths is None and cache is not None:
             prefix_lengths = offsets_t
+        prefix_total = cache.length if cache is not None else 0
+        layout = Layout(offsets_t, lengths.to(device), t, packed, prefix_lengths, prefix_total)
+        if return_kv and len(layout.groups) > 1:
+            raise ValueError("return_kv needs rows of one attention group (padded rows)")
         hooks = hooks if hooks is not None else HookContext()
         hooks.layout = layout
         state = PassState(
             hooks=hooks,
             layout=layout,
             prefix=cache,
-            prefix_lengths=prefix_lengths,
             rotaries=self._rotaries,
             dtype=self.dtype,
             keep_cache=return_kv,
