@@ -284,3 +284,22 @@ def test_resume_with_reused_attention_equals_full_forward(family_checkpoint):
             ):
                 got = model(hidden=x, start_layer=layer, reuse=reuse).logits
                 assert (got - full.logits).abs().max() < 1e-5
+
+
+def test_narrowed_final_block_matches_the_full_one(family_checkpoint):
+    """Only the last tokens through the final block: same logits, edits there still apply."""
+    model = loaded(family_checkpoint).model
+    ids = ids_of(family_checkpoint).expand(2, -1)
+    n, t = model.cfg.num_layers, ids.shape[1]
+    vec = torch.linspace(-1, 1, model.cfg.hidden_size)
+    edits = [
+        make_edit(n - 1, "mlp_in", [1], [t - 1], vec),  # applies: last token
+        make_edit(n - 1, "post_attn", [0], [3], vec),  # cannot reach the last token
+        make_edit(n - 1, "pre_attn", [0], [5], vec),  # changes keys of the last block
+    ]
+    lengths = torch.tensor([t, t - 4])
+    with torch.inference_mode():
+        full = model(ids, hooks=HookContext.build(edits), lengths=lengths).logits
+        narrow = model(ids, hooks=HookContext.build(edits), lengths=lengths, narrow_last=True)
+    assert narrow.hidden.shape == (2, model.cfg.hidden_size)
+    assert (narrow.logits - full).abs().max() < 1e-5

@@ -29,23 +29,38 @@ def unembed_flops(cfg: ModelConfig) -> int:
 def suffix_flops(
     cfg: ModelConfig, start_layer: int, first: int, length: int, reuse: str | None = None
 ) -> int:
-    """Blocks ``start_layer..L-1`` over positions ``first..length-1`` plus one unembedding.
+    """The minimal work of one sweep row: blocks ``start_layer..L-1`` over positions
+    ``first..length-1``, of which the final block needs keys and values for every
+    position but queries, output projection and MLP for the last one only; plus
+    one unembedding.
 
     ``reuse``: ``"attn_out"`` skips the first block's attention entirely,
     ``"attn_head"`` keeps only its output projection.
     """
     tokens = length - first
+    d = cfg.hidden_size
     total = 0
     for layer in range(start_layer, cfg.num_layers):
-        total += tokens * (attention_proj_flops(cfg) + mlp_flops(cfg))
-        total += sum(attention_score_flops(cfg, layer, p) for p in range(first, length))
+        final = layer == cfg.num_layers - 1
+        queries = range(length - 1, length) if final else range(first, length)
         if layer == start_layer and reuse is not None:
-            total -= sum(attention_score_flops(cfg, layer, p) for p in range(first, length))
-            total -= tokens * attention_proj_flops(cfg)
             if reuse == "attn_head":
-                total += tokens * 2 * cfg.q_size * cfg.hidden_size
+                total += len(queries) * 2 * cfg.q_size * d
+        else:
+            total += tokens * 2 * d * 2 * cfg.kv_size
+            total += len(queries) * 2 * (d * cfg.q_size + cfg.q_size * d)
+            total += sum(attention_score_flops(cfg, layer, p) for p in queries)
+        total += len(queries) * mlp_flops(cfg)
     return total + unembed_flops(cfg)
 
 
-def full_forward_flops(cfg: ModelConfig, length: int, logits_tokens: int = 1) -> int:
-    return suffix_flops(cfg, 0, 0, length) + (logits_tokens - 1) * unembed_flops(cfg)
+def full_forward_flops(cfg: ModelConfig, length: int) -> int:
+    """Every block over every position, logits at the last one (the usual full forward)."""
+    per_token = attention_proj_flops(cfg) + mlp_flops(cfg)
+    total = cfg.num_layers * length * per_token
+    total += sum(
+        attention_score_flops(cfg, layer, p)
+        for layer in range(cfg.num_layers)
+        for p in range(length)
+    )
+    return total + unembed_flops(cfg)

@@ -494,6 +494,7 @@ class SweepRunner:
             cache=corrupt.kv,
             hooks=HookContext.build([edit]),
             logits_at="last",
+            narrow_last=True,
         )
         assert out.logits is not None
         for p in first:

@@ -64,37 +64,54 @@ class Attention(nn.Module):
 
         Queries attend the pass's prefix cache and the new keys, one attention
         group at a time (see :class:`~patchserve.models.transformer.Layout`).
+        On a narrowed block (only the rows' last tokens are read downstream)
+        keys and values are computed for every token but queries, and so the
+        output, for the last token of each row only (``[rows, H, D]``).
         """
-        q, k, v = self.project(x, state.rope_tables(self.rope))
+        k, v = self.keys_values(x, state.rope_tables(self.rope))
+        narrow = state.narrows(self.layer)
+        if narrow:
+            q = self.queries(state.layout.last(x)[:, 0], state.rope_tables(self.rope, narrow=True))
+        else:
+            q = self.queries(x, state.rope_tables(self.rope))
         groups = state.layout.groups
-        if len(groups) == 1:
-            g = groups[0]
-            qg, kg, vg = (g.pad(t).transpose(1, 2) for t in (q, k, v))
-            state.keep_kv(self.layer, kg, vg)
-            prefix = state.prefix_kv(self.layer, g.prefix_limit)
-            masks = state.masks(0, self.window)
-            return g.unpad(attend(qg, kg, vg, prefix, masks, self.scale, self.softcap))
-        z = torch.empty_like(q)
+        z = None if len(groups) == 1 and not narrow else torch.empty_like(q)
         for i, g in enumerate(groups):
-            qg, kg, vg = (g.pad(t).transpose(1, 2) for t in (q, k, v))
+            kg, vg = g.pad(k).transpose(1, 2), g.pad(v).transpose(1, 2)
+            if z is None:
+                state.keep_kv(self.layer, kg, vg)
+            qg = q[g.rows, None] if narrow else g.pad(q)
             prefix = state.prefix_kv(self.layer, g.prefix_limit)
-            masks = state.masks(i, self.window)
-            z[g.tokens] = g.unpad(attend(qg, kg, vg, prefix, masks, self.scale, self.softcap))
+            masks = state.masks(i, self.window, narrow)
+            out = attend(qg.transpose(1, 2), kg, vg, prefix, masks, self.scale, self.softcap)
+            if narrow:
+                z[g.rows] = out[:, 0]  # type: ignore[index]
+            elif z is None:
+                return g.unpad(out)
+            else:
+                z[g.tokens] = g.unpad(out)
+        assert z is not None
         return z
 
-    def project(
+    def queries(
         self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor] | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries [*tokens, H, D], rotated keys and values [*tokens, KV, D] of ``x``."""
+    ) -> torch.Tensor:
+        """Rotated queries ``[*tokens, H, D]`` of ``x``."""
+        q = self.q_proj(x).view(*x.shape[:-1], self.num_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        return apply_rotary(q, *cos_sin) if cos_sin is not None else q
+
+    def keys_values(
+        self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated keys and values ``[*tokens, KV, D]`` of ``x``."""
         lead = x.shape[:-1]
-        q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if cos_sin is not None:
-            q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
-        return q, k, v
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return (apply_rotary(k, *cos_sin) if cos_sin is not None else k), v
 
 
 def attend(
@@ -106,7 +123,7 @@ def attend(
     scale: float,
     softcap: float | None,
 ) -> torch.Tensor:
-    """Attention output [B, T, H, D] of queries ``q`` over ``prefix`` + new ``k``/``v``."""
+    """Attention output [B, Tq, H, D] of queries ``q`` [B, H, Tq, D] over ``prefix`` + new keys."""
     b, h = q.shape[:2]
     kv = k.shape[1]
     if prefix is not None and prefix[0].shape[2] == 0:
@@ -141,38 +158,37 @@ def _attend_explicit(
     softcap: float | None,
 ) -> torch.Tensor:
     """Softmax attention written out: soft-capping, and a shared (batch-1) prefix."""
-    b, h, t, d = q.shape
-    kv = k.shape[1]
+    b, h, tq, d = q.shape
+    kv, tk = k.shape[1], k.shape[2]
     g = h // kv
-    qg = q.reshape(b, kv, g * t, d)  # query heads grouped under their kv head
-    scores = torch.matmul(qg, k.transpose(-1, -2)).view(b, kv, g, t, t)
-    parts = [scores]
+    qg = q.reshape(b, kv, g * tq, d)  # query heads grouped under their kv head
+    scores = torch.matmul(qg, k.transpose(-1, -2)).view(b, kv, g, tq, tk)
     p = 0
     if prefix is not None:
         pk, pv = prefix
         p = pk.shape[2]
         if pk.shape[0] == 1:
             # Fold the rows into the matrix dimension: one matmul per kv head, no copy of K.
-            qf = qg.transpose(0, 1).reshape(kv, b * g * t, d)
-            ps = torch.matmul(qf, pk[0].transpose(-1, -2)).view(kv, b, g, t, p).transpose(0, 1)
+            qf = qg.transpose(0, 1).reshape(kv, b * g * tq, d)
+            ps = torch.matmul(qf, pk[0].transpose(-1, -2)).view(kv, b, g, tq, p).transpose(0, 1)
         else:
-            ps = torch.matmul(qg, pk.transpose(-1, -2)).view(b, kv, g, t, p)
-        parts.insert(0, ps)
-    scores = torch.cat(parts, dim=-1) * scale if len(parts) > 1 else scores * scale
+            ps = torch.matmul(qg, pk.transpose(-1, -2)).view(b, kv, g, tq, p)
+        scores = torch.cat((ps, scores), dim=-1)
+    scores = scores * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     mask = masks.new if prefix is None else torch.cat((masks.prefix, masks.new), dim=-1)
     if mask is None:
-        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
     scores = scores.masked_fill(~mask[:, :, None] if mask.dim() == 4 else ~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(probs[..., p:].reshape(b, kv, g * t, t), v)
+    out = torch.matmul(probs[..., p:].reshape(b, kv, g * tq, tk), v)
     if prefix is not None:
         pp = probs[..., :p]
         pv = prefix[1]
         if pv.shape[0] == 1:
-            pf = pp.transpose(0, 1).reshape(kv, b * g * t, p)
-            out = out + torch.matmul(pf, pv[0]).view(kv, b, g * t, d).transpose(0, 1)
+            pf = pp.transpose(0, 1).reshape(kv, b * g * tq, p)
+            out = out + torch.matmul(pf, pv[0]).view(kv, b, g * tq, d).transpose(0, 1)
         else:
-            out = out + torch.matmul(pp.reshape(b, kv, g * t, p), pv)
-    return out.view(b, kv, g, t, d).reshape(b, h, t, d).transpose(1, 2)
+            out = out + torch.matmul(pp.reshape(b, kv, g * tq, p), pv)
+    return out.view(b, kv, g, tq, d).reshape(b, h, tq, d).transpose(1, 2)

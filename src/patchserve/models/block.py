@@ -47,6 +47,7 @@ class DecoderBlock(nn.Module):
         site, i = state.hooks.site, self.layer
         x = site(i, "pre_attn", x)
         a = site(i, "attn_out", self.attention_branch(x, state, reuse))
+        x = state.narrowed(i, x)  # the final block may keep only the rows' last tokens
         h = site(i, "post_attn", x + a)
         m_in = site(i, "mlp_in", self.mlp_norm(x if self.parallel else h))
         m = site(i, "mlp_out", self.mlp_branch(m_in))
@@ -61,11 +62,14 @@ class DecoderBlock(nn.Module):
         unchanged: its ``attn_out`` (returned as is) or its per-head ``attn_head``
         output (from which o_proj and any post-norm are recomputed).
         """
+        if state.narrows(self.layer):
+            # Sites from here on hold the rows' last tokens only.
+            state.hooks.layout = state.layout.narrow()
         if reuse is not None and reuse.attn_out is not None:
-            return reuse.attn_out
+            return state.narrowed(self.layer, reuse.attn_out)
         attn = self.attn
         if reuse is not None and reuse.attn_head is not None:
-            z = reuse.attn_head
+            z = state.narrowed(self.layer, reuse.attn_head)
         else:
             z = attn(self.attn_norm(x), state)
         z = state.hooks.site(self.layer, "attn_head", z)

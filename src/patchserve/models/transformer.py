@@ -219,6 +219,11 @@ class Layout:
             return keep, (self.starts[rows] + local,)
         return keep, (rows, local)
 
+    def narrow(self) -> Layout:
+        """The packed layout of the rows' last tokens."""
+        ones = torch.ones_like(self.lengths)
+        return Layout(self.offsets + self.lengths - 1, ones, 1, packed=True)
+
     def last(self, x: torch.Tensor) -> torch.Tensor:
         """The last real token of each row: ``[batch, 1, ...]``."""
         if self.packed:
@@ -228,7 +233,13 @@ class Layout:
 
 @dataclass
 class PassState:
-    """What the blocks of one forward pass share: layout, masks, rotary tables, caches, hooks."""
+    """What the blocks of one forward pass share: layout, masks, rotary tables, caches, hooks.
+
+    ``narrow_layer``: the block from whose attention on only the rows' last
+    tokens are computed (the pass's final block when only last-token logits
+    are read and nothing there is captured); its keys and values still cover
+    every token.
+    """
 
     hooks: HookContext
     layout: Layout
@@ -236,16 +247,31 @@ class PassState:
     rotaries: dict[RopeConfig, Rotary]
     dtype: torch.dtype
     keep_cache: bool
+    narrow_layer: int | None = None
     new_keys: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    _tables: dict[RopeConfig, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    _masks: dict[tuple[int, int | None], AttentionMasks] = field(default_factory=dict)
+    _tables: dict[tuple[RopeConfig, bool], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict
+    )
+    _masks: dict[tuple[int, int | None, bool], AttentionMasks] = field(default_factory=dict)
 
-    def rope_tables(self, rope: RopeConfig | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def narrows(self, layer: int) -> bool:
+        return layer == self.narrow_layer
+
+    def narrowed(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as the rows' last tokens ``[rows, ...]`` on the narrowed block, else as is."""
+        return self.layout.last(x)[:, 0] if layer == self.narrow_layer else x
+
+    def rope_tables(
+        self, rope: RopeConfig | None, narrow: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         if rope is None:
             return None
-        if rope not in self._tables:
-            self._tables[rope] = self.rotaries[rope].tables(self.layout.positions, self.dtype)
-        return self._tables[rope]
+        key = (rope, narrow)
+        if key not in self._tables:
+            layout = self.layout
+            positions = layout.offsets + layout.lengths - 1 if narrow else layout.positions
+            self._tables[key] = self.rotaries[rope].tables(positions, self.dtype)
+        return self._tables[key]
 
     def keep_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         if self.keep_cache:
@@ -263,35 +289,40 @@ class PassState:
             k, v = k[:, :, :limit], v[:, :, :limit]
         return k, v
 
-    def masks(self, group_index: int, window: int | None) -> AttentionMasks:
-        key = (group_index, window)
+    def masks(self, group_index: int, window: int | None, narrow: bool = False) -> AttentionMasks:
+        key = (group_index, window, narrow)
         if key not in self._masks:
-            self._masks[key] = self._build_masks(self.layout.groups[group_index], window)
+            group = self.layout.groups[group_index]
+            self._masks[key] = self._build_masks(group, window, narrow)
         return self._masks[key]
 
-    def _build_masks(self, group: AttentionGroup, window: int | None) -> AttentionMasks:
-        pos = group.grid
-        b, t = pos.shape
-        device = pos.device
+    def _build_masks(
+        self, group: AttentionGroup, window: int | None, narrow: bool
+    ) -> AttentionMasks:
+        kpos = group.grid  # [b, t_k]
+        qpos = (group.offsets + group.lengths - 1)[:, None] if narrow else kpos
+        device = kpos.device
         plen = min(group.prefix_limit, self.prefix.length) if self.prefix is not None else 0
-        window_binds = window is not None and int(pos.max()) >= window
-        if plen == 0 and not group.padded and not window_binds:
+        window_binds = window is not None and int(kpos.max()) >= window
+        if plen == 0 and not group.padded and not window_binds and not narrow:
             return AttentionMasks(None, None, causal_only=True)
-        idx = torch.arange(t, device=device)
-        new = idx[None, :] <= idx[:, None]  # [t_q, t_k]
-        new = new[None].expand(b, t, t)
-        real_key = idx[None, :] < group.lengths[:, None]  # [b, t_k]
-        # A padded query still sees itself, so its (unused) output stays finite.
-        new = new & (real_key[:, None, :] | torch.eye(t, dtype=torch.bool, device=device)[None])
+        slots = torch.arange(kpos.shape[1], device=device)
+        real = slots[None, :] < group.lengths[:, None]  # [b, t]
+        new = (kpos[:, None, :] <= qpos[:, :, None]) & real[:, None, :]  # causal by position
         if window_binds:
-            new = new & (pos[:, :, None] - pos[:, None, :] < window)
+            new = new & (qpos[:, :, None] - kpos[:, None, :] < window)
+        if not narrow:
+            # A padded query slot sees itself only, so its (unused) output stays finite
+            # and never poisons a real query through a masked-out NaN value.
+            eye = slots[None, :, None] == slots[None, None, :]
+            new = new | (eye & ~real[:, :, None])
         prefix = None
         if plen:
             j = torch.arange(plen, device=device)
             limit = group.prefix_lengths if group.prefix_lengths is not None else group.offsets
-            prefix = (j[None, None, :] < limit[:, None, None]).expand(b, t, plen)
+            prefix = (j[None, None, :] < limit[:, None, None]).expand(-1, qpos.shape[1], -1)
             if window_binds:
-                prefix = prefix & (pos[:, :, None] - j[None, None, :] < window)
+                prefix = prefix & (qpos[:, :, None] - j[None, None, :] < window)
             prefix = prefix[:, None]
         return AttentionMasks(new[:, None], prefix, causal_only=False)
 
@@ -358,6 +389,7 @@ class Transformer(nn.Module):
         hooks: HookContext | None = None,
         logits_at: LogitsAt = "last",
         return_kv: bool = False,
+        narrow_last: bool = False,
     ) -> ForwardResult:
         """Run blocks ``start_layer..L-1`` over a batch of token rows.
 
@@ -381,6 +413,11 @@ class Transformer(nn.Module):
                 tensor of token indices (padded input), or None for no logits.
             return_kv: also return the keys/values of the computed tokens
                 (padded ``[batch, kv_heads, tokens, head_dim]``).
+            narrow_last: with ``logits_at="last"``, run the final block's queries,
+                output projection and MLP for the rows' last tokens only (their
+                keys and values still cover every token). Same values up to float
+                rounding; ``hidden`` is then ``[batch, d]``. Ignored when the final
+                block is captured or keys/values are returned.
         """
         if (input_ids is None) == (hidden is None):
             raise ValueError("pass exactly one of input_ids and hidden")
@@ -412,6 +449,15 @@ class Transformer(nn.Module):
             raise ValueError("return_kv needs rows of one attention group (padded rows)")
         hooks = hooks if hooks is not None else HookContext()
         hooks.layout = layout
+        last = self.cfg.num_layers - 1
+        narrow = (
+            narrow_last
+            and isinstance(logits_at, str)
+            and logits_at == "last"
+            and not return_kv
+            and start_layer <= last
+            and not any(layer == last for layer, _ in hooks.capture)
+        )
         state = PassState(
             hooks=hooks,
             layout=layout,
@@ -419,6 +465,7 @@ class Transformer(nn.Module):
             rotaries=self._rotaries,
             dtype=self.dtype,
             keep_cache=return_kv,
+            narrow_layer=last if narrow else None,
         )
         x = self.embed(input_ids, layout.positions) if input_ids is not None else hidden
         assert x is not None
@@ -428,6 +475,8 @@ class Transformer(nn.Module):
         if logits_at is not None:
             if isinstance(logits_at, str) and logits_at == "all":
                 picked = x
+            elif narrow:
+                picked = x[:, None]  # the final block already kept the last tokens only
             elif isinstance(logits_at, str) and logits_at == "last":
                 picked = layout.last(x)
             else:
