@@ -1,0 +1,69 @@
+"""Sweeps as an async stream of cell events (for servers and notebooks).
+
+``stream_sweep`` runs the sweep in a worker thread and yields one
+``("cell", Cell, done, total)`` item per graded cell, then ``("summary",
+SweepOutcome)``. Closing the iterator early (a client that went away) sets the
+sweep's cancel flag; the worker stops before its next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from patchserve.engine.errors import SweepCancelled
+from patchserve.engine.sweep import Cell, SweepOutcome, SweepSpec, run_sweep
+from patchserve.models import Transformer
+
+_DONE = object()
+
+
+async def stream_sweep(
+    model: Transformer,
+    spec: SweepSpec,
+    runner: Callable[[Callable[[], Any]], Any] | None = None,
+) -> AsyncIterator[tuple[Any, ...]]:
+    """Yield ``("cell", cell, done, total)`` per cell, then ``("summary", outcome)``.
+
+    ``runner`` executes the blocking sweep (default: a fresh thread via
+    ``asyncio.to_thread``); a server passes its scheduler here.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    cancelled = threading.Event()
+
+    def on_cell(cell: Cell, done: int, total: int) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, ("cell", cell, done, total))
+
+    def work() -> SweepOutcome:
+        return run_sweep(model, spec, on_cell=on_cell, cancel=cancelled.is_set)
+
+    async def drive() -> None:
+        try:
+            if runner is None:
+                outcome = await asyncio.to_thread(work)
+            else:
+                outcome = await runner(work)
+            queue.put_nowait(("summary", outcome))
+        except BaseException as exc:  # handed to the consumer below
+            queue.put_nowait(("error", exc))
+        finally:
+            queue.put_nowait(_DONE)
+
+    task = asyncio.create_task(drive())
+    try:
+        while True:
+            item = await queue.get()
+            if item is _DONE:
+                break
+            if item[0] == "error":
+                if isinstance(item[1], SweepCancelled):
+                    return
+                raise item[1]
+            yield item
+    finally:
+        cancelled.set()
+        if not task.done():
+            await task  # the worker stops before its next batch

@@ -1,0 +1,116 @@
+"""Streaming, cancellation and the memory-bounding batch planner."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from models.helpers import loaded, tokenizer
+from patchserve.engine.errors import SweepCancelled
+from patchserve.engine.runs import capture_run
+from patchserve.engine.stream import stream_sweep
+from patchserve.engine.study import prepare_sweep
+from patchserve.engine.sweep import SCORE_ELEMENTS_CAP, SweepRunner, run_sweep
+from patchserve.models import HOOKS
+from patchserve.text.alignment import align
+
+CLEAN = "When Mary and John went to the store, John gave a drink to"
+CORRUPT = "When Mari and John went to the store, John gave a drink to"
+
+
+@pytest.fixture
+def study(checkpoint_root):
+    from checkpoints import build_checkpoint
+
+    folder = build_checkpoint("qwen3", checkpoint_root)
+    model, tok = loaded(folder).model, tokenizer(folder)
+    n = model.cfg.num_layers
+    run = capture_run(
+        model, "clean", CLEAN, tok.encode(CLEAN).ids, {h: list(range(n)) for h in HOOKS}
+    )
+    return model, tok, run
+
+
+def test_every_cell_is_reported_once_and_the_stream_equals_the_plain_call(study):
+    model, tok, run = study
+    spec, _ = prepare_sweep(
+        model,
+        tok,
+        prompt=CORRUPT,
+        source=run,
+        hooks=["post_block", "attn_head"],
+        heads=[0, 2],
+        max_batch_tokens=40,
+    )
+    plain = run_sweep(model, spec)
+
+    async def collect():
+        events, summary = [], None
+        async for item in stream_sweep(model, spec):
+            if item[0] == "cell":
+                events.append(item)
+            else:
+                summary = item[1]
+        return events, summary
+
+    events, summary = asyncio.run(collect())
+    total = events[0][3]
+    assert len(events) == total == 3 * len(spec.positions) * 3
+    keys = {(c.hook, c.layer, c.position, c.head) for _, c, _, _ in events}
+    assert len(keys) == total
+    assert [e[2] for e in events] == list(range(1, total + 1))
+    assert summary.grids == plain.grids
+    for _, cell, _, _ in events:
+        grid = summary.grids[cell.hook]
+        i, j = spec.layers.index(cell.layer), spec.positions.index(cell.position)
+        value = grid[i][j] if cell.head is None else grid[i][j][spec.heads.index(cell.head)]
+        assert value == cell.value
+
+
+def test_cancel_stops_before_the_next_batch(study):
+    model, tok, run = study
+    spec, _ = prepare_sweep(model, tok, prompt=CORRUPT, source=run, max_batch_tokens=16)
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(SweepCancelled):
+        run_sweep(model, spec, cancel=cancel)
+    assert len(calls) == 3
+
+
+def test_closing_the_stream_cancels_the_worker(study):
+    model, tok, run = study
+    spec, _ = prepare_sweep(model, tok, prompt=CORRUPT, source=run, max_batch_tokens=8)
+
+    async def take_one():
+        agen = stream_sweep(model, spec)
+        first = await agen.__anext__()
+        await agen.aclose()
+        return first
+
+    assert asyncio.run(take_one())[0] == "cell"
+
+
+def test_batches_respect_the_token_budget_and_score_cap(study):
+    model, tok, run = study
+    for budget in (8, 64, 4096):
+        spec, _ = prepare_sweep(model, tok, prompt=CORRUPT, source=run, max_batch_tokens=budget)
+        runner = SweepRunner(model, spec)
+        with torch.inference_mode():
+            corrupt = runner._corrupt_forward()
+            _, groups, _ = runner._plan(corrupt, align(run.token_ids, spec.corrupt_ids), 0.0)
+        length = len(spec.corrupt_ids)
+        for rows in groups.values():
+            batches = runner._batches(rows)
+            assert sum(len(b) for b in batches) == len(rows)
+            for batch in batches:
+                tokens = sum(length - r.cell.position for r in batch)
+                assert tokens <= max(budget, length) or len(batch) == 1
+                longest = max(length - r.cell.position for r in batch)
+                scores = len(batch) * model.cfg.num_heads * longest * (length + longest)
+                assert scores <= SCORE_ELEMENTS_CAP or len(batch) == 1
