@@ -19,6 +19,40 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+    import uvicorn
+
+    from patchserve.server.app import create_app
+    from patchserve.server.config import ServerConfig
+    from patchserve.server.state import ServerState
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = ServerConfig(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        api_key=args.api_key,
+        source_dir=Path(args.source_dir) if args.source_dir else None,
+        source_cache_bytes=args.source_cache_bytes,
+        max_batch_tokens=args.max_batch_tokens,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_cells=args.max_cells,
+        served_model_name=args.served_model_name,
+    )
+    state = ServerState.from_config(config)
+    print(
+        f"patchserve: serving {state.model_name} ({state.loaded.config.architecture}, "
+        f"{state.loaded.config.num_layers} layers) on http://{args.host}:{args.port}",
+        flush=True,
+    )
+    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="patchserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -27,6 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--device", default="cpu")
     info.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     info.set_defaults(func=_info)
+
+    serve = sub.add_parser("serve", help="start the HTTP server")
+    serve.add_argument("--model", help="checkpoint folder or hub id (default: the bundled demo)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--device", default="cpu")
+    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    serve.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 routes")
+    serve.add_argument("--source-dir", help="persist kept runs here and reload them at start")
+    serve.add_argument("--source-cache-bytes", type=int, help="byte budget of resident runs")
+    serve.add_argument("--max-batch-tokens", type=int, default=4096)
+    serve.add_argument("--max-prompt-tokens", type=int, default=2048)
+    serve.add_argument("--max-cells", type=int, default=200_000)
+    serve.add_argument("--served-model-name", help="model id in /v1/models (default: folder name)")
+    serve.add_argument("--threads", type=int, help="torch CPU threads")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=_serve)
     return parser
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from patchserve.engine.errors import SweepCancelled
@@ -24,11 +25,12 @@ async def stream_sweep(
     model: Transformer,
     spec: SweepSpec,
     runner: Callable[[Callable[[], Any]], Any] | None = None,
+    gate: Callable[[], AbstractContextManager[None]] | None = None,
 ) -> AsyncIterator[tuple[Any, ...]]:
     """Yield ``("cell", cell, done, total)`` per cell, then ``("summary", outcome)``.
 
-    ``runner`` executes the blocking sweep (default: a fresh thread via
-    ``asyncio.to_thread``); a server passes its scheduler here.
+    ``runner`` executes the blocking sweep (default: a worker thread via
+    ``asyncio.to_thread``); ``gate`` is entered around every model call.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -38,7 +40,7 @@ async def stream_sweep(
         loop.call_soon_threadsafe(queue.put_nowait, ("cell", cell, done, total))
 
     def work() -> SweepOutcome:
-        return run_sweep(model, spec, on_cell=on_cell, cancel=cancelled.is_set)
+        return run_sweep(model, spec, on_cell=on_cell, cancel=cancelled.is_set, gate=gate)
 
     async def drive() -> None:
         try:

@@ -104,7 +104,7 @@ def prepare_sweep(
     tokenizer: Tokenizer,
     *,
     prompt: str,
-    source: Source,
+    source: Source | None,
     hook: str | None = None,
     hooks: list[str] | None = None,
     layers: Any = "all",
@@ -121,7 +121,12 @@ def prepare_sweep(
     max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
     max_cells: int | None = None,
 ) -> tuple[SweepSpec, list[str]]:
-    """A validated sweep and the corrupt prompt's token strings (axis labels)."""
+    """A validated sweep and the corrupt prompt's token strings (axis labels).
+
+    ``source=None`` validates everything but the source (a caller about to
+    capture a run that covers the sweep by construction) and leaves
+    ``spec.source`` for the caller to set.
+    """
     cfg = model.cfg
     if not isinstance(prompt, str) or not prompt:
         raise RequestError("prompt must be a non-empty string", "prompt")
@@ -148,7 +153,7 @@ def prepare_sweep(
         _check_run(source, hook_list, layer_list, position_list, encoding.ids)
         if metric == "kl" and source.last_logits is None:
             raise RequestError("metric 'kl' needs a source run captured with logits", "metric")
-    elif metric == "recovered" and clean_baseline is None:
+    elif source is not None and metric == "recovered" and clean_baseline is None:
         raise RequestError(
             "metric 'recovered' on a vector-sourced sweep needs clean_baseline",
             "clean_baseline",

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -201,8 +202,10 @@ class SweepRunner:
         spec: SweepSpec,
         on_cell: Callable[[Cell, int, int], None] | None = None,
         cancel: Callable[[], bool] | None = None,
+        gate: Callable[[], AbstractContextManager[None]] | None = None,
     ) -> None:
         self.model, self.spec = model, spec
+        self.gate = gate if gate is not None else nullcontext
         self.cfg = model.cfg
         self.on_cell = on_cell
         self.cancel = cancel
@@ -234,9 +237,10 @@ class SweepRunner:
 
     def _corrupt_forward(self) -> _Corrupt:
         ids = torch.tensor([self.spec.corrupt_ids], device=self.model.device)
-        out = self.model(
-            ids, hooks=HookContext.build(capture=self._capture_sites()), return_kv=True
-        )
+        with self.gate():
+            out = self.model(
+                ids, hooks=HookContext.build(capture=self._capture_sites()), return_kv=True
+            )
         assert out.logits is not None and out.kv is not None
         return _Corrupt(out.captured, out.kv, out.logits[0, -1])
 
@@ -465,7 +469,8 @@ class SweepRunner:
             first, patched, heads = [*first, p0], [*patched, own], [*heads, heads[0]]
         if start == cfg.num_layers:
             # post_block of the last layer at the last position: unembed the patched residual.
-            logits = model.unembed(torch.stack(patched))
+            with self.gate():
+                logits = model.unembed(torch.stack(patched))
             self.stats["flops"] += len(patched) * unembed_flops(cfg)
             return grader(logits)
         offsets = torch.tensor(first, device=device)
@@ -485,17 +490,18 @@ class SweepRunner:
             torch.stack(patched),
             heads=heads if hook == "attn_head" else None,
         )
-        out = model(
-            hidden=hidden,
-            start_layer=start,
-            reuse=reused,
-            offsets=offsets,
-            lengths=lengths,
-            cache=corrupt.kv,
-            hooks=HookContext.build([edit]),
-            logits_at="last",
-            narrow_last=True,
-        )
+        with self.gate():
+            out = model(
+                hidden=hidden,
+                start_layer=start,
+                reuse=reused,
+                offsets=offsets,
+                lengths=lengths,
+                cache=corrupt.kv,
+                hooks=HookContext.build([edit]),
+                logits_at="last",
+                narrow_last=True,
+            )
         assert out.logits is not None
         for p in first:
             self.stats["flops"] += suffix_flops(cfg, start, p, length, reuse)
@@ -537,6 +543,11 @@ def run_sweep(
     spec: SweepSpec,
     on_cell: Callable[[Cell, int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    gate: Callable[[], AbstractContextManager[None]] | None = None,
 ) -> SweepOutcome:
-    """Run a sweep; ``on_cell(cell, done, total)`` fires once per cell as it is graded."""
-    return SweepRunner(model, spec, on_cell, cancel).run()
+    """Run a sweep; ``on_cell(cell, done, total)`` fires once per cell as it is graded.
+
+    ``cancel()`` is polled before every batch; ``gate()`` is entered around
+    every model call (a server's fair scheduler).
+    """
+    return SweepRunner(model, spec, on_cell, cancel, gate).run()

@@ -1,0 +1,103 @@
+"""Everything the routes share: the model, tokenizer, source store, modules, scheduler."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from patchserve.engine.errors import RequestError
+from patchserve.models import LoadedModel, Transformer, load_model
+from patchserve.server.config import ServerConfig, default_cache_bytes
+from patchserve.server.modules import ModuleRegistry
+from patchserve.server.scheduler import FairGate
+from patchserve.server.store import RunStore
+from patchserve.text.tokenizer import Encoding, Tokenizer
+
+T = TypeVar("T")
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter(
+            "patchserve_requests", "HTTP requests", ["route", "status"], registry=r
+        )
+        self.sweeps = Counter("patchserve_sweeps", "Sweeps completed", registry=r)
+        self.cells = Counter("patchserve_cells", "Sweep cells graded", registry=r)
+        self.cells_per_second = Gauge(
+            "patchserve_cells_per_second", "Cells per second of the last sweep", registry=r
+        )
+        self.queue_depth = Gauge(
+            "patchserve_queue_depth", "Model batches waiting or running", registry=r
+        )
+        self.store_bytes = Gauge("patchserve_store_bytes", "Bytes of resident runs", registry=r)
+        self.store_runs = Gauge("patchserve_store_runs", "Stored runs", registry=r)
+
+
+class ServerState:
+    def __init__(self, config: ServerConfig, loaded: LoadedModel, tokenizer: Tokenizer) -> None:
+        self.config = config
+        self.loaded = loaded
+        self.model: Transformer = loaded.model
+        self.tokenizer = tokenizer
+        budget = config.source_cache_bytes or default_cache_bytes()
+        self.store = RunStore(budget, config.source_dir)
+        self.modules = ModuleRegistry()
+        self.gate = FairGate()
+        self.metrics = Metrics()
+        self.started = time.time()
+        self.model_name = config.served_model_name or loaded.path.name
+
+    @classmethod
+    def from_config(cls, config: ServerConfig) -> ServerState:
+        from patchserve.assets import default_model_path
+
+        path = config.model or str(default_model_path())
+        loaded = load_model(path, device=config.device, dtype=config.dtype)
+        torch.set_grad_enabled(False)
+        return cls(config, loaded, Tokenizer.from_folder(loaded.path))
+
+    def encode(self, prompt: str, param: str = "prompt") -> Encoding:
+        if not isinstance(prompt, str) or not prompt:
+            raise RequestError(f"{param} must be a non-empty string", param)
+        encoding = self.tokenizer.encode(prompt)
+        limit = self.config.max_prompt_tokens
+        if len(encoding.ids) > limit:
+            raise RequestError(
+                f"{param} has {len(encoding.ids)} tokens; this server allows at most {limit}",
+                param,
+                code=413,
+            )
+        if not encoding.ids:
+            raise RequestError(f"{param} tokenizes to no tokens", param)
+        return encoding
+
+    async def run_blocking(self, fn: Callable[[], T]) -> T:
+        """Run model work in a worker thread (the event loop stays free)."""
+        return await anyio.to_thread.run_sync(fn)
+
+    def gated(self, fn: Callable[[], T]) -> T:
+        with self.gate.turn(), torch.inference_mode():
+            return fn()
+
+    def refresh_gauges(self) -> None:
+        self.metrics.store_bytes.set(self.store.nbytes())
+        self.metrics.store_runs.set(len(self.store.names()))
+        self.metrics.queue_depth.set(self.gate.waiting)
+
+    def top_logprobs(self, logits: torch.Tensor, k: int) -> list[dict[str, Any]]:
+        lp = torch.log_softmax(logits.double(), -1)
+        values, ids = lp.topk(min(k, lp.shape[-1]))
+        return [
+            {"token_id": int(i), "token": self.tokenizer.decode([int(i)]), "logprob": float(v)}
+            for v, i in zip(values.tolist(), ids.tolist(), strict=True)
+        ]
