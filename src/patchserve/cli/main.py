@@ -41,6 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_batch_tokens=args.max_batch_tokens,
         max_prompt_tokens=args.max_prompt_tokens,
         max_cells=args.max_cells,
+        max_body_bytes=args.max_body_bytes,
         served_model_name=args.served_model_name,
     )
     state = ServerState.from_config(config)
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-tokens", type=int, default=4096)
     serve.add_argument("--max-prompt-tokens", type=int, default=2048)
     serve.add_argument("--max-cells", type=int, default=200_000)
+    serve.add_argument("--max-body-bytes", type=int, default=64 * 2**20)
     serve.add_argument("--served-model-name", help="model id in /v1/models (default: folder name)")
     serve.add_argument("--threads", type=int, help="torch CPU threads")
     serve.add_argument("--log-level", default="info")

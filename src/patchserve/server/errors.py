@@ -22,6 +22,9 @@ ERROR_TYPES = {
 }
 
 
+TYPE_TAGS = {"int", "float", "str", "bool", "list", "dict", "none", "literal"}
+
+
 def error_body(message: str, code: int, param: str | None = None, kind: str | None = None) -> dict:
     return {
         "error": {
@@ -42,7 +45,15 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    loc: list[str] = []
+    for part in first.get("loc", ()):
+        if part == "body":
+            continue
+        text = str(part)
+        # pydantic names union members in the location ("alpha.int"); stop at the first one.
+        if text in TYPE_TAGS or "[" in text or "-" in text:
+            break
+        loc.append(text)
     param = ".".join(loc) or None
     message = first.get("msg", "invalid value")
     if first.get("type") == "json_invalid":
