@@ -27,6 +27,10 @@ lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks scripts
 	$(PY) -m ruff format --check src tests benchmarks scripts
 
+# Serves the bundled demo model (shipped in the package) on $(PORT).
+run: $(STAMP)
+	$(VENV)/bin/patchserve serve --host $${HOST:-127.0.0.1} --port $(PORT)
+
 bench: $(STAMP)
 	$(PY) benchmarks/sweep.py
 

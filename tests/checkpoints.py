@@ -26,6 +26,12 @@ CORPUS = [
 ] * 20
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
 def build_tokenizer(folder: Path, add_bos: bool) -> tf.PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -46,6 +52,7 @@ def build_tokenizer(folder: Path, add_bos: bool) -> tf.PreTrainedTokenizerFast:
     fast = tf.PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>"
     )
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(folder)
     return fast
 
