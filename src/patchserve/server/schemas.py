@@ -99,3 +99,73 @@ class RegisterModuleRequest(Strict):
 
 def dump(model: BaseModel) -> dict[str, Any]:
     return model.model_dump(exclude_none=True)
+
+
+class PatchEntry(Strict):
+    layer: StrictInt
+    hook: str
+    dest_position: StrictInt
+    head: StrictInt | None = None
+    source_run: str | None = None
+    source_position: StrictInt | None = None
+    source_module: str | None = None
+    source_inline: StrictInt | None = None
+    alpha: Number = 1.0
+    mask: MaskSpec | None = None
+
+
+class SteerEntry(Strict):
+    layer: StrictInt
+    hook: str
+    source_module: str | None = None
+    source_inline: StrictInt | None = None
+    scale: Number = 1.0
+    head: StrictInt | None = None
+
+
+class CaptureSpec(Strict):
+    run: str | None = None
+    hooks: dict[str, list[StrictInt] | Literal["all"]] | None = None
+    positions: Literal["all_prompt"] | list[StrictInt] = "all_prompt"
+    overwrite: bool = False
+
+
+class CaptureRequest(Strict):
+    patch_source: CaptureSpec
+
+
+class Interventions(BaseModel):
+    """The patchserve extras shared by /v1/completions and /v1/chat/completions."""
+
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
+
+    model: str | None = None
+    max_tokens: StrictInt | None = 16
+    temperature: Number = 1.0
+    top_p: Number = 1.0
+    seed: StrictInt | None = None
+    stop: str | list[str] | None = None
+    logprobs: Any = None
+    patch: list[PatchEntry] = Field(default_factory=list)
+    patch_vectors: PackedVectors | None = None
+    steer: list[SteerEntry] = Field(default_factory=list)
+    capture: CaptureRequest | None = None
+    capture_wait: bool = True
+    logprob_token_ids: list[StrictInt] = Field(default_factory=list)
+    n: StrictInt = 1
+    stream: bool = False
+
+
+class CompletionRequest(Interventions):
+    prompt: str | list[str]
+    echo: bool = False
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+
+class ChatCompletionRequest(Interventions):
+    messages: list[ChatMessage]
+    top_logprobs: StrictInt | None = None

@@ -22,7 +22,7 @@ def _state(request: Request) -> ServerState:
     return request.app.state.patchserve
 
 
-def _hooks(state: ServerState, spec: dict[str, Any] | None) -> dict[str, list[int]]:
+def capture_hooks(state: ServerState, spec: dict[str, Any] | None) -> dict[str, list[int]]:
     n = state.model.cfg.num_layers
     if spec is None:
         return {hook: list(range(n)) for hook in INJECTABLE_HOOKS}
@@ -47,7 +47,7 @@ async def create_source(req: PatchSourceRequest, request: Request):
             f"run {name!r} already exists; pass overwrite: true to replace it", "run", code=409
         )
     encoding = state.encode(req.prompt)
-    hooks = _hooks(state, req.hooks)
+    hooks = capture_hooks(state, req.hooks)
     n_tokens = len(encoding.ids)
     if req.positions == "all_prompt":
         positions = list(range(n_tokens))

@@ -1,0 +1,332 @@
+"""OpenAI-compatible ``/v1/completions`` and ``/v1/chat/completions`` with interventions.
+
+Patch entries become runtime edits at absolute positions (positions past the
+prompt address generated tokens and apply on the step that computes them),
+``steer`` entries additive vectors at every position, ``capture`` a stored
+run of the prompt. The generation itself is ``engine.generate``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import APIRouter, Request
+
+from patchserve.engine import RequestError, capture_run, check_run_name
+from patchserve.engine.generate import (
+    GenerationRequest,
+    GenerationResult,
+    SteerVector,
+    apply_chat_template,
+    generate,
+    validate_request,
+)
+from patchserve.models import INJECTABLE_HOOKS, make_edit
+from patchserve.models.hooks import SiteEdit
+from patchserve.server.routes.sources import capture_hooks
+from patchserve.server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    Interventions,
+    PatchEntry,
+    SteerEntry,
+)
+from patchserve.server.state import ServerState
+from patchserve.wire.packing import PackingError, unpack_vectors
+
+router = APIRouter()
+
+
+def _table(req: Interventions) -> np.ndarray | None:
+    if req.patch_vectors is None:
+        return None
+    try:
+        return unpack_vectors(req.patch_vectors.model_dump())
+    except PackingError as exc:
+        raise RequestError(str(exc), "patch_vectors") from exc
+
+
+def _inline(table: np.ndarray | None, row: int, width: int, param: str) -> torch.Tensor:
+    if table is None:
+        raise RequestError(f"{param} needs patch_vectors", param)
+    if not 0 <= row < table.shape[0]:
+        raise RequestError(f"{param} row {row} is out of range ({table.shape[0]} rows)", param)
+    if table.shape[1] != width:
+        raise RequestError(
+            f"patch_vectors rows are {table.shape[1]} wide; the hook is {width}", param
+        )
+    return torch.from_numpy(table[row].copy())
+
+
+def _check_site(state: ServerState, layer: int, hook: str, head: int | None, param: str) -> int:
+    cfg = state.model.cfg
+    if hook not in INJECTABLE_HOOKS:
+        raise RequestError(f"unknown hook {hook!r}", param)
+    if not 0 <= layer < cfg.num_layers:
+        raise RequestError(f"layer {layer} is out of range (0-{cfg.num_layers - 1})", param)
+    if (hook == "attn_head") != (head is not None):
+        raise RequestError("head is required for attn_head and only for it", param)
+    if head is not None and not 0 <= head < cfg.num_heads:
+        raise RequestError(f"head {head} is out of range (0-{cfg.num_heads - 1})", param)
+    return cfg.hook_width(hook)
+
+
+def _edit(state: ServerState, entry: PatchEntry, table: np.ndarray | None, i: int) -> SiteEdit:
+    param = f"patch.{i}"
+    width = _check_site(state, entry.layer, entry.hook, entry.head, param)
+    sources = [
+        entry.source_run is not None,
+        entry.source_module is not None,
+        entry.source_inline is not None,
+    ]
+    if sum(sources) != 1:
+        raise RequestError(
+            "a patch entry needs exactly one of source_run, source_module, source_inline", param
+        )
+    like = state.model.embed_tokens.weight
+    if entry.source_run is not None:
+        run = state.store.get(check_run_name(entry.source_run, param))
+        if run is None:
+            raise RequestError(f"source run {entry.source_run!r} not found", param, code=404)
+        if entry.source_position is None:
+            raise RequestError("source_run needs source_position", param)
+        row = run.row(entry.hook, entry.layer, entry.source_position)
+        if row is None:
+            raise RequestError(
+                f"run {entry.source_run!r} has no {entry.hook} at layer "
+                f"{entry.layer}, position {entry.source_position}",
+                param,
+            )
+        source = row[entry.head] if entry.head is not None else row
+    elif entry.source_module is not None:
+        if not state.modules.exists(entry.source_module):
+            raise RequestError(f"unknown module {entry.source_module!r}", param)
+        source = state.modules.vector(entry.source_module, entry.hook, entry.layer, width, like)
+    else:
+        assert entry.source_inline is not None
+        source = _inline(table, entry.source_inline, width, param)
+    if entry.dest_position < 0:
+        raise RequestError("dest_position must be >= 0", param)
+    mask = None
+    if entry.mask is not None:
+        if entry.mask.indices is not None:
+            mask = torch.zeros(width)
+            bad = [j for j in entry.mask.indices if not 0 <= j < width]
+            if bad:
+                raise RequestError(f"mask indices {bad} are outside the width {width}", param)
+            mask[entry.mask.indices] = 1.0
+        elif entry.mask.inline is not None:
+            mask = _inline(table, entry.mask.inline, width, param)
+    return make_edit(
+        entry.layer,
+        entry.hook,
+        [0],
+        [entry.dest_position],
+        source.to(like.dtype).reshape(1, -1),
+        alpha=float(entry.alpha),
+        mask=None if mask is None else mask[None],
+        heads=None if entry.head is None else [entry.head],
+    )
+
+
+def _steer(state: ServerState, entry: SteerEntry, table: np.ndarray | None, i: int) -> SteerVector:
+    param = f"steer.{i}"
+    width = _check_site(state, entry.layer, entry.hook, entry.head, param)
+    if (entry.source_module is None) == (entry.source_inline is None):
+        raise RequestError("a steer entry needs one of source_module and source_inline", param)
+    like = state.model.embed_tokens.weight
+    if entry.source_module is not None:
+        if not state.modules.exists(entry.source_module):
+            raise RequestError(f"unknown module {entry.source_module!r}", param)
+        vector = state.modules.vector(entry.source_module, entry.hook, entry.layer, width, like)
+    else:
+        assert entry.source_inline is not None
+        vector = _inline(table, entry.source_inline, width, param)
+    return SteerVector(
+        entry.layer, entry.hook, vector.to(like.dtype), float(entry.scale), entry.head
+    )
+
+
+def _prepare(state: ServerState, req: Interventions) -> tuple[list[SiteEdit], list[SteerVector]]:
+    if req.n != 1:
+        raise RequestError("only n = 1 is supported", "n")
+    if req.stream:
+        raise RequestError("streaming completions are not supported; use stream: false", "stream")
+    table = _table(req)
+    edits = [_edit(state, e, table, i) for i, e in enumerate(req.patch)]
+    steer = [_steer(state, s, table, i) for i, s in enumerate(req.steer)]
+    return edits, steer
+
+
+def _stops(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def _capture(state: ServerState, req: Interventions, prompt: str, ids: list[int]) -> str | None:
+    if req.capture is None:
+        return None
+    spec = req.capture.patch_source
+    name = check_run_name(spec.run, "capture") if spec.run else state.store.fresh_name("capture")
+    if name in state.store and not spec.overwrite:
+        raise RequestError(f"run {name!r} already exists", "capture", code=409)
+    hooks = capture_hooks(state, spec.hooks)
+    positions = None if spec.positions == "all_prompt" else list(spec.positions)
+    if positions is not None and any(not 0 <= p < len(ids) for p in positions):
+        raise RequestError("capture positions are out of range", "capture")
+    run = state.gated(lambda: capture_run(state.model, name, prompt, ids, hooks, positions))
+    run.kept = True
+    state.store.put(run, overwrite=spec.overwrite)
+    return name
+
+
+def _run_one(
+    state: ServerState,
+    req: Interventions,
+    prompt: str,
+    ids: list[int],
+    *,
+    logprobs: int | None,
+    echo: bool,
+) -> tuple[GenerationResult, str | None]:
+    edits, steer = _prepare(state, req)
+    gen = GenerationRequest(
+        prompt_ids=ids,
+        max_tokens=16 if req.max_tokens is None else req.max_tokens,
+        temperature=float(req.temperature),
+        top_p=float(req.top_p),
+        seed=req.seed,
+        stop=_stops(req.stop),
+        stop_token_ids=[state.tokenizer.eos_token_id]
+        if state.tokenizer.eos_token_id is not None
+        else [],
+        logprobs=logprobs,
+        logprob_token_ids=req.logprob_token_ids,
+        echo=echo,
+        edits=edits,
+        steer=steer,
+    )
+    validate_request(state.model, gen)  # before the capture stores anything
+    captured = _capture(state, req, prompt, ids)
+    result = state.gated(lambda: generate(state.model, state.tokenizer, gen))
+    return result, captured
+
+
+def _usage(results: list[GenerationResult]) -> dict[str, int]:
+    prompt = sum(r.prompt_tokens for r in results)
+    completion = sum(r.completion_tokens for r in results)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _requested(result: GenerationResult) -> list[dict[str, float]] | None:
+    if result.requested_logprobs is None:
+        return None
+    return [{str(k): v for k, v in step.items()} for step in result.requested_logprobs]
+
+
+@router.post("/v1/completions")
+async def completions(req: CompletionRequest, request: Request):
+    state: ServerState = request.app.state.patchserve
+    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    if not prompts:
+        raise RequestError("prompt is empty", "prompt")
+    if req.logprobs is not None and (
+        not isinstance(req.logprobs, int) or isinstance(req.logprobs, bool)
+    ):
+        raise RequestError("logprobs must be an integer (top-k)", "logprobs")
+    encoded = [state.encode(p).ids for p in prompts]
+    _prepare(state, req)  # validate before any model work
+
+    def work() -> list[tuple[GenerationResult, str | None]]:
+        return [
+            _run_one(state, req, p, ids, logprobs=req.logprobs, echo=req.echo)
+            for p, ids in zip(prompts, encoded, strict=True)
+        ]
+
+    results = await state.run_blocking(work)
+    choices = []
+    for index, (result, captured) in enumerate(results):
+        choice: dict[str, Any] = {
+            "index": index,
+            "text": result.text,
+            "logprobs": result.logprobs,
+            "finish_reason": result.finish_reason,
+            "token_ids": result.token_ids,
+        }
+        if req.logprob_token_ids:
+            choice["logprob_token_ids"] = _requested(result)
+        if captured is not None:
+            choice["captured_source_run"] = captured
+        choices.append(choice)
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": state.model_name,
+        "choices": choices,
+        "usage": _usage([r for r, _ in results]),
+    }
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(req: ChatCompletionRequest, request: Request):
+    state: ServerState = request.app.state.patchserve
+    if not req.messages:
+        raise RequestError("messages is empty", "messages")
+    ids = apply_chat_template(state.tokenizer, [m.model_dump() for m in req.messages])
+    limit = state.config.max_prompt_tokens
+    if len(ids) > limit:
+        raise RequestError(
+            f"the templated prompt has {len(ids)} tokens; the limit is {limit}",
+            "messages",
+            code=413,
+        )
+    top = req.top_logprobs if req.logprobs else None
+    if req.logprobs and top is None:
+        top = 0
+    _prepare(state, req)
+    prompt = state.tokenizer.decode(ids)
+    result, captured = await state.run_blocking(
+        lambda: _run_one(state, req, prompt, ids, logprobs=top, echo=False)
+    )
+    choice: dict[str, Any] = {
+        "index": 0,
+        "message": {"role": "assistant", "content": result.text},
+        "finish_reason": result.finish_reason,
+        "token_ids": result.token_ids,
+    }
+    if result.logprobs is not None:
+        lp = result.logprobs
+        choice["logprobs"] = {
+            "content": [
+                {
+                    "token": tok,
+                    "logprob": value,
+                    "top_logprobs": [{"token": t, "logprob": v} for t, v in (tops or {}).items()],
+                }
+                for tok, value, tops in zip(
+                    lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True
+                )
+            ]
+        }
+    if req.logprob_token_ids:
+        choice["logprob_token_ids"] = _requested(result)
+    if captured is not None:
+        choice["captured_source_run"] = captured
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": state.model_name,
+        "choices": [choice],
+        "usage": _usage([result]),
+    }
