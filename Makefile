@@ -32,7 +32,7 @@ run: $(STAMP)
 	$(VENV)/bin/patchserve serve --host $${HOST:-127.0.0.1} --port $(PORT)
 
 bench: $(STAMP)
-	$(PY) benchmarks/sweep.py
+	$(VENV)/bin/patchserve bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -54,6 +54,12 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from patchserve.bench.sweep import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="patchserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,10 +86,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, help="torch CPU threads")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_serve)
+
+    bench = sub.add_parser(
+        "bench",
+        help="time the sweep engine against the usual loops (see patchserve bench --help)",
+        add_help=False,
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "bench":  # its own parser: every option passes through
+        from patchserve.bench.sweep import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 
