@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from patchserve.engine import (
     run_sweep,
     stream_sweep,
 )
+from patchserve.engine.request import parse_hooks
 from patchserve.models import INJECTABLE_HOOKS
 from patchserve.server.schemas import PatchSweepRequest
 from patchserve.server.state import ServerState
@@ -130,8 +132,6 @@ class SweepJob:
         model, tok = state.model, state.tokenizer
         state.encode(req.prompt)  # length limit
         table = _table(req)
-        from patchserve.engine.request import parse_hooks
-
         hooks = parse_hooks(req.hook, req.hooks)
         vector = _vector_source(state, req, hooks, table)
         source: Any = vector
@@ -272,54 +272,43 @@ async def patch_sweep(req: PatchSweepRequest, request: Request):
     except BaseException:
         job.finish()
         raise
-    lease = state.store.lease(job.run) if job.run is not None else None
     if not req.stream:
-        try:
-            if lease is not None:
-                lease.__enter__()
+        with ExitStack() as stack:
+            stack.callback(job.finish)
+            if job.run is not None:
+                stack.enter_context(state.store.lease(job.run))
             spec: SweepSpec = job.spec
             outcome = await state.run_blocking(
                 lambda: run_sweep(state.model, spec, gate=state.gate.turn)
             )
-        finally:
-            if lease is not None:
-                lease.__exit__(None, None, None)
-            job.finish()
         job.record(outcome)
         return JSONResponse(job.body(outcome))
 
     async def events() -> AsyncIterator[bytes]:
-        try:
-            if lease is not None:
-                lease.__enter__()
-            yield _sse(job.start_event())
-            async for item in stream_sweep(
-                state.model, job.spec, runner=state.run_blocking, gate=state.gate.turn
-            ):
-                if item[0] == "cell":
-                    _, cell, done, total = item
-                    yield _sse(cell.to_event(done, total))
-                else:
-                    outcome = item[1]
-                    job.record(outcome)
-                    yield _sse({"type": "summary", **job.body(outcome)})
-            yield _sse("[DONE]")
-        except RequestError as exc:  # raised inside the sweep (e.g. clean == corrupt)
-            yield _sse(
-                {
-                    "type": "error",
-                    "error": {
-                        "message": exc.message,
-                        "type": exc.type,
-                        "param": exc.param,
-                        "code": exc.code,
-                    },
+        with ExitStack() as stack:
+            stack.callback(job.finish)  # also on a client disconnect
+            if job.run is not None:
+                stack.enter_context(state.store.lease(job.run))
+            try:
+                yield _sse(job.start_event())
+                async for item in stream_sweep(
+                    state.model, job.spec, runner=state.run_blocking, gate=state.gate.turn
+                ):
+                    if item[0] == "cell":
+                        _, cell, done, total = item
+                        yield _sse(cell.to_event(done, total))
+                    else:
+                        outcome = item[1]
+                        job.record(outcome)
+                        yield _sse({"type": "summary", **job.body(outcome)})
+            except RequestError as exc:  # raised inside the sweep (e.g. clean == corrupt)
+                error = {
+                    "message": exc.message,
+                    "type": exc.type,
+                    "param": exc.param,
+                    "code": exc.code,
                 }
-            )
+                yield _sse({"type": "error", "error": error})
             yield _sse("[DONE]")
-        finally:
-            if lease is not None:
-                lease.__exit__(None, None, None)
-            job.finish()
 
     return StreamingResponse(events(), media_type="text/event-stream")
