@@ -20,12 +20,12 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks scripts
+	$(PY) -m ruff check src tests benchmarks scripts examples
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks scripts
-	$(PY) -m ruff format --check src tests benchmarks scripts
+	$(PY) -m ruff check src tests benchmarks scripts examples
+	$(PY) -m ruff format --check src tests benchmarks scripts examples
 
 # Serves the bundled demo model (shipped in the package) on $(PORT).
 run: $(STAMP)

@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_serve)
 
+    sweep = sub.add_parser("sweep", help="run a patching study and print a heatmap table")
+    from patchserve.cli import sweep as sweep_cli
+
+    sweep_cli.add_arguments(sweep)
+    sweep.set_defaults(func=sweep_cli.run)
+
     bench = sub.add_parser(
         "bench",
         help="time the sweep engine against the usual loops (see patchserve bench --help)",

@@ -1,1 +1,43 @@
-"""patchserve.client"""
+"""The Python client of a patchserve server: ``PatchStudy`` (sync) and ``AsyncPatchStudy``.
+
+``from patchserve import PatchStudy, Span`` is the usual entry point (SPEC §3).
+The client needs httpx and numpy only; matplotlib and pandas are imported by
+``SweepResult.heatmap()`` / ``to_pandas()`` when called, and torch only by the
+client-side per-cell path (``server_side=False``), which grades with the
+server's own metric definitions.
+"""
+
+from patchserve.client.errors import (
+    APIConnectionError,
+    APIResponseError,
+    AuthenticationError,
+    BadRequestError,
+    ConflictError,
+    InternalServerError,
+    NotFoundError,
+    PatchServeError,
+    RequestTooLargeError,
+)
+from patchserve.client.results import CleanRun, SweepResult, ZoomResult
+from patchserve.client.study import AsyncPatchStudy, PatchStudy
+from patchserve.text.spans import Span
+from patchserve.wire.packing import pack_vectors
+
+__all__ = [
+    "APIConnectionError",
+    "APIResponseError",
+    "AsyncPatchStudy",
+    "AuthenticationError",
+    "BadRequestError",
+    "CleanRun",
+    "ConflictError",
+    "InternalServerError",
+    "NotFoundError",
+    "PatchServeError",
+    "PatchStudy",
+    "RequestTooLargeError",
+    "Span",
+    "SweepResult",
+    "ZoomResult",
+    "pack_vectors",
+]

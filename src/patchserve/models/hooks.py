@@ -22,17 +22,10 @@ from typing import Protocol
 
 import torch
 
-HOOKS: tuple[str, ...] = (
-    "pre_attn",
-    "attn_out",
-    "post_attn",
-    "mlp_in",
-    "mlp_out",
-    "post_block",
-    "attn_head",
-)
-RESIDUAL_HOOKS: tuple[str, ...] = HOOKS[:-1]
-INJECTABLE_HOOKS: tuple[str, ...] = HOOKS
+from patchserve.wire.hooks import HOOKS, INJECTABLE_HOOKS, RESIDUAL_HOOKS
+
+__all__ = ["HOOKS", "INJECTABLE_HOOKS", "RESIDUAL_HOOKS", "HookContext", "SiteEdit", "make_edit"]
+
 
 TRANSFORMER_LENS_NAMES: dict[str, str] = {
     "pre_attn": "hook_resid_pre",

@@ -1,0 +1,278 @@
+"""``patchserve sweep``: a whole study from the shell.
+
+In-process on a model (``--model``, default the bundled demo) or against a
+running server (``--url``). A progress bar follows the cells as they are
+graded; at the end a coloured heatmap table (layers x tokens) and the top
+cells are printed, and optionally a PNG heatmap and the JSON body are saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from patchserve.text.spans import Span
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    """``0,2,5`` and inclusive ranges ``2-6``, mixed."""
+    out: list[int] = []
+    for part in text.split(","):
+        if re.fullmatch(r"\d+-\d+", part):
+            a, b = (int(p) for p in part.split("-"))
+            out.extend(range(a, b + 1))
+        elif part.isdigit():
+            out.append(int(part))
+        else:
+            raise argparse.ArgumentTypeError(f"bad {what} {part!r}")
+    return out
+
+
+def parse_layers_arg(text: str | None) -> Any:
+    """``all`` | ``3`` | ``0,2,5`` | ``2-6`` (inclusive) | ``0:12:2`` (start:stop:step)."""
+    if text is None or text == "all":
+        return "all"
+    if re.fullmatch(r"\d+:\d+(:\d+)?", text):
+        parts = [int(p) for p in text.split(":")]
+        return {"start": parts[0], "stop": parts[1], "step": parts[2] if len(parts) > 2 else 1}
+    return _int_list(text, "layers")
+
+
+def parse_positions_arg(items: list[str] | None) -> Any:
+    """Ints, inclusive ranges ``3-7`` and ``span:TEXT`` (``span:TEXT@2`` for an occurrence)."""
+    if not items:
+        return "all_prompt"
+    out: list[Any] = []
+    for item in items:
+        if item.startswith("span:"):
+            text, _, occurrence = item[len("span:") :].rpartition("@")
+            if not text or not occurrence.isdigit():
+                text, occurrence = item[len("span:") :], "0"
+            out.append(Span(text, int(occurrence)).to_json())
+        else:
+            out.extend(_int_list(item, "position"))
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--clean", required=True, help="the clean prompt")
+    p.add_argument("--corrupt", required=True, help="the corrupt prompt")
+    p.add_argument("--answer", help="answer token, with its leading space (default: clean top-1)")
+    p.add_argument("--foil", help="foil token for logit_diff / recovered")
+    p.add_argument("--layers", help="all | 3 | 0,2,5 | 2-6 | 0:12:2")
+    p.add_argument("--positions", nargs="*", help="ints, ranges 3-7, span:TEXT[@N]")
+    p.add_argument("--hooks", default="post_block", help="comma-separated hook names")
+    p.add_argument("--heads", help="comma-separated heads for attn_head (default all)")
+    p.add_argument(
+        "--metric", default="logprob", choices=["logprob", "prob", "logit_diff", "recovered", "kl"]
+    )
+    p.add_argument("--url", help="a running patchserve server (else in-process)")
+    p.add_argument("--api-key", help="API key for --url")
+    p.add_argument("--model", help="checkpoint for the in-process run (default: bundled demo)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--out", help="write a PNG heatmap here")
+    p.add_argument("--json", help="write the response body here")
+    p.add_argument("--top", type=int, default=5, help="how many top cells to list")
+
+
+def _request(args: argparse.Namespace) -> dict[str, Any]:
+    hooks = [h.strip() for h in args.hooks.split(",") if h.strip()]
+    body: dict[str, Any] = {
+        "prompt": args.corrupt,
+        "clean_prompt": args.clean,
+        "hooks": hooks,
+        "layers": parse_layers_arg(args.layers),
+        "positions": parse_positions_arg(args.positions),
+        "metric": args.metric,
+    }
+    if args.answer is not None:
+        body["answer_token"] = args.answer
+    if args.foil is not None:
+        body["foil_token"] = args.foil
+    if args.heads:
+        body["heads"] = [int(h) for h in args.heads.split(",")]
+    return body
+
+
+def _run_in_process(args: argparse.Namespace, body: dict[str, Any], on_cell) -> dict[str, Any]:
+    import torch
+
+    from patchserve.engine import capture_run, prepare_sweep, run_sweep
+    from patchserve.models import INJECTABLE_HOOKS, load_model
+    from patchserve.text.tokenizer import Tokenizer
+
+    if args.model is None:
+        from patchserve.assets import default_model_path
+
+        args.model = str(default_model_path())
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, tok = loaded.model, Tokenizer.from_folder(loaded.path)
+    torch.set_grad_enabled(False)
+    spec, tokens = prepare_sweep(
+        model,
+        tok,
+        prompt=body["prompt"],
+        source=None,
+        hooks=body["hooks"],
+        layers=body["layers"],
+        positions=body["positions"],
+        heads=body.get("heads"),
+        answer_token=body.get("answer_token"),
+        foil_token=body.get("foil_token"),
+        metric=body["metric"],
+    )
+    clean_ids = tok.encode(body["clean_prompt"]).ids
+    hooks = {hook: sorted(set(spec.layers)) for hook in INJECTABLE_HOOKS}
+    spec.source = capture_run(model, "cli", body["clean_prompt"], clean_ids, hooks)
+    outcome = run_sweep(
+        model, spec, on_cell=lambda cell, done, total: on_cell(cell.to_event(done, total))
+    )
+    result = outcome.to_json()
+    result.update(
+        hooks=outcome.hooks,
+        tokens=tokens,
+        model=loaded.path.name,
+        answer_token=tok.decode([outcome.answer]),
+    )
+    return result
+
+
+def _run_remote(args: argparse.Namespace, body: dict[str, Any], on_cell) -> dict[str, Any]:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    summary: dict[str, Any] | None = None
+    with (
+        httpx.Client(base_url=args.url, timeout=None, headers=headers) as client,
+        client.stream("POST", "/v1/patch_sweep", json={**body, "stream": True}) as response,
+    ):
+        if response.status_code >= 400:
+            response.read()
+            raise SystemExit(f"error {response.status_code}: {response.json()['error']['message']}")
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: ") :])
+            if event["type"] == "cell":
+                on_cell(event)
+            elif event["type"] == "summary":
+                summary = event
+            elif event["type"] == "error":
+                raise SystemExit(f"error: {event['error']['message']}")
+    if summary is None:
+        raise SystemExit("the server closed the stream before the summary")
+    summary.pop("type", None)
+    return summary
+
+
+def _colour(value: float | None, low: float, high: float, centre: float) -> str:
+    if value is None:
+        return "grey30"
+    span = max(high - centre, centre - low, 1e-12)
+    t = max(-1.0, min(1.0, (value - centre) / span))
+    level = int(55 + 200 * abs(t))
+    return f"rgb({level},60,60)" if t > 0 else f"rgb(60,60,{level})"
+
+
+def _grids(result: dict[str, Any]) -> list[tuple[str, list]]:
+    if "hook_grids" in result:
+        return [(g["hook"], g["grid"]) for g in result["hook_grids"]]
+    return [(result["hook"], result["grid"])]
+
+
+def print_result(console: Console, result: dict[str, Any], top: int) -> None:
+    tokens = result.get("tokens") or [str(p) for p in result["positions"]]
+    labels = [tokens[p] if p < len(tokens) else str(p) for p in result["positions"]]
+    centre = 0.0 if result["metric"] == "recovered" else float(result["corrupt"])
+    cells: list[tuple[float, str, int, int, int | None]] = []
+    for hook, grid in _grids(result):
+        if hook == "attn_head":  # one row per (layer, head)
+            heads = result.get("heads") or []
+            rows = [
+                (f"L{layer}.H{head}", [row[j][k] for j in range(len(row))], layer, head)
+                for layer, row in zip(result["layers"], grid, strict=True)
+                for k, head in enumerate(heads)
+            ]
+        else:
+            rows = [
+                (f"L{layer}", row, layer, None)
+                for layer, row in zip(result["layers"], grid, strict=True)
+            ]
+        values = [v for _, row, _, _ in rows for v in row if v is not None]
+        low, high = (min(values), max(values)) if values else (0.0, 0.0)
+        table = Table(title=f"{hook} — {result['metric']}", show_lines=False, pad_edge=False)
+        table.add_column("layer", justify="right")
+        for label in labels:
+            table.add_column(repr(label)[1:-1][:8], justify="center", no_wrap=True)
+        for name, row, layer, head in rows:
+            texts = []
+            for p, value in zip(result["positions"], row, strict=True):
+                shown = "  ·  " if value is None else f"{value:5.2f}"
+                texts.append(Text(shown, style=f"on {_colour(value, low, high, centre)}"))
+                if value is not None:
+                    cells.append((value, hook, layer, p, head))
+            table.add_row(name, *texts)
+        console.print(table)
+    console.print(
+        f"clean {result['clean']}  corrupt {result['corrupt']:.4g}  noise floor "
+        f"{result['noise_floor']:.2g}  answer {result.get('answer_token')!r}  "
+        f"{result['timing']['cells']} cells in {result['timing']['seconds']:.2f}s"
+    )
+    console.print(f"top {top} cells:")
+    for value, hook, layer, p, head in sorted(cells, key=lambda c: -c[0])[:top]:
+        where = f"head {head} " if head is not None else ""
+        token = tokens[p] if p < len(tokens) else "?"
+        console.print(f"  {value:8.4f}  {hook} layer {layer} {where}position {p} {token!r}")
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console()
+    body = _request(args)
+    progress = Progress(
+        TextColumn("[bold]sweeping"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+    task = None
+
+    def on_cell(event: dict[str, Any]) -> None:
+        nonlocal task
+        if task is None:
+            task = progress.add_task("sweep", total=event["total"])
+        progress.update(task, completed=event["done"])
+
+    with progress:
+        if args.url:
+            result = _run_remote(args, body, on_cell)
+        else:
+            result = _run_in_process(args, body, on_cell)
+    print_result(console, result, args.top)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        console.print(f"wrote {args.json}")
+    if args.out:
+        import matplotlib
+
+        from patchserve.client import SweepResult
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        first = SweepResult.from_body(result)
+        ax = first.heatmap()
+        ax.figure.savefig(args.out, dpi=150, bbox_inches="tight")
+        plt.close(ax.figure)
+        console.print(f"wrote {args.out}")
+    return 0

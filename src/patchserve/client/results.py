@@ -1,0 +1,369 @@
+"""Result objects of the client: :class:`CleanRun`, :class:`SweepResult`, :class:`ZoomResult`.
+
+A :class:`SweepResult` holds every field of a ``POST /v1/patch_sweep`` response
+(SPEC §2) for one hook, plus the helpers a notebook wants: ``to_numpy()``,
+``argmax_cell()``, ``top(k)``, ``heatmap()`` (matplotlib, imported on use) and
+``to_pandas()`` (pandas, imported on use). Results of the client-side per-cell
+path (``server_side=False``) have the same shape, with ``server_side=False``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+#: Metrics where a lower value means "more restored".
+LOWER_IS_BETTER = frozenset({"kl"})
+
+
+@dataclass
+class CleanRun:
+    """A handle on a stored clean run: its name, prompt and token ids (plus its manifest)."""
+
+    run: str
+    prompt: str
+    token_ids: list[int]
+    hooks: dict[str, list[int]] = field(default_factory=dict)
+    positions: list[int] = field(default_factory=list)
+    kept: bool = True
+    top_logprobs: list[dict[str, Any]] | None = field(default=None, repr=False)
+    graded: dict[str, Any] | None = None
+    manifest: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def name(self) -> str:
+        """The run name (alias of ``run``)."""
+        return self.run
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @classmethod
+    def from_manifest(cls, body: dict[str, Any]) -> CleanRun:
+        """From a ``/v1/patch_source`` manifest (or the capture response, which extends it)."""
+        return cls(
+            run=str(body["run"]),
+            prompt=str(body.get("prompt", "")),
+            token_ids=[int(t) for t in body.get("token_ids", [])],
+            hooks={str(h): [int(x) for x in ls] for h, ls in (body.get("hooks") or {}).items()},
+            positions=[int(p) for p in body.get("positions") or []],
+            kept=bool(body.get("kept", True)),
+            top_logprobs=body.get("top_logprobs"),
+            graded=body.get("graded"),
+            manifest=dict(body),
+        )
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def token_label(position: int, tokens: list[str]) -> str:
+    """An axis label for a position: ``"3 ' Mary'"`` (repr shows leading spaces)."""
+    if 0 <= position < len(tokens):
+        return f"{position} {tokens[position]!r}"
+    return str(position)
+
+
+@dataclass
+class SweepResult:
+    """One hook's grid of a patching sweep, with every field of the response.
+
+    ``grid[i][j]`` is the metric with layer ``layers[i]`` patched at position
+    ``positions[j]`` (``attn_head``: ``grid[i][j][k]`` for ``heads[k]``);
+    ``None`` marks a skipped cell (see ``skipped``). ``raw`` is the whole
+    response body.
+    """
+
+    hook: str
+    layers: list[int]
+    positions: list[int]
+    metric: str
+    grid: list[Any]
+    clean: float | None = None
+    corrupt: float | None = None
+    argmax: dict[str, Any] | None = None
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    alignment: dict[str, Any] | None = None
+    noise_floor: float | None = None
+    auto_captured: bool = False
+    captured_source_run: str | None = None
+    source_run: str | None = None
+    heads: list[int] | None = None
+    tokens: list[str] = field(default_factory=list)
+    timing: dict[str, Any] = field(default_factory=dict)
+    baselines: dict[str, Any] = field(default_factory=dict, repr=False)
+    answer_token_id: int | None = None
+    answer_token: str | None = None
+    foil_token_id: int | None = None
+    hooks: list[str] = field(default_factory=list)
+    model: str | None = None
+    server_side: bool = True
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # -- construction -------------------------------------------------------------------
+
+    @classmethod
+    def from_body(
+        cls, body: dict[str, Any], hook: str | None = None, *, server_side: bool = True
+    ) -> SweepResult:
+        """The result for ``hook`` (default: the top-level one) of a sweep response body."""
+        top_hook = str(body["hook"])
+        hook = hook or top_hook
+        grid, argmax = body.get("grid"), body.get("argmax")
+        if hook != top_hook or body.get("hook_grids"):
+            entry = next((g for g in body.get("hook_grids") or [] if g["hook"] == hook), None)
+            if entry is None:
+                raise KeyError(f"the response has no grid for hook {hook!r}")
+            grid, argmax = entry["grid"], entry.get("argmax")
+        skipped = [s for s in body.get("skipped") or [] if s.get("hook", hook) == hook]
+        return cls(
+            hook=hook,
+            layers=[int(x) for x in body.get("layers") or []],
+            positions=[int(x) for x in body.get("positions") or []],
+            metric=str(body.get("metric", "logprob")),
+            grid=grid if grid is not None else [],
+            clean=_float(body.get("clean")),
+            corrupt=_float(body.get("corrupt")),
+            argmax=argmax,
+            skipped=skipped,
+            alignment=body.get("alignment"),
+            noise_floor=_float(body.get("noise_floor")),
+            auto_captured=bool(body.get("auto_captured", False)),
+            captured_source_run=body.get("captured_source_run"),
+            source_run=body.get("source_run"),
+            heads=body.get("heads"),
+            tokens=list(body.get("tokens") or []),
+            timing=dict(body.get("timing") or {}),
+            baselines=dict(body.get("baselines") or {}),
+            answer_token_id=body.get("answer_token_id"),
+            answer_token=body.get("answer_token"),
+            foil_token_id=body.get("foil_token_id"),
+            hooks=list(body.get("hooks") or [hook]),
+            model=body.get("model"),
+            server_side=server_side,
+            raw=body,
+        )
+
+    @classmethod
+    def per_hook(cls, body: dict[str, Any], *, server_side: bool = True) -> dict[str, SweepResult]:
+        """``{hook: SweepResult}`` for every hook of a (multi-hook) response body."""
+        hooks = body.get("hooks") or [body["hook"]]
+        return {h: cls.from_body(body, h, server_side=server_side) for h in hooks}
+
+    # -- arrays -------------------------------------------------------------------------
+
+    def to_numpy(self) -> np.ndarray:
+        """The grid as float64, ``NaN`` for skipped cells: ``[layers, positions(, heads)]``."""
+
+        def convert(x: Any) -> Any:
+            if isinstance(x, list):
+                return [convert(v) for v in x]
+            return math.nan if x is None else float(x)
+
+        out = np.asarray(convert(self.grid), dtype=np.float64)
+        if out.size == 0:
+            shape = (len(self.layers), len(self.positions))
+            if self.heads is not None and self.hook == "attn_head":
+                shape = (*shape, len(self.heads))
+            return np.zeros(shape)
+        return out
+
+    @property
+    def lower_is_better(self) -> bool:
+        """Whether a lower value means more restored (``kl``)."""
+        return self.metric in LOWER_IS_BETTER
+
+    @property
+    def center(self) -> float:
+        """The neutral value of the heatmap: 0 for ``recovered``, else the corrupt baseline."""
+        if self.metric == "recovered" or self.corrupt is None:
+            return 0.0
+        return float(self.corrupt)
+
+    def token_labels(self) -> list[str]:
+        """One axis label per swept position (position index and token string)."""
+        return [token_label(p, self.tokens) for p in self.positions]
+
+    def _cell(self, index: tuple[int, ...], value: float) -> dict[str, Any]:
+        cell: dict[str, Any] = {
+            "layer": self.layers[index[0]],
+            "position": self.positions[index[1]],
+            "value": float(value),
+        }
+        if len(index) > 2 and self.heads is not None:
+            cell["head"] = self.heads[index[2]]
+        cell["token"] = self.tokens[cell["position"]] if cell["position"] < len(self.tokens) else ""
+        return cell
+
+    def value(self, layer: int, position: int, head: int | None = None) -> float | None:
+        """The metric of one cell by layer/position (and head) number; None if skipped."""
+        i, j = self.layers.index(layer), self.positions.index(position)
+        cell = self.grid[i][j]
+        if head is not None:
+            assert self.heads is not None
+            cell = cell[self.heads.index(head)]
+        return None if cell is None else float(cell)
+
+    def argmax_cell(self) -> dict[str, Any] | None:
+        """The cell with the largest value: ``{layer, position, value, token(, head)}``.
+
+        Like the server's ``argmax``, this is the maximum whatever the metric (for
+        ``kl`` the most restored cell is the minimum: use ``top(1)``).
+        """
+        cells = self.top(1, largest=True)
+        return cells[0] if cells else None
+
+    def top(self, k: int = 5, largest: bool | None = None) -> list[dict[str, Any]]:
+        """The ``k`` most restored cells, best first (``largest=None``: by the metric's sense).
+
+        Skipped cells are left out. Each entry: ``{layer, position, value, token(, head)}``.
+        """
+        if largest is None:
+            largest = not self.lower_is_better
+        values = self.to_numpy()
+        finite = [(idx, v) for idx, v in np.ndenumerate(values) if not math.isnan(v)]
+        finite.sort(key=lambda item: -item[1] if largest else item[1])  # stable: grid order
+        return [self._cell(idx, v) for idx, v in finite[: max(k, 0)]]
+
+    # -- plotting -----------------------------------------------------------------------
+
+    def heatmap(
+        self,
+        ax: Axes | None = None,
+        *,
+        head: int | None = None,
+        title: str | None = None,
+        cmap: str | None = None,
+        annotate: bool | None = None,
+        colorbar: bool = True,
+    ) -> Axes:
+        """Draw the grid with matplotlib and return the Axes.
+
+        Token strings on the x axis, layers on the y axis (layer 0 at the bottom),
+        a diverging colormap centred on the corrupt baseline (on 0 for
+        ``recovered``); red is "more restored" for every metric (also ``kl``, where
+        lower is better). Skipped cells are grey. ``attn_head`` grids show one
+        ``head`` (default: the best head of each cell). ``annotate`` writes the
+        values in the cells (default: when there are at most 150 cells).
+        """
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import CenteredNorm
+
+        values = self.to_numpy()
+        if values.ndim == 3:
+            if head is not None:
+                assert self.heads is not None
+                values = values[:, :, self.heads.index(head)]
+            else:
+                with np.errstate(all="ignore"):
+                    reduce = np.nanmin if self.lower_is_better else np.nanmax
+                    all_nan = np.isnan(values).all(axis=2)
+                    filled = np.where(
+                        np.isnan(values), np.inf if self.lower_is_better else -np.inf, values
+                    )
+                    values = np.where(all_nan, np.nan, reduce(filled, axis=2))
+        if ax is None:
+            width = min(2.0 + 0.45 * max(len(self.positions), 4), 24.0)
+            height = min(1.6 + 0.45 * max(len(self.layers), 3), 16.0)
+            _, ax = plt.subplots(figsize=(width, height), layout="constrained")
+        center = self.center
+        finite = values[~np.isnan(values)]
+        half = float(np.max(np.abs(finite - center))) if finite.size else 1.0
+        norm = CenteredNorm(vcenter=center, halfrange=half if half > 0 else 1e-6)
+        name = cmap or ("RdBu" if self.lower_is_better else "RdBu_r")
+        colormap = plt.get_cmap(name).with_extremes(bad="#d0d0d0")
+        image = ax.imshow(
+            np.ma.masked_invalid(values),
+            cmap=colormap,
+            norm=norm,
+            aspect="auto",
+            origin="lower",
+            interpolation="nearest",
+        )
+        ax.set_xticks(range(len(self.positions)), self.token_labels(), rotation=60, ha="right")
+        ax.set_yticks(range(len(self.layers)), [str(layer) for layer in self.layers])
+        ax.set_xlabel("position (token)")
+        ax.set_ylabel("layer")
+        head_note = f", head {head}" if head is not None else ""
+        ax.set_title(title or f"{self.hook}{head_note}: {self.metric}")
+        if annotate is None:
+            annotate = values.size <= 150
+        if annotate:
+            for (i, j), v in np.ndenumerate(values):
+                if not math.isnan(v):
+                    dark = abs(float(norm(v)) - 0.5) > 0.3
+                    ax.text(
+                        j,
+                        i,
+                        f"{v:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if dark else "black",
+                    )
+        if colorbar:
+            bar = ax.figure.colorbar(image, ax=ax)
+            label = self.metric
+            if self.metric != "recovered" and self.corrupt is not None:
+                label += f" (centre: corrupt = {self.corrupt:.3g})"
+            bar.set_label(label)
+        return ax
+
+    # -- pandas -------------------------------------------------------------------------
+
+    def to_pandas(self) -> Any:
+        """The grid as a ``pandas.DataFrame``: one row per layer, one column per position.
+
+        Columns are a ``(position, token)`` MultiIndex (``attn_head``: ``(position,
+        token, head)``). pandas is imported here, not with the client.
+        """
+        try:
+            import pandas as pd
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError("SweepResult.to_pandas() needs pandas: pip install pandas") from exc
+        values = self.to_numpy()
+        tokens = [self.tokens[p] if p < len(self.tokens) else "" for p in self.positions]
+        index = pd.Index(self.layers, name="layer")
+        if values.ndim == 3:
+            assert self.heads is not None
+            columns = pd.MultiIndex.from_tuples(
+                [
+                    (p, t, h)
+                    for p, t in zip(self.positions, tokens, strict=True)
+                    for h in self.heads
+                ],
+                names=["position", "token", "head"],
+            )
+            return pd.DataFrame(values.reshape(len(self.layers), -1), index=index, columns=columns)
+        columns = pd.MultiIndex.from_tuples(
+            list(zip(self.positions, tokens, strict=True)), names=["position", "token"]
+        )
+        return pd.DataFrame(values, index=index, columns=columns)
+
+
+@dataclass
+class ZoomResult:
+    """A coarse-to-fine study: the coarse sweep, the refined one and what was chosen."""
+
+    coarse: SweepResult
+    fine: SweepResult
+    stride: int
+    block: list[int]
+    positions: list[int]
+    source_run: str | None = None
+
+    def heatmap(self, ax: Axes | None = None, **kwargs: Any) -> Axes:
+        """The fine grid's heatmap (see :meth:`SweepResult.heatmap`)."""
+        return self.fine.heatmap(ax, **kwargs)
+
+    def top(self, k: int = 5, largest: bool | None = None) -> list[dict[str, Any]]:
+        """The fine grid's best cells (see :meth:`SweepResult.top`)."""
+        return self.fine.top(k, largest)

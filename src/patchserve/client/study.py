@@ -1,0 +1,716 @@
+"""``AsyncPatchStudy`` (httpx, async) and ``PatchStudy`` (its synchronous facade).
+
+The pattern is httpx's: one class with ``async`` methods, one with the same
+methods run synchronously. ``PatchStudy`` owns a private event loop on a
+daemon thread and runs every call of an internal :class:`AsyncPatchStudy` there
+(``asyncio.run_coroutine_threadsafe``), so it also works inside Jupyter, whose
+own loop is already running in the main thread. ``on_cell`` callbacks of a
+``PatchStudy`` are therefore called on that private thread.
+
+Example::
+
+    from patchserve import PatchStudy, Span
+
+    with PatchStudy("http://localhost:8000") as study:
+        result = study.sweep_layers_positions(
+            "The capital of Italy is",
+            clean_prompt="The capital of Spain is",
+            positions=[Span("Italy"), 7],
+            answer_token=" Madrid",
+            metric="logprob",
+        )
+        print(result.top(3))
+        result.heatmap()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import json
+import math
+import os
+import threading
+import uuid
+import weakref
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import httpx
+import numpy as np
+
+from patchserve.client.errors import (
+    APIConnectionError,
+    APIResponseError,
+    NotFoundError,
+    from_error_body,
+    from_response,
+)
+from patchserve.client.percell import OnCell, PerCellSweep
+from patchserve.client.results import LOWER_IS_BETTER, CleanRun, SweepResult, ZoomResult
+from patchserve.text.spans import Span, incremental_char_offsets, resolve_span
+from patchserve.wire.hooks import HOOKS
+from patchserve.wire.packing import pack_vectors
+
+T = TypeVar("T")
+
+
+DEFAULT_URL = "http://localhost:8000"
+
+Layers = str | Sequence[int] | range | Mapping[str, int] | None
+Positions = str | Sequence[int | Span | Mapping[str, Any]] | None
+Token = str | int | None
+
+
+def _fresh(prefix: str) -> str:
+    """A run name no one else uses (``prefix-<uuid hex>``)."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _layers_json(layers: Layers) -> Any:
+    if layers is None:
+        return "all"
+    if isinstance(layers, range):
+        return list(layers)
+    if isinstance(layers, str | Mapping):
+        return layers if isinstance(layers, str) else dict(layers)
+    return [int(x) for x in layers]
+
+
+def _positions_json(positions: Positions) -> Any:
+    if positions is None:
+        return "all_prompt"
+    if isinstance(positions, str):
+        return positions
+    out: list[Any] = []
+    for item in positions:
+        if isinstance(item, Span):
+            out.append(item.to_json())
+        elif isinstance(item, Mapping):
+            out.append(dict(item))
+        else:
+            out.append(int(item))
+    return out
+
+
+def _token_fields(name: str, value: Token) -> dict[str, Any]:
+    """``answer_token`` for a string, ``answer_token_id`` for an id; nothing for None."""
+    if value is None:
+        return {}
+    if isinstance(value, int) and not isinstance(value, bool):
+        return {f"{name}_id": value}
+    return {name: value}
+
+
+def _source_name(clean: CleanRun | str | None, run: str | None) -> str | None:
+    name = clean.run if isinstance(clean, CleanRun) else clean
+    if name is not None and run is not None and name != run:
+        raise ValueError(f"clean names run {name!r} but run is {run!r}: give one of them")
+    return name if name is not None else run
+
+
+class AsyncPatchStudy:
+    """The async client of a patchserve server.
+
+    ``hook`` is the default hook of sweeps. ``api_key`` (default: the
+    ``PATCHSERVE_API_KEY`` environment variable) is sent as a Bearer token.
+    ``max_concurrency`` bounds the in-flight completions of a per-cell sweep.
+    Use as ``async with AsyncPatchStudy(...) as study:`` or call :meth:`aclose`.
+    """
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        hook: str = "post_block",
+        api_key: str | None = None,
+        *,
+        timeout: float = 300.0,
+        max_concurrency: int = 8,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.hook = hook
+        self.max_concurrency = max_concurrency
+        api_key = api_key if api_key is not None else os.environ.get("PATCHSERVE_API_KEY")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url, timeout=timeout, headers=headers, transport=transport
+        )
+        self._model_info: dict[str, Any] | None = None
+
+    async def aclose(self) -> None:
+        """Close the HTTP connections."""
+        await self._client.aclose()
+
+    async def __aenter__(self) -> AsyncPatchStudy:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- transport --------------------------------------------------------------------
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+    ) -> Any:
+        """One call; a typed :class:`PatchServeError` for any 4xx/5xx or broken connection."""
+        try:
+            response = await self._client.request(method, path, json=json, params=params)
+        except httpx.TransportError as exc:
+            raise APIConnectionError(f"cannot reach {self.base_url}{path}: {exc}") from exc
+        if response.status_code >= 400:
+            raise from_response(response)
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise APIResponseError(
+                f"{path} answered {response.status_code} with a body that is not JSON",
+                response.status_code,
+                response=response,
+            ) from exc
+
+    async def _stream_sweep(self, body: dict[str, Any], on_cell: OnCell) -> dict[str, Any]:
+        """``POST /v1/patch_sweep`` with ``stream: true``: every cell event to ``on_cell``."""
+        summary: dict[str, Any] | None = None
+        try:
+            async with self._client.stream(
+                "POST", "/v1/patch_sweep", json={**body, "stream": True}
+            ) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise from_response(response)
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[len("data:") :].strip()
+                    if data == "[DONE]":
+                        break
+                    event = json.loads(data)
+                    kind = event.get("type")
+                    if kind == "cell":
+                        result = on_cell(event)
+                        if inspect.isawaitable(result):
+                            await result
+                    elif kind == "summary":
+                        summary = {k: v for k, v in event.items() if k != "type"}
+                    elif kind == "error":
+                        raise from_error_body(event, 400, response)
+        except httpx.TransportError as exc:
+            raise APIConnectionError(f"the sweep stream from {self.base_url} broke: {exc}") from exc
+        if summary is None:
+            raise APIResponseError("the sweep stream ended without a summary event")
+        return summary
+
+    # -- server information and text ----------------------------------------------------
+
+    async def health(self) -> dict[str, Any]:
+        """``GET /health``."""
+        return await self._request("GET", "/health")
+
+    async def model_info(self, refresh: bool = False) -> dict[str, Any]:
+        """The served model (``GET /v1/models``, first entry): layers, heads, vocab, ..."""
+        if self._model_info is None or refresh:
+            self._model_info = (await self._request("GET", "/v1/models"))["data"][0]
+        return self._model_info
+
+    async def tokenize(self, prompt: str, add_special_tokens: bool = True) -> dict[str, Any]:
+        """``POST /tokenize``: ``{tokens, token_strs, offsets, special, count}``."""
+        return await self._request(
+            "POST", "/tokenize", json={"prompt": prompt, "add_special_tokens": add_special_tokens}
+        )
+
+    async def detokenize(self, tokens: Sequence[int]) -> str:
+        """``POST /detokenize``."""
+        return (await self._request("POST", "/detokenize", json={"tokens": list(tokens)}))["prompt"]
+
+    async def _encode(self, prompt: str) -> dict[str, Any]:
+        """``tokenize`` with character offsets guaranteed (rebuilt by detokenising if absent)."""
+        encoded = await self.tokenize(prompt)
+        if encoded.get("offsets") is None:
+            ids, special = encoded["tokens"], encoded["special"]
+            kept = [t for t, s in zip(ids, special, strict=True) if not s]
+            texts = await asyncio.gather(
+                *(self.detokenize(kept[:n]) for n in range(1, len(kept) + 1))
+            )
+            by_prefix = {
+                tuple(kept[:n]): text
+                for n, text in zip(range(1, len(kept) + 1), texts, strict=True)
+            }
+            encoded["offsets"] = incremental_char_offsets(
+                lambda prefix: by_prefix[tuple(prefix)], ids, special
+            )
+        return encoded
+
+    async def positions_for(self, prompt: str, span: str | Span, occurrence: int = 0) -> list[int]:
+        """The token positions of ``prompt`` that the substring ``span`` covers.
+
+        ``occurrence`` picks the n-th match (0-based; a :class:`Span` carries its
+        own). Resolved exactly as the server resolves ``{"span": ...}`` positions
+        (``patchserve.text.spans``); a missing substring raises ``SpanError``, a
+        ``ValueError``.
+        """
+        marker = span if isinstance(span, Span) else Span(span, occurrence)
+        encoded = await self._encode(prompt)
+        return resolve_span(prompt, encoded["offsets"], encoded["special"], marker)
+
+    # -- runs -------------------------------------------------------------------------
+
+    async def capture_clean(
+        self,
+        prompt: str,
+        run: str | None = None,
+        layers: Layers = None,
+        hooks: str | Sequence[str] | Mapping[str, Any] | None = None,
+        *,
+        positions: str | Sequence[int] = "all_prompt",
+        answer_token: Token = None,
+        foil_token: Token = None,
+        overwrite: bool = False,
+    ) -> CleanRun:
+        """Store the clean run of ``prompt`` (``POST /v1/patch_source``) and return its handle.
+
+        ``run`` names it (default: a fresh name chosen by the server). ``hooks``
+        is a hook name, a list of them or ``{hook: layers}``; ``layers`` applies
+        to every listed hook (default: all injectable hooks at all layers). A
+        taken name raises :class:`ConflictError` unless ``overwrite``.
+        """
+        body: dict[str, Any] = {"prompt": prompt, "overwrite": overwrite}
+        if run is not None:
+            body["run"] = run
+        if isinstance(hooks, Mapping):
+            body["hooks"] = {h: _layers_json(v) for h, v in hooks.items()}
+        elif hooks is not None or layers is not None:
+            names = [hooks] if isinstance(hooks, str) else list(hooks or HOOKS)
+            spec = _layers_json(layers)
+            if isinstance(spec, dict):  # the capture route takes a list or "all"
+                n = (await self.model_info())["num_layers"]
+                spec = list(range(spec.get("start", 0), spec.get("stop") or n, spec.get("step", 1)))
+            body["hooks"] = {h: spec for h in names}
+        if positions != "all_prompt":
+            body["positions"] = [int(p) for p in positions]
+        body.update(_token_fields("answer_token", answer_token))
+        body.update(_token_fields("foil_token", foil_token))
+        return CleanRun.from_manifest(await self._request("POST", "/v1/patch_source", json=body))
+
+    async def get_run(self, run: str | CleanRun) -> CleanRun:
+        """The manifest of a stored run (``GET /v1/patch_source/{run}``); 404: NotFoundError."""
+        name = run.run if isinstance(run, CleanRun) else run
+        return CleanRun.from_manifest(await self._request("GET", f"/v1/patch_source/{name}"))
+
+    async def list_runs(self) -> list[CleanRun]:
+        """Every stored run (``GET /v1/patch_source``)."""
+        body = await self._request("GET", "/v1/patch_source")
+        return [CleanRun.from_manifest(m) for m in body["data"]]
+
+    async def drop_run(self, run: str | CleanRun) -> bool:
+        """Delete a stored run: True if it was dropped, False if there was none."""
+        name = run.run if isinstance(run, CleanRun) else run
+        try:
+            body = await self._request("DELETE", f"/v1/patch_source/{name}")
+        except NotFoundError:
+            return False
+        return bool(body.get("dropped", True))
+
+    async def _run_exists(self, name: str) -> bool:
+        try:
+            await self.get_run(name)
+        except NotFoundError:
+            return False
+        return True
+
+    async def register_module(
+        self, name: str, vectors: Mapping[str, Mapping[int, Any]], overwrite: bool = False
+    ) -> dict[str, Any]:
+        """Register named vectors ``{hook: {layer: vector}}`` (``ablation_sweep(source=name)``)."""
+        packed = {
+            hook: {str(layer): {"vector": pack_vectors(v)} for layer, v in per_layer.items()}
+            for hook, per_layer in vectors.items()
+        }
+        return await self._request(
+            "POST",
+            "/v1/steering/modules/register",
+            json={"name": name, "vectors": packed, "overwrite": overwrite},
+        )
+
+    pack_vectors = staticmethod(pack_vectors)
+
+    # -- sweeps -----------------------------------------------------------------------
+
+    async def _sweep(
+        self, body: dict[str, Any], on_cell: OnCell | None
+    ) -> SweepResult | dict[str, SweepResult]:
+        out = (
+            await self._stream_sweep(body, on_cell)
+            if on_cell is not None
+            else await self._request("POST", "/v1/patch_sweep", json=body)
+        )
+        if len(out.get("hooks") or [out["hook"]]) > 1:
+            return SweepResult.per_hook(out)
+        return SweepResult.from_body(out)
+
+    async def sweep_layers_positions(
+        self,
+        corrupt_prompt: str,
+        clean: CleanRun | str | None = None,
+        clean_prompt: str | None = None,
+        run: str | None = None,
+        layers: Layers = "all",
+        positions: Positions = "all_prompt",
+        answer_token: Token = None,
+        foil_token: Token = None,
+        metric: str = "logprob",
+        alpha: float = 1.0,
+        hooks: Sequence[str] | None = None,
+        server_side: bool = True,
+        on_cell: OnCell | None = None,
+        keep_source: bool = False,
+        *,
+        hook: str | None = None,
+        heads: Sequence[int] | str | None = None,
+        mask: Sequence[int] | Mapping[str, Any] | None = None,
+        clean_baseline: float | None = None,
+    ) -> SweepResult | dict[str, SweepResult]:
+        """Patch the clean run into ``corrupt_prompt`` over a layers × positions grid.
+
+        The source is ``clean`` (a :class:`CleanRun` or a run name), ``run`` (a
+        run name) or, with neither, ``clean_prompt``: then the server captures it
+        in the same call under a fresh name (``result.auto_captured``,
+        ``result.captured_source_run``) and drops it afterwards unless
+        ``keep_source``. ``positions`` mixes ints and :class:`Span` markers.
+        ``answer_token``/``foil_token`` are strings (exactly one token) or ids.
+        ``hooks`` sweeps several hooks (returns ``{hook: SweepResult}`` when it
+        has more than one); otherwise ``hook`` (default: the study's).
+        ``on_cell(event)`` streams: it gets every ``{"type": "cell", ...}`` event
+        as it is graded (it may be a coroutine function).
+
+        ``server_side=False`` runs the grid from the client instead, one
+        ``/v1/completions`` patch request per cell (see
+        :mod:`patchserve.client.percell`); it needs a stored run (``clean`` or
+        ``run``) and takes one hook.
+        """
+        source = _source_name(clean, run)
+        hook = hook or self.hook
+        if not server_side:
+            if hooks is not None:
+                raise ValueError(
+                    "hooks (several hooks in one call) is a server-side sweep feature; "
+                    "call once per hook with server_side=False"
+                )
+            if source is None:
+                if clean_prompt is not None:
+                    raise ValueError(
+                        "the per-cell path needs a captured run: call capture_clean(clean_prompt) "
+                        "first and pass clean=... (auto-capture is server-side only)"
+                    )
+                raise ValueError("give clean (a CleanRun or run name) or run")
+            try:
+                handle = clean if isinstance(clean, CleanRun) else await self.get_run(source)
+            except NotFoundError as exc:
+                if clean_prompt is not None:
+                    raise ValueError(
+                        f"run {source!r} is not captured and the per-cell path does not "
+                        "auto-capture: call capture_clean(clean_prompt, run=...) first"
+                    ) from exc
+                raise
+            return await PerCellSweep(
+                self,
+                corrupt_prompt=corrupt_prompt,
+                run=handle,
+                hook=hook,
+                layers=_layers_json(layers),
+                positions=_positions_json(positions),
+                heads=heads,
+                answer_token=answer_token,
+                foil_token=foil_token,
+                metric=metric,
+                alpha=alpha,
+                mask=mask,
+                on_cell=on_cell,
+            ).run_sweep()
+
+        body: dict[str, Any] = {
+            "prompt": corrupt_prompt,
+            "layers": _layers_json(layers),
+            "positions": _positions_json(positions),
+            "metric": metric,
+            "alpha": alpha,
+            "keep_source": keep_source,
+        }
+        if source is None:
+            if clean_prompt is None:
+                raise ValueError("give clean (a CleanRun or run name), run, or clean_prompt")
+            source = _fresh("study")  # a fresh name: the server captures it in this call
+        body["source_run"] = source
+        if clean_prompt is not None:
+            body["clean_prompt"] = clean_prompt
+        if hooks is not None:
+            body["hooks"] = [hooks] if isinstance(hooks, str) else list(hooks)
+        else:
+            body["hook"] = hook
+        if heads is not None:
+            body["heads"] = heads if isinstance(heads, str) else list(heads)
+        if mask is not None:
+            body["mask"] = dict(mask) if isinstance(mask, Mapping) else {"indices": list(mask)}
+        if clean_baseline is not None:
+            body["clean_baseline"] = clean_baseline
+        body.update(_token_fields("answer_token", answer_token))
+        body.update(_token_fields("foil_token", foil_token))
+        return await self._sweep(body, on_cell)
+
+    async def zoom(
+        self,
+        corrupt_prompt: str,
+        clean: CleanRun | str | None = None,
+        clean_prompt: str | None = None,
+        run: str | None = None,
+        *,
+        answer_token: Token = None,
+        foil_token: Token = None,
+        metric: str = "logprob",
+        hook: str | None = None,
+        positions: Positions = "all_prompt",
+        stride: int | None = None,
+        top_positions: int = 3,
+        alpha: float = 1.0,
+        server_side: bool = True,
+        on_cell: OnCell | None = None,
+        keep_source: bool = False,
+    ) -> ZoomResult:
+        """Coarse-to-fine: sweep every ``stride``-th layer, then refine the best block.
+
+        The coarse sweep patches layers ``0, stride, 2*stride, ...`` (each the first
+        layer of a block of ``stride`` layers; default stride ≈ √layers) at every
+        position of ``positions``. The fine sweep patches all layers of the best
+        block at the ``top_positions`` best positions (best: the highest value, the
+        lowest for ``kl``). With only ``clean_prompt``, the clean run is captured
+        once (at ``hook``, all layers) for both sweeps and dropped afterwards
+        unless ``keep_source``.
+        """
+        hook = hook or self.hook
+        n = (await self.model_info())["num_layers"]
+        stride = stride or max(1, round(math.sqrt(n)))
+        if stride < 1 or top_positions < 1:
+            raise ValueError("stride and top_positions must be >= 1")
+        source = _source_name(clean, run)
+        temporary = None
+        if clean_prompt is not None and (source is None or not await self._run_exists(source)):
+            captured = await self.capture_clean(
+                clean_prompt, run=source or _fresh("zoom"), hooks=[hook]
+            )
+            source = captured.run
+            temporary = None if keep_source else source
+        if source is None:
+            raise ValueError("give clean (a CleanRun or run name), run, or clean_prompt")
+        common: dict[str, Any] = dict(
+            run=source,
+            answer_token=answer_token,
+            foil_token=foil_token,
+            metric=metric,
+            alpha=alpha,
+            server_side=server_side,
+            on_cell=on_cell,
+            hook=hook,
+        )
+        try:
+            coarse = await self.sweep_layers_positions(
+                corrupt_prompt, layers=list(range(0, n, stride)), positions=positions, **common
+            )
+            assert isinstance(coarse, SweepResult)
+            values = coarse.to_numpy()
+            if values.ndim == 3:
+                values = (
+                    np.nanmin(values, axis=2)
+                    if metric in LOWER_IS_BETTER
+                    else np.nanmax(values, axis=2)
+                )
+            if np.isnan(values).all():
+                raise ValueError("every coarse cell was skipped; nothing to zoom into")
+            sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+            scores = np.where(np.isnan(values), -np.inf, sign * values)
+            start = coarse.layers[int(np.argmax(scores.max(axis=1)))]
+            block = list(range(start, min(start + stride, n)))
+            column = scores.max(axis=0)
+            order = sorted(range(len(column)), key=lambda j: -column[j])  # stable on ties
+            chosen = sorted(
+                coarse.positions[j] for j in order[:top_positions] if column[j] > -np.inf
+            )
+            fine = await self.sweep_layers_positions(
+                corrupt_prompt, layers=block, positions=chosen, **common
+            )
+            assert isinstance(fine, SweepResult)
+        finally:
+            if temporary is not None:
+                await self.drop_run(temporary)
+        return ZoomResult(coarse, fine, stride, block, chosen, source)
+
+    async def ablation_sweep(
+        self,
+        prompt: str,
+        source: str | np.ndarray | Sequence[float] = "zeros",
+        mask: Sequence[int] | np.ndarray | Mapping[str, Any] | None = None,
+        *,
+        hook: str | None = None,
+        hooks: Sequence[str] | None = None,
+        layers: Layers = "all",
+        positions: Positions = "all_prompt",
+        heads: Sequence[int] | str | None = None,
+        answer_token: Token = None,
+        foil_token: Token = None,
+        metric: str = "logprob",
+        alpha: float = 1.0,
+        clean_baseline: float | None = None,
+        on_cell: OnCell | None = None,
+    ) -> SweepResult | dict[str, SweepResult]:
+        """A vector-sourced sweep: write ``source`` into ``prompt`` at every cell.
+
+        ``source`` is a registered module name (``"zeros"`` is built in) or one
+        vector of the hook's width (sent as ``source_inline`` of ``patch_vectors``).
+        ``mask`` restricts the write to some dimensions: a list of indices, a
+        width-long array of weights in [0, 1] (or booleans), or a raw mask object.
+        ``metric="recovered"`` needs ``clean_baseline`` (there is no clean run).
+        """
+        rows: list[np.ndarray] = []
+        body: dict[str, Any] = {
+            "prompt": prompt,
+            "layers": _layers_json(layers),
+            "positions": _positions_json(positions),
+            "metric": metric,
+            "alpha": alpha,
+        }
+        if isinstance(source, str):
+            body["source_module"] = source
+        else:
+            rows.append(np.asarray(source, dtype=np.float32).reshape(-1))
+            body["source_inline"] = 0
+        if isinstance(mask, Mapping):
+            body["mask"] = dict(mask)
+        elif mask is not None:
+            array = np.asarray(mask)
+            if array.dtype.kind in "iu":
+                body["mask"] = {"indices": [int(i) for i in array.reshape(-1)]}
+            else:
+                rows.append(array.astype(np.float32).reshape(-1))
+                body["mask"] = {"inline": len(rows) - 1}
+        if rows:
+            if len({r.shape for r in rows}) > 1:
+                raise ValueError("the source vector and the mask must have the same width")
+            body["patch_vectors"] = pack_vectors(np.stack(rows))
+        if hooks is not None:
+            body["hooks"] = list(hooks)
+        else:
+            body["hook"] = hook or self.hook
+        if heads is not None:
+            body["heads"] = heads if isinstance(heads, str) else list(heads)
+        if clean_baseline is not None:
+            body["clean_baseline"] = clean_baseline
+        body.update(_token_fields("answer_token", answer_token))
+        body.update(_token_fields("foil_token", foil_token))
+        return await self._sweep(body, on_cell)
+
+
+def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    """Stop a private loop running on ``thread`` and close it."""
+    if loop.is_closed():
+        return
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    if not thread.is_alive():
+        loop.close()
+
+
+def _sync(method: Callable[..., Awaitable[T]]) -> Callable[..., T]:
+    """The synchronous twin of an ``AsyncPatchStudy`` method (same name, signature, doc)."""
+
+    @functools.wraps(method)
+    def wrapper(self: PatchStudy, *args: Any, **kwargs: Any) -> T:
+        return self._call(method(self._async, *args, **kwargs))
+
+    return wrapper
+
+
+class PatchStudy:
+    """The synchronous client: the methods of :class:`AsyncPatchStudy`, blocking.
+
+    Calls run on a private event loop in a daemon thread (so a notebook's own
+    running loop is no obstacle); ``on_cell`` callbacks run on that thread. Use
+    as a context manager or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        hook: str = "post_block",
+        api_key: str | None = None,
+        *,
+        timeout: float = 300.0,
+        max_concurrency: int = 8,
+    ) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="patchserve-client", daemon=True
+        )
+        self._thread.start()
+        self._closed = False
+        # A study that is never closed still stops its loop thread when collected.
+        self._finalizer = weakref.finalize(self, _stop_loop, self._loop, self._thread)
+        self._async = AsyncPatchStudy(
+            base_url, hook, api_key, timeout=timeout, max_concurrency=max_concurrency
+        )
+
+    def _call(self, coro: Awaitable[T]) -> T:
+        if self._closed:
+            raise RuntimeError("this PatchStudy is closed")
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()  # Ctrl-C: stop the request (a stream is closed, the server cancels)
+            raise
+
+    @property
+    def base_url(self) -> str:
+        return self._async.base_url
+
+    @property
+    def hook(self) -> str:
+        return self._async.hook
+
+    @hook.setter
+    def hook(self, value: str) -> None:
+        self._async.hook = value
+
+    def close(self) -> None:
+        """Close the connections and stop the private loop."""
+        if self._closed:
+            return
+        self._call(self._async.aclose())
+        self._closed = True
+        self._finalizer()
+
+    def __enter__(self) -> PatchStudy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    pack_vectors = staticmethod(pack_vectors)
+
+    health = _sync(AsyncPatchStudy.health)
+    model_info = _sync(AsyncPatchStudy.model_info)
+    tokenize = _sync(AsyncPatchStudy.tokenize)
+    detokenize = _sync(AsyncPatchStudy.detokenize)
+    positions_for = _sync(AsyncPatchStudy.positions_for)
+    capture_clean = _sync(AsyncPatchStudy.capture_clean)
+    get_run = _sync(AsyncPatchStudy.get_run)
+    list_runs = _sync(AsyncPatchStudy.list_runs)
+    drop_run = _sync(AsyncPatchStudy.drop_run)
+    register_module = _sync(AsyncPatchStudy.register_module)
+    sweep_layers_positions = _sync(AsyncPatchStudy.sweep_layers_positions)
+    zoom = _sync(AsyncPatchStudy.zoom)
+    ablation_sweep = _sync(AsyncPatchStudy.ablation_sweep)
