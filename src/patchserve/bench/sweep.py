@@ -42,6 +42,7 @@ from patchserve.engine.metrics import Grader
 from patchserve.engine.runs import capture_run
 from patchserve.engine.sweep import SweepSpec, run_sweep
 from patchserve.models import HookContext, Transformer, load_model, make_edit
+from patchserve.wire.hooks import TRANSFORMER_LENS_NAMES
 
 
 @dataclass
@@ -183,7 +184,7 @@ def transformer_lens_results(
     grid = []
     start = time.perf_counter()
     for layer in layers:
-        name = f"blocks.{layer}.hook_resid_post"
+        name = f"blocks.{layer}.{TRANSFORMER_LENS_NAMES['post_block']}"
         clean_act = cache[name][0]
 
         def hook_fn(act, hook, clean_act=clean_act):

@@ -27,17 +27,6 @@ from patchserve.wire.hooks import HOOKS, INJECTABLE_HOOKS, RESIDUAL_HOOKS
 __all__ = ["HOOKS", "INJECTABLE_HOOKS", "RESIDUAL_HOOKS", "HookContext", "SiteEdit", "make_edit"]
 
 
-TRANSFORMER_LENS_NAMES: dict[str, str] = {
-    "pre_attn": "hook_resid_pre",
-    "attn_out": "hook_attn_out",
-    "post_attn": "hook_resid_mid",
-    "mlp_in": "ln2.hook_normalized",
-    "mlp_out": "hook_mlp_out",
-    "post_block": "hook_resid_post",
-    "attn_head": "attn.hook_z",
-}
-
-
 def check_hook(hook: str) -> str:
     if hook not in HOOKS:
         raise ValueError(f"unknown hook {hook!r}; expected one of {', '.join(HOOKS)}")

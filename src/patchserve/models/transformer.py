@@ -62,19 +62,6 @@ class KVCache:
             values.append(v1 if v0 is None else v0 if v1 is None else torch.cat((v0, v1), 2))
         return KVCache(keys, values)
 
-    def select(self, rows: torch.Tensor | list[int]) -> KVCache:
-        """The cache of some rows (e.g. to fork one prompt's cache)."""
-        return KVCache(
-            [None if k is None else k[rows] for k in self.keys],
-            [None if v is None else v[rows] for v in self.values],
-        )
-
-    def truncate(self, length: int) -> KVCache:
-        return KVCache(
-            [None if k is None else k[:, :, :length] for k in self.keys],
-            [None if v is None else v[:, :, :length] for v in self.values],
-        )
-
     def nbytes(self) -> int:
         tensors = [t for t in self.keys + self.values if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)

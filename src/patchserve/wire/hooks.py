@@ -13,3 +13,14 @@ HOOKS: tuple[str, ...] = (
 )
 RESIDUAL_HOOKS: tuple[str, ...] = HOOKS[:-1]
 INJECTABLE_HOOKS: tuple[str, ...] = HOOKS
+
+# The same activations in TransformerLens (``blocks.{layer}.`` + name).
+TRANSFORMER_LENS_NAMES: dict[str, str] = {
+    "pre_attn": "hook_resid_pre",
+    "attn_out": "hook_attn_out",
+    "post_attn": "hook_resid_mid",
+    "mlp_in": "ln2.hook_normalized",
+    "mlp_out": "hook_mlp_out",
+    "post_block": "hook_resid_post",
+    "attn_head": "attn.hook_z",
+}
