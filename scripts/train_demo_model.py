@@ -99,6 +99,9 @@ IOI_TEMPLATES = (
 )
 
 
+# ----------------------------------------------------------------------------- world
+
+
 @dataclass(frozen=True)
 class Item:
     """One training statement: ``prompt + " " + answer + "."``."""
@@ -131,9 +134,6 @@ class World:
     colour: dict[str, str] = field(default_factory=dict)  # object -> colour
     single_words: list[str] = field(default_factory=list)  # words the tokenizer keeps whole
     pieces: list[str] = field(default_factory=list)  # name parts for multi-token names
-
-
-# ----------------------------------------------------------------------------- world
 
 
 class NameMaker:
@@ -453,7 +453,11 @@ def train(
             acc, ioi_acc = accuracy(model, eval_facts), accuracy(model, eval_ioi)
             elapsed = time.perf_counter() - start
             checkpoints.append(
-                {"step": step + 1, "fact_accuracy": round(acc, 4), "ioi_accuracy": round(ioi_acc, 4)}
+                {
+                    "step": step + 1,
+                    "fact_accuracy": round(acc, 4),
+                    "ioi_accuracy": round(ioi_acc, 4),
+                }
             )
             print(
                 f"step {step + 1:5d}  loss {curve[-1]['loss']:.4f}  fact acc {acc:.4f}"
@@ -520,8 +524,6 @@ def differing_positions(a: Sequence[int], b: Sequence[int]) -> list[int]:
     return [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
 
 
-
-
 @dataclass
 class Candidate:
     """A clean/corrupt pair under evaluation."""
@@ -535,13 +537,14 @@ class Candidate:
 
 
 def is_demo_pair(a: Encoded, b: Encoded) -> bool:
-    """Equal length, different answers, tokens differ only inside the subject span."""
+    """Equal length, different answers, tokens differ in one contiguous run in the subject."""
     if len(a.prompt_ids) != len(b.prompt_ids) or a.answer_id == b.answer_id:
         return False
     if a.subject_tokens != b.subject_tokens:
         return False
     diff = differing_positions(a.prompt_ids, b.prompt_ids)
-    return bool(diff) and set(diff) <= set(a.subject_tokens)
+    contiguous = bool(diff) and diff == list(range(diff[0], diff[-1] + 1))
+    return contiguous and set(diff) <= set(a.subject_tokens)
 
 
 def fact_candidates(rng: random.Random, facts: list[Encoded]) -> dict[str, list[Candidate]]:
@@ -606,13 +609,20 @@ def pick_from(
     tok: PreTrainedTokenizerFast,
     pool: list[Candidate],
     want: int,
+    start: int = 0,
     max_checks: int = 200,
 ) -> list[dict]:
-    """Up to ``want`` passing pairs, cycling over subject token counts for variety."""
+    """Up to ``want`` passing pairs, cycling over subject token counts for variety.
+
+    The cycle begins at the ``start``-th smallest count (modulo), so that successive
+    templates cover different subject lengths.
+    """
     by_size: dict[int, list[Candidate]] = {}
     for c in pool:
         by_size.setdefault(c.n_subject_tokens, []).append(c)
     queues = [by_size[k] for k in sorted(by_size)]
+    if queues:
+        queues = queues[start % len(queues) :] + queues[: start % len(queues)]
     used_subjects: set[str] = set()
     picked: list[dict] = []
     checks = 0
@@ -645,9 +655,9 @@ def select_examples(
     rng = random.Random(seed)
     candidates = fact_candidates(rng, facts)
     chosen: list[dict] = []
-    for templates in FACT_TEMPLATES.values():
-        for template in templates:
-            chosen += pick_from(model, tok, candidates.get(template, []), per_template)
+    templates = [t for ts in FACT_TEMPLATES.values() for t in ts]
+    for k, template in enumerate(templates):
+        chosen += pick_from(model, tok, candidates.get(template, []), per_template, start=k)
     ioi = []
     for _ in range(400):
         clean, corrupt = encode_items(tok, ioi_pair(rng))
@@ -664,11 +674,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--steps", type=int, default=1600)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--ioi-fraction", type=float, default=0.3)
+    parser.add_argument("--ioi-fraction", type=float, default=0.5)
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
@@ -729,14 +739,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"selected {len(examples)} examples", flush=True)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.out, safe_serialization=True)
-    tok.save_pretrained(args.out)
+    write_checkpoint(model, tok, args.out)
     public = [{k: v for k, v in ex.items() if k != "metrics"} for ex in examples]
     (args.out / "examples.json").write_text(json.dumps(public, indent=2) + "\n")
-    write_log(args, world, tok, facts, log, examples, n_params, train_seconds, t0, by_relation,
-              fact_acc, ioi_acc)
+    write_log(
+        args,
+        world,
+        tok,
+        facts,
+        log,
+        examples,
+        n_params,
+        train_seconds,
+        t0,
+        by_relation,
+        fact_acc,
+        ioi_acc,
+    )
     return 0
+
+
+def write_checkpoint(model: Qwen3ForCausalLM, tok: PreTrainedTokenizerFast, out: Path) -> None:
+    """``save_pretrained`` both, with two spellings that older ``transformers`` also reads."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    config.setdefault("rope_theta", config.get("rope_parameters", {}).get("rope_theta", 10000.0))
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tok_config_path = out / "tokenizer_config.json"
+    tok_config = json.loads(tok_config_path.read_text())
+    tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tok_config_path.write_text(json.dumps(tok_config, indent=2, sort_keys=True) + "\n")
+    for path in out.iterdir():
+        path.chmod(0o644)  # safetensors writes 0600; package data should be world-readable
 
 
 def subject_token_histogram(facts: Sequence[Encoded]) -> dict[str, int]:
@@ -802,8 +839,10 @@ def write_log(
         "examples": [ex["metrics"] | {"relation": ex["relation"]} for ex in examples],
         **log,
     }
-    summary["size_on_disk_bytes"] = folder_size(args.out)
-    (args.out / "training_log.json").write_text(json.dumps(summary, indent=2) + "\n")
+    path = args.out / "training_log.json"
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    summary["size_on_disk_bytes"] = folder_size(args.out)  # includes this log, to a few bytes
+    path.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {args.out} ({summary['size_on_disk_bytes'] / 1e6:.1f} MB)", flush=True)
 
 

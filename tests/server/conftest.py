@@ -27,7 +27,7 @@ def free_port() -> int:
 class Server:
     url: str
     process: subprocess.Popen
-    folder: Path
+    folder: Path | None
     args: list[str]
 
     def client(self, **kw) -> httpx.Client:
@@ -41,15 +41,16 @@ class Server:
             self.process.kill()
 
 
-def start_server(folder: Path, *extra: str, log: Path | None = None) -> Server:
+def start_server(folder: Path | None, *extra: str, log: Path | None = None) -> Server:
+    """A server on ``folder`` (None: no --model, i.e. the bundled demo model)."""
     port = free_port()
+    model = ["--model", str(folder)] if folder is not None else []
     args = [
         sys.executable,
         "-m",
         "patchserve.cli.main",
         "serve",
-        "--model",
-        str(folder),
+        *model,
         "--port",
         str(port),
         "--threads",
