@@ -190,6 +190,8 @@ def _grids(result: dict[str, Any]) -> list[tuple[str, list]]:
 
 
 def print_result(console: Console, result: dict[str, Any], top: int) -> None:
+    if not console.is_terminal:  # a pipe or a file: do not squeeze the table into 80 columns
+        console.width = max(console.width, 16 + 9 * len(result["positions"]))
     tokens = result.get("tokens") or [str(p) for p in result["positions"]]
     labels = [tokens[p] if p < len(tokens) else str(p) for p in result["positions"]]
     centre = 0.0 if result["metric"] == "recovered" else float(result["corrupt"])
