@@ -299,7 +299,8 @@ def test_result_helpers_and_heatmap_png(
     assert axes[0].images[0].norm.vcenter == 0.0
     plt.close(fig)
 
-    pd = pytest.importorskip("pandas")
+    import pandas as pd
+
     frame = result.to_pandas()
     assert isinstance(frame, pd.DataFrame) and frame.shape == (3, 10)
     assert list(frame.index) == [0, 1, 2] and frame.columns[0] == (0, result.tokens[0])
