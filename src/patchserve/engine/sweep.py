@@ -301,6 +301,8 @@ class SweepRunner:
     def run(self) -> SweepOutcome:
         started = time.perf_counter()
         spec = self.spec
+        if spec.source is None:
+            raise ValueError("spec.source is not set (prepare_sweep(source=None) leaves it to you)")
         alignment = None
         if isinstance(spec.source, CapturedRun):
             alignment = align(spec.source.token_ids, spec.corrupt_ids)
