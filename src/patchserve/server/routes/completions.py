@@ -36,30 +36,13 @@ from patchserve.server.schemas import (
     SteerEntry,
 )
 from patchserve.server.state import ServerState
-from patchserve.wire.packing import PackingError, unpack_vectors
+from patchserve.server.vectors import table_row, unpack_table
 
 router = APIRouter()
 
 
-def _table(req: Interventions) -> np.ndarray | None:
-    if req.patch_vectors is None:
-        return None
-    try:
-        return unpack_vectors(req.patch_vectors.model_dump())
-    except PackingError as exc:
-        raise RequestError(str(exc), "patch_vectors") from exc
-
-
 def _inline(table: np.ndarray | None, row: int, width: int, param: str) -> torch.Tensor:
-    if table is None:
-        raise RequestError(f"{param} needs patch_vectors", param)
-    if not 0 <= row < table.shape[0]:
-        raise RequestError(f"{param} row {row} is out of range ({table.shape[0]} rows)", param)
-    if table.shape[1] != width:
-        raise RequestError(
-            f"patch_vectors rows are {table.shape[1]} wide; the hook is {width}", param
-        )
-    return torch.from_numpy(table[row].copy())
+    return torch.from_numpy(table_row(table, row, width, param).copy())
 
 
 def _check_site(state: ServerState, layer: int, hook: str, head: int | None, param: str) -> int:
@@ -156,7 +139,7 @@ def _prepare(state: ServerState, req: Interventions) -> tuple[list[SiteEdit], li
         raise RequestError("only n = 1 is supported", "n")
     if req.stream:
         raise RequestError("streaming completions are not supported; use stream: false", "stream")
-    table = _table(req)
+    table = unpack_table(req.patch_vectors)
     edits = [_edit(state, e, table, i) for i, e in enumerate(req.patch)]
     steer = [_steer(state, s, table, i) for i, s in enumerate(req.steer)]
     return edits, steer

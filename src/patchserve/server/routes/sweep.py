@@ -28,28 +28,9 @@ from patchserve.engine.request import parse_hooks
 from patchserve.models import INJECTABLE_HOOKS
 from patchserve.server.schemas import PatchSweepRequest
 from patchserve.server.state import ServerState
-from patchserve.wire.packing import PackingError, unpack_vectors
+from patchserve.server.vectors import table_row, unpack_table
 
 router = APIRouter()
-
-
-def _table(req: PatchSweepRequest) -> np.ndarray | None:
-    if req.patch_vectors is None:
-        return None
-    try:
-        return unpack_vectors(req.patch_vectors.model_dump())
-    except PackingError as exc:
-        raise RequestError(str(exc), "patch_vectors") from exc
-
-
-def _row(table: np.ndarray | None, index: int, param: str) -> np.ndarray:
-    if table is None:
-        raise RequestError(f"{param} needs patch_vectors", param)
-    if not 0 <= index < table.shape[0]:
-        raise RequestError(
-            f"{param} row {index} is out of range; patch_vectors has {table.shape[0]} rows", param
-        )
-    return table[index]
 
 
 def _check_width(vector: np.ndarray, hooks: list[str], state: ServerState, param: str) -> None:
@@ -86,7 +67,7 @@ def _vector_source(
             lambda hook, layer: modules.vector(name, hook, layer, model.cfg.hook_width(hook), like),
         )
     assert req.source_inline is not None
-    row = _row(table, req.source_inline, "source_inline")
+    row = table_row(table, req.source_inline, None, "source_inline")
     _check_width(row, hooks, state, "source_inline")
     vector = torch.from_numpy(row.copy()).to(device=like.device, dtype=like.dtype)
     return VectorSource("inline", lambda hook, layer: vector)
@@ -113,7 +94,7 @@ def _masks(
             mask[spec.indices] = 1.0
         else:
             assert spec.inline is not None
-            row = _row(table, spec.inline, "mask")
+            row = table_row(table, spec.inline, None, "mask")
             _check_width(row, [hook], state, "mask")
             mask = torch.from_numpy(row.copy())
         masks[hook] = mask
@@ -131,7 +112,7 @@ class SweepJob:
         self.clean_ids: list[int] | None = None
         model, tok = state.model, state.tokenizer
         state.encode(req.prompt)  # length limit
-        table = _table(req)
+        table = unpack_table(req.patch_vectors)
         hooks = parse_hooks(req.hook, req.hooks)
         vector = _vector_source(state, req, hooks, table)
         source: Any = vector
