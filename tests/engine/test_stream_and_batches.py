@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models.helpers import loaded, tokenizer
-from patchserve.engine.errors import SweepCancelled
+from patchserve.engine.errors import RequestError, SweepCancelled
 from patchserve.engine.runs import capture_run
 from patchserve.engine.stream import stream_sweep
 from patchserve.engine.study import prepare_sweep
@@ -57,7 +57,12 @@ def test_every_cell_is_reported_once_and_the_stream_equals_the_plain_call(study)
 
     events, summary = asyncio.run(collect())
     total = events[0][3]
-    assert len(events) == total == 3 * len(spec.positions) * 3
+    assert len(events) == total == spec.num_cells == 3 * len(spec.positions) * 3
+    # The cell limit counts the same cells: exactly at the limit passes, one below fails.
+    limits = dict(hooks=["post_block", "attn_head"], heads=[0, 2])
+    prepare_sweep(model, tok, prompt=CORRUPT, source=run, max_cells=total, **limits)
+    with pytest.raises(RequestError, match=f"has {total} cells"):
+        prepare_sweep(model, tok, prompt=CORRUPT, source=run, max_cells=total - 1, **limits)
     keys = {(c.hook, c.layer, c.position, c.head) for _, c, _, _ in events}
     assert len(keys) == total
     assert [e[2] for e in events] == list(range(1, total + 1))

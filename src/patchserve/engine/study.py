@@ -158,14 +158,6 @@ def prepare_sweep(
             "metric 'recovered' on a vector-sourced sweep needs clean_baseline",
             "clean_baseline",
         )
-    n_cells = (
-        len(hook_list) * len(layer_list) * len(position_list) * (len(head_list) if head_list else 1)
-    )
-    if max_cells is not None and n_cells > max_cells:
-        raise RequestError(
-            f"the sweep has {n_cells} cells; this server allows at most {max_cells}",
-            "layers",
-        )
     if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
         raise RequestError("max_batch_tokens must be a positive integer", "max_batch_tokens")
     spec = SweepSpec(
@@ -183,6 +175,11 @@ def prepare_sweep(
         clean_baseline=clean_baseline,
         max_batch_tokens=max_batch_tokens,
     )
+    if max_cells is not None and spec.num_cells > max_cells:
+        raise RequestError(
+            f"the sweep has {spec.num_cells} cells; this server allows at most {max_cells}",
+            "layers",
+        )
     return spec, tokenizer.token_strings(encoding.ids)
 
 

@@ -78,6 +78,13 @@ class SweepSpec:
     clean_baseline: float | None = None  # m_clean for 'recovered' without clean logits
     max_batch_tokens: int = DEFAULT_BATCH_TOKENS
 
+    @property
+    def num_cells(self) -> int:
+        """Cells of the grid: hooks x layers x positions, times heads for ``attn_head``."""
+        per_hook = len(self.layers) * len(self.positions)
+        heads = len(self.heads or [])
+        return sum(per_hook * (heads if hook == "attn_head" else 1) for hook in self.hooks)
+
 
 @dataclass
 class Cell:
@@ -211,10 +218,7 @@ class SweepRunner:
         self.cancel = cancel
         self.length = len(spec.corrupt_ids)
         self.done = 0
-        self.total = len(spec.hooks) * len(spec.layers) * len(spec.positions)
-        if "attn_head" in spec.hooks:
-            heads = len(spec.heads or [])
-            self.total += (heads - 1) * len(spec.layers) * len(spec.positions)
+        self.total = spec.num_cells
         self.stats: dict[str, float | int] = {
             "computed": 0,
             "free": 0,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 from patchserve.engine import RequestError
 from patchserve.wire.packing import PackingError, unpack_vectors
@@ -31,3 +32,25 @@ def table_row(table: np.ndarray | None, index: int, width: int | None, param: st
     if width is not None and table.shape[1] != width:
         raise RequestError(f"{param} is {table.shape[1]} wide; the hook is {width} wide", param)
     return table[index]
+
+
+def mask_vector(
+    indices: list[int] | None,
+    inline: int | None,
+    width: int,
+    table: np.ndarray | None,
+    param: str,
+    where: str,
+) -> torch.Tensor:
+    """A per-dimension mask of ``width``: a 0/1 mask of ``indices`` or a row of the table."""
+    if (indices is None) == (inline is None):
+        raise RequestError("mask needs exactly one of indices and inline", param)
+    if indices is not None:
+        bad = [i for i in indices if not 0 <= i < width]
+        if bad:
+            raise RequestError(f"mask indices {bad} are outside {where}'s width {width}", param)
+        mask = torch.zeros(width)
+        mask[indices] = 1.0
+        return mask
+    assert inline is not None
+    return torch.from_numpy(table_row(table, inline, width, param).copy())

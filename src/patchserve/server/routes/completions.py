@@ -36,7 +36,7 @@ from patchserve.server.schemas import (
     SteerEntry,
 )
 from patchserve.server.state import ServerState
-from patchserve.server.vectors import table_row, unpack_table
+from patchserve.server.vectors import mask_vector, table_row, unpack_table
 
 router = APIRouter()
 
@@ -56,6 +56,25 @@ def _check_site(state: ServerState, layer: int, hook: str, head: int | None, par
     if head is not None and not 0 <= head < cfg.num_heads:
         raise RequestError(f"head {head} is out of range (0-{cfg.num_heads - 1})", param)
     return cfg.hook_width(hook)
+
+
+def _module_or_inline(
+    state: ServerState,
+    module: str | None,
+    inline: int | None,
+    hook: str,
+    layer: int,
+    width: int,
+    table: np.ndarray | None,
+    param: str,
+) -> torch.Tensor:
+    """A registered module's vector at ``(hook, layer)``, or a row of ``patch_vectors``."""
+    if module is not None:
+        if not state.modules.exists(module):
+            raise RequestError(f"unknown module {module!r}", param)
+        return state.modules.vector(module, hook, layer, width, state.model.embed_tokens.weight)
+    assert inline is not None
+    return _inline(table, inline, width, param)
 
 
 def _edit(state: ServerState, entry: PatchEntry, table: np.ndarray | None, i: int) -> SiteEdit:
@@ -85,25 +104,24 @@ def _edit(state: ServerState, entry: PatchEntry, table: np.ndarray | None, i: in
                 param,
             )
         source = row[entry.head] if entry.head is not None else row
-    elif entry.source_module is not None:
-        if not state.modules.exists(entry.source_module):
-            raise RequestError(f"unknown module {entry.source_module!r}", param)
-        source = state.modules.vector(entry.source_module, entry.hook, entry.layer, width, like)
     else:
-        assert entry.source_inline is not None
-        source = _inline(table, entry.source_inline, width, param)
+        source = _module_or_inline(
+            state,
+            entry.source_module,
+            entry.source_inline,
+            entry.hook,
+            entry.layer,
+            width,
+            table,
+            param,
+        )
     if entry.dest_position < 0:
         raise RequestError("dest_position must be >= 0", param)
     mask = None
     if entry.mask is not None:
-        if entry.mask.indices is not None:
-            mask = torch.zeros(width)
-            bad = [j for j in entry.mask.indices if not 0 <= j < width]
-            if bad:
-                raise RequestError(f"mask indices {bad} are outside the width {width}", param)
-            mask[entry.mask.indices] = 1.0
-        elif entry.mask.inline is not None:
-            mask = _inline(table, entry.mask.inline, width, param)
+        mask = mask_vector(
+            entry.mask.indices, entry.mask.inline, width, table, param, f"hook {entry.hook}"
+        )
     return make_edit(
         entry.layer,
         entry.hook,
@@ -122,13 +140,16 @@ def _steer(state: ServerState, entry: SteerEntry, table: np.ndarray | None, i: i
     if (entry.source_module is None) == (entry.source_inline is None):
         raise RequestError("a steer entry needs one of source_module and source_inline", param)
     like = state.model.embed_tokens.weight
-    if entry.source_module is not None:
-        if not state.modules.exists(entry.source_module):
-            raise RequestError(f"unknown module {entry.source_module!r}", param)
-        vector = state.modules.vector(entry.source_module, entry.hook, entry.layer, width, like)
-    else:
-        assert entry.source_inline is not None
-        vector = _inline(table, entry.source_inline, width, param)
+    vector = _module_or_inline(
+        state,
+        entry.source_module,
+        entry.source_inline,
+        entry.hook,
+        entry.layer,
+        width,
+        table,
+        param,
+    )
     return SteerVector(
         entry.layer, entry.hook, vector.to(like.dtype), float(entry.scale), entry.head
     )

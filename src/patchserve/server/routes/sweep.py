@@ -28,7 +28,7 @@ from patchserve.engine.request import parse_hooks
 from patchserve.models import INJECTABLE_HOOKS
 from patchserve.server.schemas import PatchSweepRequest
 from patchserve.server.state import ServerState
-from patchserve.server.vectors import table_row, unpack_table
+from patchserve.server.vectors import mask_vector, table_row, unpack_table
 
 router = APIRouter()
 
@@ -79,26 +79,17 @@ def _masks(
     if req.mask is None:
         return None
     spec = req.mask
-    if (spec.indices is None) == (spec.inline is None):
-        raise RequestError("mask needs exactly one of indices and inline", "mask")
-    masks = {}
-    for hook in hooks:
-        width = state.model.cfg.hook_width(hook)
-        if spec.indices is not None:
-            bad = [i for i in spec.indices if not 0 <= i < width]
-            if bad:
-                raise RequestError(
-                    f"mask indices {bad} are outside hook {hook}'s width {width}", "mask"
-                )
-            mask = torch.zeros(width)
-            mask[spec.indices] = 1.0
-        else:
-            assert spec.inline is not None
-            row = table_row(table, spec.inline, None, "mask")
-            _check_width(row, [hook], state, "mask")
-            mask = torch.from_numpy(row.copy())
-        masks[hook] = mask
-    return masks
+    return {
+        hook: mask_vector(
+            spec.indices,
+            spec.inline,
+            state.model.cfg.hook_width(hook),
+            table,
+            "mask",
+            f"hook {hook}",
+        )
+        for hook in hooks
+    }
 
 
 class SweepJob:
@@ -214,9 +205,6 @@ class SweepJob:
 
     def start_event(self) -> dict[str, Any]:
         spec = self.spec
-        total = len(spec.hooks) * len(spec.layers) * len(spec.positions)
-        if "attn_head" in spec.hooks and spec.heads:
-            total += (len(spec.heads) - 1) * len(spec.layers) * len(spec.positions)
         event = {
             "type": "start",
             "layers": spec.layers,
@@ -226,7 +214,7 @@ class SweepJob:
             "tokens": self.tokens,
             "auto_captured": self.auto_captured,
             "captured_source_run": self.capture_name if self.auto_captured else None,
-            "total": total,
+            "total": spec.num_cells,
         }
         if "attn_head" in spec.hooks:
             event["heads"] = spec.heads
