@@ -169,3 +169,23 @@ def test_kept_persisted_runs_are_evicted_to_disk_and_reloaded(tmp_path):
     store.put(_run("other", 1000))
     assert "kept" in store.names()  # evicted from memory, still on disk
     assert store.get("kept").activations["post_block", 0].shape == (250,)
+
+
+def test_listing_persisted_runs_does_not_load_their_activations(tmp_path):
+    run = CapturedRun(
+        "on-disk",
+        "p",
+        [1, 2],
+        [0, 1],
+        {("post_block", 0): torch.randn(2, 8), ("attn_head", 1): torch.randn(2, 2, 4)},
+        torch.randn(5),
+    )
+    run.kept = True
+    RunStore(budget_bytes=10**9, source_dir=tmp_path).put(run)
+    reloaded = RunStore(budget_bytes=10**9, source_dir=tmp_path)
+    assert reloaded.manifest("on-disk") == {**run.manifest(), "leases": 0}
+    assert reloaded.nbytes() == 0  # still on disk only
+    assert torch.equal(
+        reloaded.get("on-disk").activations["attn_head", 1], run.activations["attn_head", 1]
+    )
+    assert reloaded.nbytes() == run.nbytes()

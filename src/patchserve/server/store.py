@@ -23,12 +23,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from patchserve.engine.errors import RequestError
 from patchserve.engine.runs import CapturedRun, check_run_name
 
 LOGITS_KEY = "__last_logits__"
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -92,10 +95,20 @@ class RunStore:
         }
         _atomic_write(manifest_path, lambda tmp: Path(tmp).write_text(json.dumps(manifest)))
 
-    def _load(self, name: str) -> CapturedRun:
+    def _load(self, name: str, header_only: bool = False) -> CapturedRun:
+        """The persisted run; ``header_only`` reads shapes and dtypes alone (meta tensors),
+        enough for its manifest without loading the activations."""
         tensors_path, _ = self._paths(name)
         manifest = self._on_disk[name]
-        tensors = load_file(str(tensors_path))
+        if header_only:
+            with safe_open(str(tensors_path), framework="pt") as handle:
+                tensors = {}
+                for key in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                    piece = handle.get_slice(key)
+                    dtype = SAFETENSORS_DTYPES[piece.get_dtype()]
+                    tensors[key] = torch.empty(piece.get_shape(), dtype=dtype, device="meta")
+        else:
+            tensors = load_file(str(tensors_path))
         logits = tensors.pop(LOGITS_KEY, None)
         activations = {}
         for key, value in tensors.items():
@@ -178,9 +191,10 @@ class RunStore:
                 body = run.manifest()
                 body["leases"] = self._leases.get(name, 0)
                 return body
-            if name in self._on_disk:
-                run = self.get(name)
-                return self.manifest(name) if run is not None else None
+            if name in self._on_disk:  # listing must not pull every persisted run into memory
+                body = self._load(name, header_only=True).manifest()
+                body["leases"] = 0
+                return body
             return None
 
     @contextmanager
