@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from patchserve.server.state import ServerState
 from patchserve.server.vectors import mask_vector, table_row, unpack_table
 
 router = APIRouter()
+T = TypeVar("T")
 
 
 def _check_width(vector: np.ndarray, hooks: list[str], state: ServerState, param: str) -> None:
@@ -100,6 +101,7 @@ class SweepJob:
         self.run: CapturedRun | None = None
         self.auto_captured = False
         self.capture_name: str | None = None
+        self.finished = False
         self.clean_ids: list[int] | None = None
         model, tok = state.model, state.tokenizer
         state.encode(req.prompt)  # length limit
@@ -170,10 +172,21 @@ class SweepJob:
         self.spec.source = run
 
     def finish(self) -> None:
-        """Drop an auto-captured run unless asked to keep it (also after a cancel)."""
+        """Drop an auto-captured run unless asked to keep it (also after a cancel). Once."""
+        if self.finished:
+            return
+        self.finished = True
         if self.auto_captured and self.capture_name is not None and not self.req.keep_source:
             self.state.store.drop(self.capture_name)
         self.state.refresh_gauges()
+
+    async def run_then_finish(self, work: Callable[[], T]) -> T:
+        """Run the sweep in a worker and finish as soon as it ends (or is cancelled), so the
+        drop does not wait for the response stream, which a gone client may leave pending."""
+        try:
+            return await self.state.run_blocking(work)
+        finally:
+            self.finish()
 
     def body(self, outcome: SweepOutcome) -> dict[str, Any]:
         state, req = self.state, self.req
@@ -261,7 +274,7 @@ async def patch_sweep(req: PatchSweepRequest, request: Request):
             try:
                 yield _sse(job.start_event())
                 async for item in stream_sweep(
-                    state.model, job.spec, runner=state.run_blocking, gate=state.gate.turn
+                    state.model, job.spec, runner=job.run_then_finish, gate=state.gate.turn
                 ):
                     if item[0] == "cell":
                         _, cell, done, total = item
