@@ -96,7 +96,11 @@ def test_per_cell_spans_alignment_heads_and_default_answer(
     assert server.positions == [4, 5, 6, 7, 8, 0, 9]
     assert len(server.skipped) == 3 * 5 and server.alignment["mode"] == "prefix_suffix"
     assert_same_result(server, client)  # also the default answer: the clean top-1 token
-    assert client.clean == pytest.approx(1.0)
+    # 'recovered' reports clean and corrupt raw (log p(answer) here), as the seed does.
+    clean_top1 = clean_run.top_logprobs[0] if clean_run.top_logprobs else None
+    assert client.clean == pytest.approx(server.clean, abs=1e-5) and server.clean < 0
+    if clean_top1 is not None:
+        assert server.clean == pytest.approx(clean_top1["logprob"], abs=1e-5)
     # attn_head: [layer][position][head]
     kwargs = dict(clean=clean_run, hook="attn_head", heads=[0, 3], layers=[1], positions=[5, 7])
     server = study.sweep_layers_positions(CORRUPT, answer_token=ANSWER, **kwargs)
@@ -310,10 +314,11 @@ def test_result_helpers_and_heatmap_png(
 
 
 def test_errors_carry_the_server_message(study: PatchStudy, server_checkpoint: Path) -> None:
-    with pytest.raises(NotFoundError) as info:
+    with pytest.raises(BadRequestError) as info:  # a 400, as the seed answers
         study.sweep_layers_positions(CORRUPT, run="no-such-run")
     err = info.value
-    assert err.status_code == 404 and err.type == "not_found_error" and err.param == "source_run"
+    assert err.status_code == 400 and err.type == "invalid_request_error"
+    assert err.param == "source_run"
     assert err.message == err.response.json()["error"]["message"]
     assert "source run 'no-such-run' not found" in str(err)
     with pytest.raises(BadRequestError) as bad:
@@ -425,7 +430,11 @@ def test_ablation_sweep_sources_and_masks(study: PatchStudy) -> None:
     with pytest.raises(BadRequestError, match="clean_baseline"):
         study.ablation_sweep(CORRUPT, metric="recovered", **kwargs)
     rec = study.ablation_sweep(CORRUPT, metric="recovered", clean_baseline=0.0, **kwargs)
-    assert rec.clean == 1.0
+    # clean and corrupt are the raw baselines (log p(answer)); the grid is in recovered units.
+    plain = study.ablation_sweep(CORRUPT, metric="logprob", **kwargs)
+    assert rec.clean == 0.0 and rec.corrupt == pytest.approx(plain.corrupt, abs=1e-9)
+    expected = (plain.to_numpy() - plain.corrupt) / (0.0 - plain.corrupt)
+    np.testing.assert_allclose(rec.to_numpy(), expected, atol=1e-9)
 
 
 def test_pack_vectors_and_light_import() -> None:

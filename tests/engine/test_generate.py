@@ -20,7 +20,7 @@ import torch
 
 from checkpoints import build_checkpoint, load_reference
 from models.helpers import PROMPT, loaded, tokenizer
-from patchserve.engine.errors import RequestError
+from patchserve.engine.errors import InvalidArgument
 from patchserve.engine.generate import (
     GenerationRequest,
     GenerationResult,
@@ -29,6 +29,7 @@ from patchserve.engine.generate import (
     apply_chat_template,
     generate,
 )
+from patchserve.engine.report import completion_logprobs
 from patchserve.models import HookContext, SiteEdit, Transformer, make_edit
 from patchserve.text.tokenizer import Tokenizer
 
@@ -101,6 +102,12 @@ def as_matrix(requested: list[dict[int, float]]) -> torch.Tensor:
     return torch.tensor([[row[i] for i in range(len(row))] for row in requested])
 
 
+def shaped(folder: Path, out: GenerationResult) -> dict[str, Any]:
+    """The OpenAI legacy ``logprobs`` object of a result, as the server sends it."""
+    assert out.logprobs is not None
+    return completion_logprobs(tokenizer(folder), out.logprobs).model_dump()
+
+
 def run(folder: Path, n: int = 8, **kwargs: Any) -> GenerationResult:
     kwargs.setdefault("temperature", 0)
     req = GenerationRequest(prompt_ids=prompt_ids(folder), max_tokens=n, **kwargs)
@@ -153,7 +160,7 @@ def test_sampled_path_logprobs_match_transformers(family_checkpoint):
     expected = torch.log_softmax(logits[len(prompt) - 1 :].float(), -1)
     assert (as_matrix(ours.requested_logprobs) - expected).abs().max() < TOL
     chosen = expected[torch.arange(12), torch.tensor(ours.token_ids)]
-    assert (torch.tensor(ours.logprobs["token_logprobs"]) - chosen).abs().max() < TOL
+    assert (torch.tensor(shaped(folder, ours)["token_logprobs"]) - chosen).abs().max() < TOL
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "gemma3"])
@@ -243,7 +250,7 @@ def test_top_logprobs_are_sorted_and_consistent(checkpoint_root):
     folder = folder_of("llama", checkpoint_root)
     tok = tokenizer(folder)
     out = run(folder, 6, logprobs=4)
-    lp = out.logprobs
+    lp = shaped(folder, out)
     assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
     assert lp["tokens"] == [tok.decode([i]) for i in out.token_ids]
     for token, value, top in zip(
@@ -272,7 +279,7 @@ def test_echo_includes_the_prompt(checkpoint_root):
     assert out.token_ids == plain.token_ids
     assert out.text == tok.decode(prompt) + plain.text
     assert out.completion_text == plain.text
-    lp = out.logprobs
+    lp = shaped(folder, out)
     assert len(lp["tokens"]) == t0 + 4
     assert lp["tokens"][:t0] == [tok.decode([i]) for i in prompt]
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
@@ -289,7 +296,7 @@ def test_echo_includes_the_prompt(checkpoint_root):
     scored = run(folder, 0, echo=True, logprobs=0)
     assert scored.token_ids == [] and scored.finish_reason == "length"
     assert scored.text == tok.decode(prompt)
-    assert scored.logprobs["token_logprobs"] == lp["token_logprobs"][:t0]
+    assert shaped(folder, scored)["token_logprobs"] == lp["token_logprobs"][:t0]
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -336,7 +343,8 @@ def test_stop_strings_and_stop_tokens(checkpoint_root):
     folder = folder_of("mistral", checkpoint_root)
     tok = tokenizer(folder)
     plain = run(folder, 16, temperature=1.0, seed=2, logprobs=1)
-    text, ids, offsets = plain.text, plain.token_ids, plain.logprobs["text_offset"]
+    reported = shaped(folder, plain)
+    text, ids, offsets = plain.text, plain.token_ids, reported["text_offset"]
     assert plain.finish_reason == "length" and len(ids) == 16
 
     def check(stop: str) -> None:
@@ -348,8 +356,8 @@ def test_stop_strings_and_stop_tokens(checkpoint_root):
         kept = sum(1 for o in offsets if o < cut)
         assert 0 < kept < len(ids)
         assert out.token_ids == ids[:kept]
-        assert out.logprobs["tokens"] == plain.logprobs["tokens"][:kept]
-        assert out.logprobs["text_offset"] == offsets[:kept]
+        assert shaped(folder, out)["tokens"] == reported["tokens"][:kept]
+        assert shaped(folder, out)["text_offset"] == offsets[:kept]
         assert kept <= out.completion_tokens < len(ids)
 
     # A stop string that is one token's text, and one across a token boundary.
@@ -415,7 +423,7 @@ BAD = [
 def test_bad_requests_name_their_parameter(change, param, checkpoint_root):
     folder = folder_of("llama", checkpoint_root)
     fields = {"prompt_ids": prompt_ids(folder), "max_tokens": 4, **change}
-    with pytest.raises(RequestError) as err:
+    with pytest.raises(InvalidArgument) as err:
         generate(loaded(folder).model, tokenizer(folder), GenerationRequest(**fields))
     assert err.value.param == param
     assert err.value.message
@@ -429,7 +437,7 @@ def test_chat_template(checkpoint_root):
     tok = Tokenizer.from_folder(folder)  # a private copy: its template is replaced below
     tok.hf.chat_template = None
     assert not tok.has_chat_template
-    with pytest.raises(RequestError) as err:
+    with pytest.raises(InvalidArgument) as err:
         apply_chat_template(tok, [{"role": "user", "content": "hi"}])
     assert err.value.param == "messages"
     tok.hf.chat_template = (
@@ -447,6 +455,6 @@ def test_chat_template(checkpoint_root):
     out = generate(loaded(folder).model, tok, GenerationRequest(ids, max_tokens=3, temperature=0))
     assert len(out.token_ids) == 3
     for bad in ([], "hi", [{"content": "no role"}]):
-        with pytest.raises(RequestError) as err:
+        with pytest.raises(InvalidArgument) as err:
             apply_chat_template(tok, bad)
         assert err.value.param == "messages"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models.helpers import loaded, tokenizer
-from patchserve.engine.errors import RequestError
+from patchserve.engine.errors import InvalidArgument
 from patchserve.engine.metrics import Grader, raw_score
 from patchserve.engine.runs import capture_run
 from patchserve.engine.study import prepare_sweep
@@ -48,22 +48,22 @@ def test_kl_is_zero_for_the_clean_distribution_and_positive_otherwise():
 
 
 def test_recovered_rejects_equal_clean_and_corrupt():
-    with pytest.raises(RequestError, match="divide by zero"):
+    with pytest.raises(InvalidArgument, match="divide by zero"):
         Grader("recovered", 0, clean_score=-1.0, corrupt_score=-1.0 + 1e-12)
 
 
 def test_recovered_without_a_clean_baseline_is_an_error():
-    with pytest.raises(RequestError, match="clean baseline"):
+    with pytest.raises(InvalidArgument, match="clean baseline"):
         Grader("recovered", 0, corrupt_score=-1.0)
 
 
 def test_logit_diff_needs_a_foil():
-    with pytest.raises(RequestError, match="foil"):
+    with pytest.raises(InvalidArgument, match="foil"):
         Grader("logit_diff", 0)
 
 
 def test_unknown_metric():
-    with pytest.raises(RequestError, match="unknown metric"):
+    with pytest.raises(InvalidArgument, match="unknown metric"):
         Grader("accuracy", 0)
 
 
@@ -80,7 +80,10 @@ def test_recovered_is_one_at_the_last_layer_and_position(family_checkpoint):
     spec, _ = prepare_sweep(model, tok, prompt=CORRUPT, source=run, metric="recovered")
     outcome = run_sweep(model, spec)
     assert outcome.grids["post_block"][-1][-1] == pytest.approx(1.0, abs=1e-6)
-    assert outcome.clean == 1.0 and outcome.corrupt == 0.0
+    # 'recovered' reports the raw baselines (log p(answer)), as the seed does.
+    assert outcome.clean == float(raw_score(run.last_logits[None], outcome.answer, None)[0])
+    corrupt_lp = raw_score(outcome.corrupt_logits[None].double(), outcome.answer, None)
+    assert outcome.corrupt == pytest.approx(float(corrupt_lp[0]), abs=1e-9)
     # Positions before the first differing token patch identical activations: exactly 0.
     first_diff = next(
         i for i, (a, b) in enumerate(zip(ids, spec.corrupt_ids, strict=True)) if a != b
@@ -106,5 +109,5 @@ def test_clean_equal_to_corrupt_is_a_clear_error(family_checkpoint):
     ids = tok.encode(CLEAN).ids
     run = capture_run(model, "clean", CLEAN, ids, {"post_block": [0]})
     spec, _ = prepare_sweep(model, tok, prompt=CLEAN, source=run, metric="recovered", layers=[0])
-    with pytest.raises(RequestError, match="score the same"):
+    with pytest.raises(InvalidArgument, match="score the same"):
         run_sweep(model, spec)

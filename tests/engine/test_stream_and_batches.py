@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models.helpers import loaded, tokenizer
-from patchserve.engine.errors import RequestError, SweepCancelled
+from patchserve.engine.errors import InvalidArgument, SweepCancelled
 from patchserve.engine.runs import capture_run
 from patchserve.engine.stream import stream_sweep
 from patchserve.engine.study import prepare_sweep
@@ -61,7 +61,7 @@ def test_every_cell_is_reported_once_and_the_stream_equals_the_plain_call(study)
     # The cell limit counts the same cells: exactly at the limit passes, one below fails.
     limits = dict(hooks=["post_block", "attn_head"], heads=[0, 2])
     prepare_sweep(model, tok, prompt=CORRUPT, source=run, max_cells=total, **limits)
-    with pytest.raises(RequestError, match=f"has {total} cells"):
+    with pytest.raises(InvalidArgument, match=f"has {total} cells"):
         prepare_sweep(model, tok, prompt=CORRUPT, source=run, max_cells=total - 1, **limits)
     keys = {(c.hook, c.layer, c.position, c.head) for _, c, _, _ in events}
     assert len(keys) == total

@@ -156,7 +156,7 @@ def test_store_evicts_least_recently_used_but_never_a_leased_run(tmp_path):
     with store.lease(store.get("b")):
         store.put(_run("d", 1000))  # over budget: b is leased, so c goes
         assert "b" in store and "c" not in store
-        assert store.manifest("b")["leases"] == 1
+        assert store.manifest("b").leases == 1
         assert store.drop("b")  # an owner drop wins even while leased
     assert "b" not in store and store.names() == ["a", "d"]
 
@@ -183,7 +183,7 @@ def test_listing_persisted_runs_does_not_load_their_activations(tmp_path):
     run.kept = True
     RunStore(budget_bytes=10**9, source_dir=tmp_path).put(run)
     reloaded = RunStore(budget_bytes=10**9, source_dir=tmp_path)
-    assert reloaded.manifest("on-disk") == {**run.manifest(), "leases": 0}
+    assert reloaded.manifest("on-disk") == run.manifest(leases=0)
     assert reloaded.nbytes() == 0  # still on disk only
     assert torch.equal(
         reloaded.get("on-disk").activations["attn_head", 1], run.activations["attn_head", 1]

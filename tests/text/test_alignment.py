@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from patchserve.text.alignment import align
+from patchserve.wire.sweep import AlignmentSummary
 
 
 def test_equal_lengths_pair_by_position_even_where_tokens_differ():
     a = align([1, 2, 3, 4], [1, 9, 3, 4])
     assert [a.source_position(i) for i in range(4)] == [0, 1, 2, 3]
     assert a.unpaired() == []
-    assert a.to_json()["mode"] == "positional"
+    assert AlignmentSummary.of(a).mode == "positional"
 
 
 def test_longer_clean_pairs_prefix_by_identity_and_suffix_by_shift():
@@ -26,7 +27,9 @@ def test_shorter_clean_leaves_the_differing_middle_unpaired():
     corrupt = [1, 2, 3, 4, 5, 6]
     a = align(clean, corrupt)
     assert [a.source_position(i) for i in range(6)] == [0, 1, None, None, 2, 3]
-    assert a.to_json()["unpaired_positions"] == [2, 3]
+    summary = AlignmentSummary.of(a)
+    assert summary.unaligned_positions == [2, 3] and summary.mode == "prefix_suffix"
+    assert (summary.prefix_len, summary.suffix_len, summary.shift) == (2, 2, -2)
 
 
 def test_prefix_and_suffix_never_overlap():

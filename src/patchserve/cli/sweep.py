@@ -9,7 +9,6 @@ cells are printed, and optionally a PNG heatmap and the JSON body are saved.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,8 @@ from rich.table import Table
 from rich.text import Text
 
 from patchserve.text.spans import Span
+from patchserve.wire.hooks import LOWER_IS_BETTER
+from patchserve.wire.sweep import CellEvent, ErrorEvent, SummaryEvent, SweepBody
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -103,10 +104,11 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
-def _run_in_process(args: argparse.Namespace, body: dict[str, Any], on_cell) -> dict[str, Any]:
+def _run_in_process(args: argparse.Namespace, body: dict[str, Any], on_cell) -> SweepBody:
     import torch
 
     from patchserve.engine import capture_run, prepare_sweep, run_sweep
+    from patchserve.engine.report import cell_event, sweep_body
     from patchserve.models import INJECTABLE_HOOKS, load_model
     from patchserve.text.tokenizer import Tokenizer
 
@@ -117,11 +119,13 @@ def _run_in_process(args: argparse.Namespace, body: dict[str, Any], on_cell) -> 
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     model, tok = loaded.model, Tokenizer.from_folder(loaded.path)
     torch.set_grad_enabled(False)
+    clean_ids = tok.encode(body["clean_prompt"]).ids
     spec, tokens = prepare_sweep(
         model,
         tok,
         prompt=body["prompt"],
         source=None,
+        clean_ids=clean_ids,
         hooks=body["hooks"],
         layers=body["layers"],
         positions=body["positions"],
@@ -130,48 +134,47 @@ def _run_in_process(args: argparse.Namespace, body: dict[str, Any], on_cell) -> 
         foil_token=body.get("foil_token"),
         metric=body["metric"],
     )
-    clean_ids = tok.encode(body["clean_prompt"]).ids
     hooks = {hook: sorted(set(spec.layers)) for hook in INJECTABLE_HOOKS}
-    spec.source = capture_run(model, "cli", body["clean_prompt"], clean_ids, hooks)
+    run = capture_run(model, "cli", body["clean_prompt"], clean_ids, hooks)
+    spec.source = run
     outcome = run_sweep(
-        model, spec, on_cell=lambda cell, done, total: on_cell(cell.to_event(done, total))
+        model, spec, on_cell=lambda cell, done, total: on_cell(cell_event(cell, done, total))
     )
-    result = outcome.to_json()
-    result.update(
-        hooks=outcome.hooks,
+    return sweep_body(
+        outcome,
+        model_name=loaded.path.name,
+        tokenizer=tok,
         tokens=tokens,
-        model=loaded.path.name,
-        answer_token=tok.decode([outcome.answer]),
+        source_run=run,
+        hooks_given=True,
+        auto_captured=True,
+        captured_source_run=run.name,
+        top_k=20,
     )
-    return result
 
 
-def _run_remote(args: argparse.Namespace, body: dict[str, Any], on_cell) -> dict[str, Any]:
+def _run_remote(args: argparse.Namespace, body: dict[str, Any], on_cell) -> SweepBody:
     import httpx
 
+    from patchserve.wire.errors import ErrorBody
+    from patchserve.wire.sse import iter_events
+
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    summary: dict[str, Any] | None = None
     with (
         httpx.Client(base_url=args.url, timeout=None, headers=headers) as client,
         client.stream("POST", "/v1/patch_sweep", json={**body, "stream": True}) as response,
     ):
         if response.status_code >= 400:
-            response.read()
-            raise SystemExit(f"error {response.status_code}: {response.json()['error']['message']}")
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[len("data: ") :])
-            if event["type"] == "cell":
+            error = ErrorBody.model_validate_json(response.read()).error
+            raise SystemExit(f"error {response.status_code}: {error.message}")
+        for event in iter_events(response):
+            if isinstance(event, CellEvent):
                 on_cell(event)
-            elif event["type"] == "summary":
-                summary = event
-            elif event["type"] == "error":
-                raise SystemExit(f"error: {event['error']['message']}")
-    if summary is None:
-        raise SystemExit("the server closed the stream before the summary")
-    summary.pop("type", None)
-    return summary
+            elif isinstance(event, SummaryEvent):
+                return SweepBody.model_validate(event.model_dump(exclude={"type"}))
+            elif isinstance(event, ErrorEvent):
+                raise SystemExit(f"error: {event.error.message}")
+    raise SystemExit("the server closed the stream before the summary")
 
 
 def _colour(value: float | None, low: float, high: float, centre: float) -> str:
@@ -183,54 +186,56 @@ def _colour(value: float | None, low: float, high: float, centre: float) -> str:
     return f"rgb({level},60,60)" if t > 0 else f"rgb(60,60,{level})"
 
 
-def _grids(result: dict[str, Any]) -> list[tuple[str, list]]:
-    if "hook_grids" in result:
-        return [(g["hook"], g["grid"]) for g in result["hook_grids"]]
-    return [(result["hook"], result["grid"])]
+def _grids(result: SweepBody) -> list[tuple[str, list]]:
+    if result.hook_grids is not None:
+        return [(g.hook, g.grid) for g in result.hook_grids]
+    return [(result.hook, result.grid)]
 
 
-def print_result(console: Console, result: dict[str, Any], top: int) -> None:
+def print_result(console: Console, result: SweepBody, top: int) -> None:
     if not console.is_terminal:  # a pipe or a file: do not squeeze the table into 80 columns
-        console.width = max(console.width, 16 + 9 * len(result["positions"]))
-    tokens = result.get("tokens") or [str(p) for p in result["positions"]]
-    labels = [tokens[p] if p < len(tokens) else str(p) for p in result["positions"]]
-    centre = 0.0 if result["metric"] == "recovered" else float(result["corrupt"])
+        console.width = max(console.width, 16 + 9 * len(result.positions))
+    tokens = result.tokens or [str(p) for p in result.positions]
+    labels = [tokens[p] if p < len(tokens) else str(p) for p in result.positions]
+    centre = 0.0 if result.metric == "recovered" else result.corrupt
     cells: list[tuple[float, str, int, int, int | None]] = []
     for hook, grid in _grids(result):
         if hook == "attn_head":  # one row per (layer, head)
-            heads = result.get("heads") or []
+            heads = result.heads or []
             rows = [
                 (f"L{layer}.H{head}", [row[j][k] for j in range(len(row))], layer, head)
-                for layer, row in zip(result["layers"], grid, strict=True)
+                for layer, row in zip(result.layers, grid, strict=True)
                 for k, head in enumerate(heads)
             ]
         else:
             rows = [
                 (f"L{layer}", row, layer, None)
-                for layer, row in zip(result["layers"], grid, strict=True)
+                for layer, row in zip(result.layers, grid, strict=True)
             ]
         values = [v for _, row, _, _ in rows for v in row if v is not None]
         low, high = (min(values), max(values)) if values else (0.0, 0.0)
-        table = Table(title=f"{hook} — {result['metric']}", show_lines=False, pad_edge=False)
+        table = Table(title=f"{hook} — {result.metric}", show_lines=False, pad_edge=False)
         table.add_column("layer", justify="right")
         for label in labels:
             table.add_column(repr(label)[1:-1][:8], justify="center", no_wrap=True)
         for name, row, layer, head in rows:
             texts = []
-            for p, value in zip(result["positions"], row, strict=True):
+            for p, value in zip(result.positions, row, strict=True):
                 shown = "  ·  " if value is None else f"{value:5.2f}"
                 texts.append(Text(shown, style=f"on {_colour(value, low, high, centre)}"))
                 if value is not None:
                     cells.append((value, hook, layer, p, head))
             table.add_row(name, *texts)
         console.print(table)
+    clean = "n/a" if result.clean is None else f"{result.clean:.4g}"
     console.print(
-        f"clean {result['clean']}  corrupt {result['corrupt']:.4g}  noise floor "
-        f"{result['noise_floor']:.2g}  answer {result.get('answer_token')!r}  "
-        f"{result['timing']['cells']} cells in {result['timing']['seconds']:.2f}s"
+        f"clean {clean}  corrupt {result.corrupt:.4g}  noise floor "
+        f"{result.noise_floor:.2g}  answer {result.answer_token!r}  "
+        f"{result.timing.cells} cells in {result.timing.seconds:.2f}s"
     )
-    console.print(f"top {top} cells:")
-    for value, hook, layer, p, head in sorted(cells, key=lambda c: -c[0])[:top]:
+    lower = result.metric in LOWER_IS_BETTER
+    console.print(f"top {top} cells ({'lowest' if lower else 'highest'} {result.metric} first):")
+    for value, hook, layer, p, head in sorted(cells, key=lambda c: c[0] if lower else -c[0])[:top]:
         where = f"head {head} " if head is not None else ""
         token = tokens[p] if p < len(tokens) else "?"
         console.print(f"  {value:8.4f}  {hook} layer {layer} {where}position {p} {token!r}")
@@ -249,11 +254,11 @@ def run(args: argparse.Namespace) -> int:
     )
     task = None
 
-    def on_cell(event: dict[str, Any]) -> None:
+    def on_cell(event: CellEvent) -> None:
         nonlocal task
         if task is None:
-            task = progress.add_task("sweep", total=event["total"])
-        progress.update(task, completed=event["done"])
+            task = progress.add_task("sweep", total=event.total)
+        progress.update(task, completed=event.done)
 
     with progress:
         if args.url:
@@ -262,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
             result = _run_in_process(args, body, on_cell)
     print_result(console, result, args.top)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        Path(args.json).write_text(result.model_dump_json(indent=2))
         console.print(f"wrote {args.json}")
     if args.out:
         import matplotlib
@@ -272,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        first = SweepResult.from_body(result)
+        first = SweepResult.from_body(result.model_dump(mode="json"))
         ax = first.heatmap()
         ax.figure.savefig(args.out, dpi=150, bbox_inches="tight")
         plt.close(ax.figure)

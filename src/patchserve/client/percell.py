@@ -9,17 +9,14 @@ position. It is the slow, independent cross-check of the server's sweep engine
 and needs only the public completion API.
 
 Nothing is re-implemented here: layers and heads are parsed by
-``patchserve.engine.request``, spans resolved by ``patchserve.text.spans``,
-positions paired by ``patchserve.text.alignment.align`` and cells graded by
-``patchserve.engine.metrics.Grader``, the server's own definitions. That makes
-this path import torch (lazily, on first use); the server-side path does not.
+``patchserve.wire.axes``, spans resolved by ``patchserve.text.spans``,
+positions paired by ``patchserve.text.alignment.align``, cells graded by
+``patchserve.wire.metrics.Grading`` and the answer assembled as the wire's
+``SweepBody`` — the server's own definitions, all torch-free.
 
-Grading from log-probabilities: log-probabilities are valid logits (softmax is
-shift-invariant), so ``Grader`` can read them directly. For every metric but
-``kl`` only the answer and foil are fetched per cell, and the row handed to
-``Grader`` is the compact distribution ``[log p(answer), log p(foil), log p(rest)]``
-(answer = index 0, foil = index 1): it has the same ``logprob``, ``prob``,
-``logit_diff`` and ``recovered`` as the full one. ``kl`` fetches the whole
+Grading from log-probabilities: for every metric but ``kl`` only the answer
+and foil are fetched per cell (log p(answer), and logit(answer) −
+logit(foil) = log p(answer) − log p(foil)). ``kl`` fetches the whole
 vocabulary (its size from ``GET /v1/models``).
 """
 
@@ -27,15 +24,37 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from patchserve.client.errors import APIResponseError
 from patchserve.client.results import SweepResult
+from patchserve.errors import InvalidArgument
 from patchserve.text.alignment import align
 from patchserve.text.spans import SpanError, expand_positions
+from patchserve.wire.axes import parse_heads, parse_hooks, parse_layers
+from patchserve.wire.completions import CompletionResponse
+from patchserve.wire.metrics import (
+    Grading,
+    check_metric,
+    kl_divergence,
+    log_softmax,
+    lower_is_better,
+)
+from patchserve.wire.sweep import (
+    AlignmentSummary,
+    Argmax,
+    Baseline,
+    Baselines,
+    CellEvent,
+    SkippedCell,
+    SweepBody,
+    Timing,
+)
 
 if TYPE_CHECKING:
     from patchserve.client.results import CleanRun
@@ -47,20 +66,14 @@ UNALIGNED = "no aligned clean position (differing middle)"
 OnCell = Callable[[dict[str, Any]], Any]
 
 
-def _engine() -> Any:
-    """The shared parsing and metric definitions (imports torch, hence lazily)."""
-    from patchserve.engine import metrics, request
-    from patchserve.engine.errors import RequestError
+@dataclass
+class _ClientGrading(Grading):
+    """The shared metric definitions, told whether the clean distribution was fetched."""
 
-    return metrics, request, RequestError
+    clean_distribution: bool = False
 
-
-def compact_row(logprobs: dict[int, float], answer: int, foil: int | None) -> list[float]:
-    """``[log p(answer), (log p(foil),) log p(everything else)]``: a distribution over 2-3 ids."""
-    row = [logprobs[answer]] + ([logprobs[foil]] if foil is not None else [])
-    rest = 1.0 - sum(math.exp(v) for v in row)
-    row.append(math.log(rest) if rest > 0 else -math.inf)
-    return row
+    def has_clean_distribution(self) -> bool:
+        return self.clean_distribution
 
 
 async def _call(on_cell: OnCell | None, event: dict[str, Any]) -> None:
@@ -132,14 +145,13 @@ class PerCellSweep:
         if patch:
             body["patch"] = patch
         self.requests += 1
-        out = await self.study._request("POST", "/v1/completions", json=body)
-        try:
-            step = out["choices"][0]["logprob_token_ids"][0]
-            return {int(k): float(v) for k, v in step.items()}
-        except (KeyError, IndexError, TypeError) as exc:
+        out = await self.study._request("POST", "/v1/completions", CompletionResponse, json=body)
+        steps = out.choices[0].logprob_token_ids if out.choices else None
+        if not steps:
             raise APIResponseError(
-                f"the completion has no logprob_token_ids for the first generated token: {out!r}"
-            ) from exc
+                "the completion has no logprob_token_ids for the first generated token"
+            )
+        return {int(k): float(v) for k, v in steps[0].items()}
 
     def _mask(self) -> dict[str, Any] | None:
         if self.mask is None:
@@ -156,16 +168,15 @@ class PerCellSweep:
 
     async def run_sweep(self) -> SweepResult:
         started = time.perf_counter()
-        metrics, request, RequestError = _engine()
         study, run, hook = self.study, self.run, self.hook
         info = await study.model_info()
         n_layers, n_heads, vocab = info["num_layers"], info["num_heads"], info["vocab_size"]
         try:
-            metrics.check_metric(self.metric)
-            request.parse_hooks(hook, None)
-            layers = request.parse_layers(self.layers_spec, n_layers)
-            heads = request.parse_heads(self.heads_spec, n_heads) if hook == "attn_head" else None
-        except RequestError as exc:
+            check_metric(self.metric)
+            parse_hooks(hook, None)
+            layers = parse_layers(self.layers_spec, n_layers)
+            heads = parse_heads(self.heads_spec, n_heads) if hook == "attn_head" else None
+        except InvalidArgument as exc:
             raise ValueError(exc.message) from exc
         if heads is None and self.heads_spec is not None:
             raise ValueError("heads is only for hook 'attn_head'")
@@ -213,34 +224,51 @@ class PerCellSweep:
         wanted = every if self.metric == "kl" else graded
         corrupt_lp = await self._next_logprobs(self.corrupt_prompt, wanted)
 
-        import torch
+        clean_lp_ids = every if self.metric == "kl" else graded
+        clean_row = np.array([clean_lp[i] for i in clean_lp_ids])
+        clean_logprobs = log_softmax(clean_row) if self.metric == "kl" else None
 
-        if self.metric == "kl":
+        def scores(lp: dict[int, float]) -> tuple[float, float | None, float | None]:
+            """(log p(answer), logit difference, KL(clean ‖ this)) of one next-token report."""
+            diff = lp[answer] - lp[foil] if foil is not None else None
+            kl = None
+            if clean_logprobs is not None:
+                row = log_softmax(np.array([[lp[i] for i in every]]))
+                kl = float(kl_divergence(clean_logprobs, row)[0])
+            return lp[answer], diff, kl
 
-            def row(lp: dict[int, float]) -> Any:
-                return torch.tensor([[lp[i] for i in every]], dtype=torch.float64)
-
-            g_answer, g_foil = answer, foil
-        else:
-
-            def row(lp: dict[int, float]) -> Any:
-                return torch.tensor([compact_row(lp, answer, foil)], dtype=torch.float64)
-
-            g_answer, g_foil = 0, (1 if foil is not None else None)
-        clean_row, corrupt_row = row(clean_lp), row(corrupt_lp)
-        try:
-            grader = metrics.Grader(
-                metric=self.metric,
-                answer=g_answer,
-                foil=g_foil,
-                clean_logprobs=torch.log_softmax(clean_row[0], dim=-1),
-                clean_score=float(metrics.raw_score(clean_row, g_answer, g_foil)[0]),
-                corrupt_score=float(metrics.raw_score(corrupt_row, g_answer, g_foil)[0]),
+        def graded_value(grading: Grading, lp: dict[int, float]) -> float:
+            a, d, k = scores(lp)
+            return float(
+                grading.score(
+                    np.array([a]),
+                    None if d is None else np.array([d]),
+                    None if k is None else np.array([k]),
+                )[0]
             )
-        except RequestError as exc:
+
+        def raw(lp: dict[int, float]) -> float:
+            """``m`` of ``recovered``: the logit difference with a foil, else log p(answer)."""
+            a, d, _ = scores(lp)
+            return d if d is not None else a
+
+        try:
+            grading = _ClientGrading(
+                self.metric,
+                answer,
+                foil,
+                clean_score=raw(clean_lp),
+                corrupt_score=raw(corrupt_lp),
+                clean_distribution=clean_logprobs is not None,
+            )
+        except InvalidArgument as exc:
             raise ValueError(exc.message) from exc
-        clean_value = float(grader(clean_row)[0])
-        corrupt_value = float(grader(corrupt_row)[0])
+        if self.metric == "recovered":  # reported raw, as the server does
+            assert grading.clean_score is not None and grading.corrupt_score is not None
+            clean_value, corrupt_value = grading.clean_score, grading.corrupt_score
+        else:
+            clean_value = graded_value(grading, clean_lp)
+            corrupt_value = graded_value(grading, corrupt_lp)
 
         # The cells, in the server's order (layer-major, then position, then head).
         cells: list[tuple[int, int, int | None]] = [
@@ -261,25 +289,23 @@ class PerCellSweep:
             async with lock:
                 values[cell] = value
                 done += 1
-                event: dict[str, Any] = {
-                    "type": "cell",
-                    "hook": hook,
-                    "layer": cell[0],
-                    "position": cell[1],
-                    "value": value,
-                    "done": done,
-                    "total": total,
-                }
-                if cell[2] is not None:
-                    event["head"] = cell[2]
-                await _call(self.on_cell, event)
+                event = CellEvent(
+                    hook=hook,
+                    layer=cell[0],
+                    position=cell[1],
+                    head=cell[2],
+                    value=value,
+                    done=done,
+                    total=total,
+                )
+                await _call(self.on_cell, event.model_dump(mode="json"))
 
         async def one(cell: tuple[int, int, int | None]) -> None:
             layer, position, head = cell
             source = alignment.source_position(position)
             if source is None:
                 skipped.append(
-                    {"hook": hook, "layer": layer, "position": position, "reason": UNALIGNED}
+                    SkippedCell(hook=hook, layer=layer, position=position, reason=UNALIGNED)
                 )
                 await report(cell, None)
                 return
@@ -299,13 +325,14 @@ class PerCellSweep:
                 entry["mask"] = mask
             async with limit:
                 lp = await self._next_logprobs(self.corrupt_prompt, wanted, [entry])
-            await report(cell, float(grader(row(lp))[0]))
+            await report(cell, graded_value(grading, lp))
 
         async with asyncio.TaskGroup() as group:
             for cell in cells:
                 group.create_task(one(cell))
 
         seconds = time.perf_counter() - started
+        answer_token = await study.detokenize([answer])
         return SweepResult.from_body(
             self._body(
                 info=info,
@@ -315,12 +342,12 @@ class PerCellSweep:
                 cells=cells,
                 values=values,
                 skipped=sorted(
-                    skipped,
-                    key=lambda s: (layers.index(s["layer"]), positions.index(s["position"])),
+                    skipped, key=lambda s: (layers.index(s.layer), positions.index(s.position))
                 ),
-                alignment=alignment.to_json(),
+                alignment=AlignmentSummary.of(alignment),
                 tokens=tokens,
                 answer=answer,
+                answer_token=answer_token,
                 foil=foil,
                 clean=clean_value,
                 corrupt=corrupt_value,
@@ -338,16 +365,17 @@ class PerCellSweep:
         heads: list[int] | None,
         cells: list[tuple[int, int, int | None]],
         values: dict[tuple[int, int, int | None], float | None],
-        skipped: list[dict[str, Any]],
-        alignment: dict[str, Any],
+        skipped: list[SkippedCell],
+        alignment: AlignmentSummary,
         tokens: list[str],
         answer: int,
+        answer_token: str,
         foil: int | None,
         clean: float,
         corrupt: float,
         seconds: float,
-    ) -> dict[str, Any]:
-        """The response body the server would have sent (the same field names)."""
+    ) -> SweepBody:
+        """The response body the server would have sent (its wire model)."""
         li = {layer: i for i, layer in enumerate(layers)}
         pi = {p: j for j, p in enumerate(positions)}
         if heads is not None:
@@ -355,7 +383,8 @@ class PerCellSweep:
             grid: list[Any] = [[[None] * len(heads) for _ in positions] for _ in layers]
         else:
             grid = [[None] * len(positions) for _ in layers]
-        best: dict[str, Any] | None = None
+        better = (lambda v, b: v < b) if lower_is_better(self.metric) else (lambda v, b: v > b)
+        best: Argmax | None = None
         for cell in cells:
             layer, position, head = cell
             value = values.get(cell)
@@ -363,39 +392,39 @@ class PerCellSweep:
                 grid[li[layer]][pi[position]] = value
             else:
                 grid[li[layer]][pi[position]][hi[head]] = value
-            if value is not None and (best is None or value > best["value"]):
-                best = {"layer": layer, "position": position, "value": value}
-                if head is not None:
-                    best["head"] = head
-        body: dict[str, Any] = {
-            "object": "patch_sweep",
-            "model": info.get("id"),
-            "hook": self.hook,
-            "hooks": [self.hook],
-            "layers": layers,
-            "positions": positions,
-            "metric": self.metric,
-            "answer_token_id": answer,
-            "foil_token_id": foil,
-            "grid": grid,
-            "argmax": best,
-            "clean": clean,
-            "corrupt": corrupt,
-            "noise_floor": 0.0,  # every cell is the same full forward as the baseline
-            "skipped": skipped,
-            "alignment": alignment,
-            "timing": {
-                "seconds": seconds,
-                "cells": len(cells),
-                "cells_per_second": len(cells) / seconds if seconds > 0 else 0.0,
-                "requests": self.requests,
-            },
-            "tokens": tokens,
-            "auto_captured": False,
-            "captured_source_run": None,
-            "source_run": self.run.run,
-            "baselines": {"clean": {"value": clean}, "corrupt": {"value": corrupt}},
-        }
-        if heads is not None:
-            body["heads"] = heads
-        return body
+            if value is not None and (best is None or better(value, best.value)):
+                best = Argmax(layer=layer, position=position, value=value, head=head)
+        return SweepBody(
+            model=str(info.get("id")),
+            hook=self.hook,
+            hooks=[self.hook],
+            layers=layers,
+            positions=positions,
+            heads=heads,
+            metric=self.metric,
+            answer_token_id=answer,
+            answer_token=answer_token,
+            foil_token_id=foil,
+            grid=grid,
+            argmax=best,
+            clean=clean,
+            corrupt=corrupt,
+            noise_floor=0.0,  # every cell is the same full forward as the baseline
+            skipped=skipped,
+            alignment=alignment,
+            timing=Timing(
+                seconds=seconds,
+                cells=len(cells),
+                cells_per_second=len(cells) / seconds if seconds > 0 else 0.0,
+                cells_computed=len(cells) - len(skipped),
+                cells_free=0,
+            ),
+            tokens=tokens,
+            auto_captured=False,
+            captured_source_run=None,
+            source_run=self.run.run,
+            baselines=Baselines(
+                clean=Baseline(value=clean, top_logprobs=[]),
+                corrupt=Baseline(value=corrupt, top_logprobs=[]),
+            ),
+        )

@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from patchserve.wire.hooks import LOWER_IS_BETTER
+from patchserve.wire.runs import RunManifest
+from patchserve.wire.sweep import SweepBody
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
-
-#: Metrics where a lower value means "more restored".
-LOWER_IS_BETTER = frozenset({"kl"})
 
 
 @dataclass
@@ -46,23 +47,22 @@ class CleanRun:
         return len(self.token_ids)
 
     @classmethod
-    def from_manifest(cls, body: dict[str, Any]) -> CleanRun:
-        """From a ``/v1/patch_source`` manifest (or the capture response, which extends it)."""
+    def from_manifest(cls, body: RunManifest | dict[str, Any]) -> CleanRun:
+        """From a ``/v1/patch_source`` manifest (or the capture response, which extends it),
+        validated against the wire's ``RunManifest``."""
+        parsed = body if isinstance(body, RunManifest) else RunManifest.model_validate(body)
+        raw = parsed.model_dump(mode="json")
         return cls(
-            run=str(body["run"]),
-            prompt=str(body.get("prompt", "")),
-            token_ids=[int(t) for t in body.get("token_ids", [])],
-            hooks={str(h): [int(x) for x in ls] for h, ls in (body.get("hooks") or {}).items()},
-            positions=[int(p) for p in body.get("positions") or []],
-            kept=bool(body.get("kept", True)),
-            top_logprobs=body.get("top_logprobs"),
-            graded=body.get("graded"),
-            manifest=dict(body),
+            run=parsed.run,
+            prompt=parsed.prompt,
+            token_ids=parsed.token_ids,
+            hooks=dict(parsed.hooks),
+            positions=parsed.positions,
+            kept=parsed.kept,
+            top_logprobs=raw.get("top_logprobs"),
+            graded=raw.get("graded"),
+            manifest=raw,
         )
-
-
-def _float(value: Any) -> float | None:
-    return None if value is None else float(value)
 
 
 def token_label(position: int, tokens: list[str]) -> str:
@@ -112,51 +112,58 @@ class SweepResult:
 
     @classmethod
     def from_body(
-        cls, body: dict[str, Any], hook: str | None = None, *, server_side: bool = True
+        cls, body: SweepBody | dict[str, Any], hook: str | None = None, *, server_side: bool = True
     ) -> SweepResult:
-        """The result for ``hook`` (default: the top-level one) of a sweep response body."""
-        top_hook = str(body["hook"])
-        hook = hook or top_hook
-        grid, argmax = body.get("grid"), body.get("argmax")
-        if hook != top_hook or body.get("hook_grids"):
-            entry = next((g for g in body.get("hook_grids") or [] if g["hook"] == hook), None)
+        """The result for ``hook`` (default: the top-level one) of a sweep response body.
+
+        A dict is validated against the wire's ``SweepBody`` first: a body that does
+        not match the contract raises ``pydantic.ValidationError``, never a half-read
+        result.
+        """
+        parsed = body if isinstance(body, SweepBody) else SweepBody.model_validate(body)
+        hook = hook or parsed.hook
+        grid, argmax = parsed.grid, parsed.argmax
+        if hook != parsed.hook or parsed.hook_grids:
+            entry = next((g for g in parsed.hook_grids or [] if g.hook == hook), None)
             if entry is None:
                 raise KeyError(f"the response has no grid for hook {hook!r}")
-            grid, argmax = entry["grid"], entry.get("argmax")
-        skipped = [s for s in body.get("skipped") or [] if s.get("hook", hook) == hook]
+            grid, argmax = entry.grid, entry.argmax
+        raw = parsed.model_dump(mode="json")
         return cls(
             hook=hook,
-            layers=[int(x) for x in body.get("layers") or []],
-            positions=[int(x) for x in body.get("positions") or []],
-            metric=str(body.get("metric", "logprob")),
-            grid=grid if grid is not None else [],
-            clean=_float(body.get("clean")),
-            corrupt=_float(body.get("corrupt")),
-            argmax=argmax,
-            skipped=skipped,
-            alignment=body.get("alignment"),
-            noise_floor=_float(body.get("noise_floor")),
-            auto_captured=bool(body.get("auto_captured", False)),
-            captured_source_run=body.get("captured_source_run"),
-            source_run=body.get("source_run"),
-            heads=body.get("heads"),
-            tokens=list(body.get("tokens") or []),
-            timing=dict(body.get("timing") or {}),
-            baselines=dict(body.get("baselines") or {}),
-            answer_token_id=body.get("answer_token_id"),
-            answer_token=body.get("answer_token"),
-            foil_token_id=body.get("foil_token_id"),
-            hooks=list(body.get("hooks") or [hook]),
-            model=body.get("model"),
+            layers=parsed.layers,
+            positions=parsed.positions,
+            metric=parsed.metric,
+            grid=grid,
+            clean=parsed.clean,
+            corrupt=parsed.corrupt,
+            argmax=None if argmax is None else argmax.model_dump(mode="json"),
+            skipped=[s.model_dump(mode="json") for s in parsed.skipped if s.hook == hook],
+            alignment=raw["alignment"],
+            noise_floor=parsed.noise_floor,
+            auto_captured=parsed.auto_captured,
+            captured_source_run=parsed.captured_source_run,
+            source_run=parsed.source_run,
+            heads=parsed.heads,
+            tokens=parsed.tokens,
+            timing=raw["timing"],
+            baselines=raw["baselines"],
+            answer_token_id=parsed.answer_token_id,
+            answer_token=parsed.answer_token,
+            foil_token_id=parsed.foil_token_id,
+            hooks=parsed.hooks,
+            model=parsed.model,
             server_side=server_side,
-            raw=body,
+            raw=raw,
         )
 
     @classmethod
-    def per_hook(cls, body: dict[str, Any], *, server_side: bool = True) -> dict[str, SweepResult]:
+    def per_hook(
+        cls, body: SweepBody | dict[str, Any], *, server_side: bool = True
+    ) -> dict[str, SweepResult]:
         """``{hook: SweepResult}`` for every hook of a (multi-hook) response body."""
-        hooks = body.get("hooks") or [body["hook"]]
-        return {h: cls.from_body(body, h, server_side=server_side) for h in hooks}
+        parsed = body if isinstance(body, SweepBody) else SweepBody.model_validate(body)
+        return {h: cls.from_body(parsed, h, server_side=server_side) for h in parsed.hooks}
 
     # -- arrays -------------------------------------------------------------------------
 
@@ -213,12 +220,12 @@ class SweepResult:
         return None if cell is None else float(cell)
 
     def argmax_cell(self) -> dict[str, Any] | None:
-        """The cell with the largest value: ``{layer, position, value, token(, head)}``.
+        """The most restored cell: ``{layer, position, value, token(, head)}``.
 
-        Like the server's ``argmax``, this is the maximum whatever the metric (for
-        ``kl`` the most restored cell is the minimum: use ``top(1)``).
+        Like the server's ``argmax``: the largest value, or the smallest for metrics
+        where lower is better (``kl``).
         """
-        cells = self.top(1, largest=True)
+        cells = self.top(1)
         return cells[0] if cells else None
 
     def top(self, k: int = 5, largest: bool | None = None) -> list[dict[str, Any]]:

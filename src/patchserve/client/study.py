@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import json
 import math
 import os
 import threading
@@ -39,6 +38,7 @@ from typing import Any, TypeVar
 
 import httpx
 import numpy as np
+from pydantic import ValidationError
 
 from patchserve.client.errors import (
     APIConnectionError,
@@ -48,12 +48,24 @@ from patchserve.client.errors import (
     from_response,
 )
 from patchserve.client.percell import OnCell, PerCellSweep
-from patchserve.client.results import LOWER_IS_BETTER, CleanRun, SweepResult, ZoomResult
+from patchserve.client.results import CleanRun, SweepResult, ZoomResult
 from patchserve.text.spans import Span, incremental_char_offsets, resolve_span
-from patchserve.wire.hooks import HOOKS
+from patchserve.wire.base import WireModel
+from patchserve.wire.hooks import HOOKS, LOWER_IS_BETTER
+from patchserve.wire.info import (
+    DetokenizeResponse,
+    Health,
+    ModelList,
+    ModuleRegistered,
+    TokenizeResponse,
+)
 from patchserve.wire.packing import pack_vectors
+from patchserve.wire.runs import RunDropped, RunList, RunManifest
+from patchserve.wire.sse import aiter_events
+from patchserve.wire.sweep import CellEvent, ErrorEvent, SummaryEvent, SweepBody
 
 T = TypeVar("T")
+M = TypeVar("M", bound=WireModel)
 
 
 DEFAULT_URL = "http://localhost:8000"
@@ -155,11 +167,13 @@ class AsyncPatchStudy:
         self,
         method: str,
         path: str,
+        expect: type[M],
         *,
         json: Any = None,
         params: dict[str, Any] | None = None,
-    ) -> Any:
-        """One call; a typed :class:`PatchServeError` for any 4xx/5xx or broken connection."""
+    ) -> M:
+        """One call, its body validated as ``expect``; a typed :class:`PatchServeError` for
+        any 4xx/5xx, a broken connection or a body that breaks the wire contract."""
         try:
             response = await self._client.request(method, path, json=json, params=params)
         except httpx.TransportError as exc:
@@ -167,17 +181,17 @@ class AsyncPatchStudy:
         if response.status_code >= 400:
             raise from_response(response)
         try:
-            return response.json()
-        except ValueError as exc:
+            return expect.model_validate_json(response.content)
+        except ValidationError as exc:
             raise APIResponseError(
-                f"{path} answered {response.status_code} with a body that is not JSON",
+                f"{path} answered {response.status_code} with a body that is not a "
+                f"{expect.__name__}: {exc}",
                 response.status_code,
                 response=response,
             ) from exc
 
-    async def _stream_sweep(self, body: dict[str, Any], on_cell: OnCell) -> dict[str, Any]:
+    async def _stream_sweep(self, body: dict[str, Any], on_cell: OnCell) -> SweepBody:
         """``POST /v1/patch_sweep`` with ``stream: true``: every cell event to ``on_cell``."""
-        summary: dict[str, Any] | None = None
         try:
             async with self._client.stream(
                 "POST", "/v1/patch_sweep", json={**body, "stream": True}
@@ -185,49 +199,46 @@ class AsyncPatchStudy:
                 if response.status_code >= 400:
                     await response.aread()
                     raise from_response(response)
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[len("data:") :].strip()
-                    if data == "[DONE]":
-                        break
-                    event = json.loads(data)
-                    kind = event.get("type")
-                    if kind == "cell":
-                        result = on_cell(event)
+                async for event in aiter_events(response):
+                    if isinstance(event, CellEvent):
+                        result = on_cell(event.model_dump(mode="json"))
                         if inspect.isawaitable(result):
                             await result
-                    elif kind == "summary":
-                        summary = {k: v for k, v in event.items() if k != "type"}
-                    elif kind == "error":
-                        raise from_error_body(event, 400, response)
+                    elif isinstance(event, SummaryEvent):
+                        return SweepBody.model_validate(event.model_dump(exclude={"type"}))
+                    elif isinstance(event, ErrorEvent):
+                        raise from_error_body(event.model_dump(mode="json"), 400, response)
         except httpx.TransportError as exc:
             raise APIConnectionError(f"the sweep stream from {self.base_url} broke: {exc}") from exc
-        if summary is None:
-            raise APIResponseError("the sweep stream ended without a summary event")
-        return summary
+        except ValidationError as exc:
+            raise APIResponseError(
+                f"the sweep stream sent an event that breaks the contract: {exc}"
+            ) from exc
+        raise APIResponseError("the sweep stream ended without a summary event")
 
     # -- server information and text ----------------------------------------------------
 
     async def health(self) -> dict[str, Any]:
         """``GET /health``."""
-        return await self._request("GET", "/health")
+        return (await self._request("GET", "/health", Health)).model_dump(mode="json")
 
     async def model_info(self, refresh: bool = False) -> dict[str, Any]:
         """The served model (``GET /v1/models``, first entry): layers, heads, vocab, ..."""
         if self._model_info is None or refresh:
-            self._model_info = (await self._request("GET", "/v1/models"))["data"][0]
+            models = await self._request("GET", "/v1/models", ModelList)
+            self._model_info = models.data[0].model_dump(mode="json")
         return self._model_info
 
     async def tokenize(self, prompt: str, add_special_tokens: bool = True) -> dict[str, Any]:
         """``POST /tokenize``: ``{tokens, token_strs, offsets, special, count}``."""
-        return await self._request(
-            "POST", "/tokenize", json={"prompt": prompt, "add_special_tokens": add_special_tokens}
-        )
+        body = {"prompt": prompt, "add_special_tokens": add_special_tokens}
+        encoded = await self._request("POST", "/tokenize", TokenizeResponse, json=body)
+        return encoded.model_dump(mode="json")
 
     async def detokenize(self, tokens: Sequence[int]) -> str:
         """``POST /detokenize``."""
-        return (await self._request("POST", "/detokenize", json={"tokens": list(tokens)}))["prompt"]
+        body = {"tokens": list(tokens)}
+        return (await self._request("POST", "/detokenize", DetokenizeResponse, json=body)).prompt
 
     async def _encode(self, prompt: str) -> dict[str, Any]:
         """``tokenize`` with character offsets guaranteed (rebuilt by detokenising if absent)."""
@@ -296,26 +307,29 @@ class AsyncPatchStudy:
             body["positions"] = [int(p) for p in positions]
         body.update(_token_fields("answer_token", answer_token))
         body.update(_token_fields("foil_token", foil_token))
-        return CleanRun.from_manifest(await self._request("POST", "/v1/patch_source", json=body))
+        manifest = await self._request("POST", "/v1/patch_source", RunManifest, json=body)
+        return CleanRun.from_manifest(manifest)
 
     async def get_run(self, run: str | CleanRun) -> CleanRun:
         """The manifest of a stored run (``GET /v1/patch_source/{run}``); 404: NotFoundError."""
         name = run.run if isinstance(run, CleanRun) else run
-        return CleanRun.from_manifest(await self._request("GET", f"/v1/patch_source/{name}"))
+        return CleanRun.from_manifest(
+            await self._request("GET", f"/v1/patch_source/{name}", RunManifest)
+        )
 
     async def list_runs(self) -> list[CleanRun]:
         """Every stored run (``GET /v1/patch_source``)."""
-        body = await self._request("GET", "/v1/patch_source")
-        return [CleanRun.from_manifest(m) for m in body["data"]]
+        listing = await self._request("GET", "/v1/patch_source", RunList)
+        return [CleanRun.from_manifest(m) for m in listing.data]
 
     async def drop_run(self, run: str | CleanRun) -> bool:
         """Delete a stored run: True if it was dropped, False if there was none."""
         name = run.run if isinstance(run, CleanRun) else run
         try:
-            body = await self._request("DELETE", f"/v1/patch_source/{name}")
+            dropped = await self._request("DELETE", f"/v1/patch_source/{name}", RunDropped)
         except NotFoundError:
             return False
-        return bool(body.get("dropped", True))
+        return dropped.dropped
 
     async def _run_exists(self, name: str) -> bool:
         try:
@@ -332,11 +346,13 @@ class AsyncPatchStudy:
             hook: {str(layer): {"vector": pack_vectors(v)} for layer, v in per_layer.items()}
             for hook, per_layer in vectors.items()
         }
-        return await self._request(
+        registered = await self._request(
             "POST",
             "/v1/steering/modules/register",
+            ModuleRegistered,
             json={"name": name, "vectors": packed, "overwrite": overwrite},
         )
+        return registered.model_dump(mode="json")
 
     pack_vectors = staticmethod(pack_vectors)
 
@@ -348,9 +364,9 @@ class AsyncPatchStudy:
         out = (
             await self._stream_sweep(body, on_cell)
             if on_cell is not None
-            else await self._request("POST", "/v1/patch_sweep", json=body)
+            else await self._request("POST", "/v1/patch_sweep", SweepBody, json=body)
         )
-        if len(out.get("hooks") or [out["hook"]]) > 1:
+        if len(out.hooks) > 1:
             return SweepResult.per_hook(out)
         return SweepResult.from_body(out)
 

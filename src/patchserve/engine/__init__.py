@@ -1,6 +1,6 @@
 """The sweep engine: captured runs, validated sweep specs, exact and fast execution."""
 
-from patchserve.engine.errors import RequestError, SweepCancelled
+from patchserve.engine.errors import InvalidArgument, SweepCancelled
 from patchserve.engine.metrics import METRICS, Grader
 from patchserve.engine.runs import CapturedRun, capture_run, check_run_name
 from patchserve.engine.stream import stream_sweep
@@ -12,7 +12,7 @@ __all__ = [
     "CapturedRun",
     "Cell",
     "Grader",
-    "RequestError",
+    "InvalidArgument",
     "SweepCancelled",
     "SweepOutcome",
     "SweepSpec",

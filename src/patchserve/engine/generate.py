@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from patchserve.engine.errors import RequestError
+from patchserve.engine.errors import InvalidArgument
 from patchserve.models.hooks import HOOKS, HookContext, SiteEdit, make_edit
 from patchserve.models.transformer import KVCache, Transformer
 from patchserve.text.tokenizer import Tokenizer
@@ -81,23 +81,32 @@ class GenerationRequest:
 
 
 @dataclass
+class ReportedTokens:
+    """Tokens with their steps (None: the first prompt token) and offsets into the text."""
+
+    token_ids: list[int]
+    steps: list[TokenStep | None]
+    text_offset: list[int]
+
+
+@dataclass
 class GenerationResult:
     """What one :func:`generate` call produced.
 
     ``text`` is the OpenAI ``choices[i].text``: the prompt text followed by the
     completion when ``echo`` is set, else the completion alone
-    (``completion_text``). ``logprobs`` is the OpenAI legacy completions
-    object (``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``,
-    the latter indexing ``text``), covering the prompt tokens first when
-    ``echo`` is set (the first prompt token has ``None`` logprobs).
-    ``requested_logprobs[i]`` maps each id of ``logprob_token_ids`` to its
-    logprob at generated token ``i``.
+    (``completion_text``). ``logprobs`` (when ``logprobs`` was asked for)
+    reports every token of ``text`` with the distribution it was drawn from,
+    the prompt tokens first when ``echo`` is set (the first prompt token has
+    no step). ``requested_logprobs[i]`` maps each id of ``logprob_token_ids``
+    to its logprob at generated token ``i``. The server shapes these for the
+    wire (``patchserve.wire.completions``).
     """
 
     token_ids: list[int]
     text: str
     finish_reason: str  # "stop" | "length"
-    logprobs: dict[str, list[Any]] | None
+    logprobs: ReportedTokens | None
     requested_logprobs: list[dict[int, float]] | None
     prompt_tokens: int
     completion_tokens: int
@@ -105,8 +114,8 @@ class GenerationResult:
 
 
 @dataclass
-class _Step:
-    """The distribution one generated token was drawn from, as reported."""
+class TokenStep:
+    """The distribution one token was drawn from, as reported."""
 
     token: int
     logprob: float
@@ -127,63 +136,63 @@ def _is_number(value: Any) -> bool:
 
 def _check_ids(ids: Any, vocab: int, param: str) -> None:
     if isinstance(ids, str | bytes) or not isinstance(ids, Sequence):
-        raise RequestError(f"{param} must be a list of token ids", param)
+        raise InvalidArgument(f"{param} must be a list of token ids", param)
     for i in ids:
         if not _is_int(i):
-            raise RequestError(f"{param} must hold integer token ids, got {i!r}", param)
+            raise InvalidArgument(f"{param} must hold integer token ids, got {i!r}", param)
         if not 0 <= i < vocab:
-            raise RequestError(
+            raise InvalidArgument(
                 f"token id {i} in {param} is outside the vocabulary [0, {vocab})", param
             )
 
 
 def validate_request(model: Transformer, request: GenerationRequest) -> None:
-    """Raise :class:`RequestError` (naming the parameter) for anything :func:`generate` rejects."""
+    """Raise :class:`InvalidArgument` (naming the field) for anything :func:`generate` rejects."""
     cfg = model.cfg
     vocab = cfg.vocab_size
     _check_ids(request.prompt_ids, vocab, "prompt")
     if len(request.prompt_ids) == 0:
-        raise RequestError("the prompt is empty: it must hold at least one token", "prompt")
+        raise InvalidArgument("the prompt is empty: it must hold at least one token", "prompt")
     m = request.max_tokens
     if not _is_int(m) or m < 0:
-        raise RequestError(f"max_tokens must be an integer >= 0, got {m!r}", "max_tokens")
+        raise InvalidArgument(f"max_tokens must be an integer >= 0, got {m!r}", "max_tokens")
     context = cfg.max_position_embeddings
     t = len(request.prompt_ids)
     if t > context:
-        raise RequestError(
+        raise InvalidArgument(
             f"the prompt has {t} tokens, more than the model's context of {context}", "prompt"
         )
     if t + m > context:
-        raise RequestError(
+        raise InvalidArgument(
             f"the prompt ({t} tokens) plus max_tokens ({m}) exceeds the model's context of "
             f"{context} tokens; lower max_tokens to at most {context - t}",
             "max_tokens",
         )
     temperature = request.temperature
     if not _is_number(temperature) or temperature < 0:
-        raise RequestError(
+        raise InvalidArgument(
             f"temperature must be a finite number >= 0, got {temperature!r}", "temperature"
         )
     top_p = request.top_p
     if not _is_number(top_p) or not 0 < top_p <= 1:
-        raise RequestError(f"top_p must be in (0, 1], got {top_p!r}", "top_p")
+        raise InvalidArgument(f"top_p must be in (0, 1], got {top_p!r}", "top_p")
     if request.seed is not None and not _is_int(request.seed):
-        raise RequestError(f"seed must be an integer, got {request.seed!r}", "seed")
+        raise InvalidArgument(f"seed must be an integer, got {request.seed!r}", "seed")
     k = request.logprobs
     if k is not None and (not _is_int(k) or not 0 <= k <= MAX_LOGPROBS):
-        raise RequestError(
+        raise InvalidArgument(
             f"logprobs must be an integer in 0..{MAX_LOGPROBS}, got {k!r}", "logprobs"
         )
     _check_ids(request.logprob_token_ids, vocab, "logprob_token_ids")
     _check_ids(request.stop_token_ids, vocab, "stop_token_ids")
     stop = [request.stop] if isinstance(request.stop, str) else request.stop
     if not isinstance(stop, Sequence):
-        raise RequestError("stop must be a string or a list of strings", "stop")
+        raise InvalidArgument("stop must be a string or a list of strings", "stop")
     for s in stop:
         if not isinstance(s, str) or not s:
-            raise RequestError(f"stop strings must be non-empty strings, got {s!r}", "stop")
+            raise InvalidArgument(f"stop strings must be non-empty strings, got {s!r}", "stop")
     if not isinstance(request.echo, bool):
-        raise RequestError(f"echo must be a boolean, got {request.echo!r}", "echo")
+        raise InvalidArgument(f"echo must be a boolean, got {request.echo!r}", "echo")
     for edit in request.edits:
         _check_edit(model, edit)
     for steer in request.steer:
@@ -193,50 +202,52 @@ def validate_request(model: Transformer, request: GenerationRequest) -> None:
 def _check_layer(model: Transformer, layer: Any, param: str) -> None:
     n = model.cfg.num_layers
     if not _is_int(layer) or not 0 <= layer < n:
-        raise RequestError(f"layer {layer!r} is out of range: the model has {n} layers", param)
+        raise InvalidArgument(f"layer {layer!r} is out of range: the model has {n} layers", param)
 
 
 def _check_edit(model: Transformer, edit: SiteEdit) -> None:
     cfg = model.cfg
     _check_layer(model, edit.layer, "patch")
     if bool((edit.rows != 0).any()):
-        raise RequestError("generation runs one sequence: patch rows must be 0", "patch")
+        raise InvalidArgument("generation runs one sequence: patch rows must be 0", "patch")
     if bool((edit.positions < 0).any()):
-        raise RequestError("patch positions must be >= 0", "patch")
+        raise InvalidArgument("patch positions must be >= 0", "patch")
     width = cfg.hook_width(edit.hook)
     if edit.source.dim() != 2 or edit.source.shape[1] != width:
-        raise RequestError(
+        raise InvalidArgument(
             f"a patch source at {edit.hook} must be {width} wide, got shape "
             f"{list(edit.source.shape)}",
             "patch",
         )
     if edit.heads is not None and bool(((edit.heads < 0) | (edit.heads >= cfg.num_heads)).any()):
-        raise RequestError(f"patch heads must be in 0..{cfg.num_heads - 1}", "patch")
+        raise InvalidArgument(f"patch heads must be in 0..{cfg.num_heads - 1}", "patch")
 
 
 def _check_steer(model: Transformer, steer: SteerVector) -> None:
     cfg = model.cfg
     _check_layer(model, steer.layer, "steer")
     if steer.hook not in HOOKS:
-        raise RequestError(
+        raise InvalidArgument(
             f"unknown steering hook {steer.hook!r}; expected one of {', '.join(HOOKS)}", "steer"
         )
     width = cfg.hook_width(steer.hook)
     if not isinstance(steer.vector, torch.Tensor) or tuple(steer.vector.shape) != (width,):
         shape = list(steer.vector.shape) if isinstance(steer.vector, torch.Tensor) else None
-        raise RequestError(
+        raise InvalidArgument(
             f"a steering vector at {steer.hook} must be {width} wide, got shape {shape}", "steer"
         )
     if not _is_number(steer.scale):
-        raise RequestError(f"steering scale must be a finite number, got {steer.scale!r}", "steer")
+        raise InvalidArgument(
+            f"steering scale must be a finite number, got {steer.scale!r}", "steer"
+        )
     if steer.hook == "attn_head":
         if not _is_int(steer.head) or not 0 <= steer.head < cfg.num_heads:
-            raise RequestError(
+            raise InvalidArgument(
                 f"attn_head steering needs a head in 0..{cfg.num_heads - 1}, got {steer.head!r}",
                 "steer",
             )
     elif steer.head is not None:
-        raise RequestError("a steering head is given only for the attn_head hook", "steer")
+        raise InvalidArgument("a steering head is given only for the attn_head hook", "steer")
 
 
 # ---------------------------------------------------------------------------- interventions
@@ -431,10 +442,10 @@ def _step(
     token: int,
     k: int | None,
     requested: Sequence[int],
-) -> _Step:
+) -> TokenStep:
     """Report the model's distribution ``log_softmax(logits)`` at one generated token."""
     lp = torch.log_softmax(logits.float(), dim=-1)
-    step = _Step(token=token, logprob=float(lp[token]))
+    step = TokenStep(token=token, logprob=float(lp[token]))
     if k:
         values, ids = torch.topk(lp, k)
         step.top = list(zip(ids.tolist(), values.tolist(), strict=True))
@@ -446,9 +457,9 @@ def _step(
 
 def _prompt_steps(
     model: Transformer, hidden: torch.Tensor, prompt: list[int], k: int
-) -> list[_Step | None]:
+) -> list[TokenStep | None]:
     """Logprob of each prompt token given its prefix (``None`` for the first)."""
-    steps: list[_Step | None] = [None]
+    steps: list[TokenStep | None] = [None]
     t = len(prompt)
     for a in range(0, t - 1, PROMPT_LOGPROB_CHUNK):
         b = min(t - 1, a + PROMPT_LOGPROB_CHUNK)
@@ -456,32 +467,6 @@ def _prompt_steps(
         for j in range(b - a):
             steps.append(_step(logits[j], prompt[a + j + 1], k, ()))
     return steps
-
-
-def _logprobs_object(
-    tokenizer: Tokenizer, ids: list[int], steps: list[_Step | None], offsets: list[int]
-) -> dict[str, list[Any]]:
-    """The OpenAI legacy completions ``logprobs`` object of tokens ``ids``."""
-    token_logprobs: list[float | None] = []
-    top_logprobs: list[dict[str, float] | None] = []
-    for step in steps:
-        if step is None:
-            token_logprobs.append(None)
-            top_logprobs.append(None)
-            continue
-        token_logprobs.append(step.logprob)
-        top: dict[str, float] = {}
-        for i, value in step.top:
-            top.setdefault(tokenizer.decode([i]), value)
-        # As vLLM does: the chosen token is always listed (so up to k + 1 entries).
-        top.setdefault(tokenizer.decode([step.token]), step.logprob)
-        top_logprobs.append(top)
-    return {
-        "tokens": [tokenizer.decode([i]) for i in ids],
-        "token_logprobs": token_logprobs,
-        "top_logprobs": top_logprobs,
-        "text_offset": offsets,
-    }
 
 
 # ---------------------------------------------------------------------------- generate
@@ -509,8 +494,8 @@ def generate(
     else:
         generator.manual_seed(request.seed % 2**64)
 
-    prompt_steps: list[_Step | None] = []
-    steps: list[_Step] = []
+    prompt_steps: list[TokenStep | None] = []
+    steps: list[TokenStep] = []
     generated: list[int] = []
     produced = 0
     finish = "length"
@@ -578,14 +563,13 @@ def generate(
     logprobs = None
     if k is not None:
         if request.echo:
-            logprobs = _logprobs_object(
-                tokenizer,
+            logprobs = ReportedTokens(
                 [*prompt, *generated],
                 [*prompt_steps, *steps],
                 [*prompt_offsets, *completion_offsets],
             )
         else:
-            logprobs = _logprobs_object(tokenizer, generated, [*steps], completion_offsets)
+            logprobs = ReportedTokens(list(generated), [*steps], completion_offsets)
     return GenerationResult(
         token_ids=generated,
         text=text,
@@ -604,12 +588,12 @@ def generate(
 def apply_chat_template(tokenizer: Tokenizer, messages: list[dict[str, Any]]) -> list[int]:
     """Prompt ids of chat ``messages`` through the tokenizer's template, ready for the reply."""
     if not tokenizer.has_chat_template:
-        raise RequestError("this model's tokenizer has no chat template", "messages")
+        raise InvalidArgument("this model's tokenizer has no chat template", "messages")
     if isinstance(messages, str | bytes) or not isinstance(messages, Sequence) or not messages:
-        raise RequestError("messages must be a non-empty list of message objects", "messages")
+        raise InvalidArgument("messages must be a non-empty list of message objects", "messages")
     for m in messages:
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
-            raise RequestError(
+            raise InvalidArgument(
                 f"each message must be an object with a string 'role', got {m!r}", "messages"
             )
     try:
@@ -617,7 +601,7 @@ def apply_chat_template(tokenizer: Tokenizer, messages: list[dict[str, Any]]) ->
             list(messages), add_generation_prompt=True, tokenize=True
         )
     except Exception as exc:  # the template runs user content through jinja
-        raise RequestError(
+        raise InvalidArgument(
             f"the chat template failed on these messages: {exc}", "messages"
         ) from exc
     if isinstance(out, Mapping):

@@ -1,29 +1,21 @@
-"""Grading the next-token distribution of a cell (SPEC §1 *Metrics*).
+"""Grading last-position logits on the model's device (SPEC §1 *Metrics*).
 
-All arithmetic is in float64 on the logits of the last prompt position.
-``recovered`` is ``(m_cell - m_corrupt) / (m_clean - m_corrupt)`` with ``m``
-the logit difference when a foil is given, else the answer's log-probability;
-``kl`` is KL(clean ‖ cell) over the full vocabulary.
+The metrics themselves are defined once, in :mod:`patchserve.wire.metrics`
+(numpy, shared with the client); this module extracts their raw quantities
+— log p(answer), the logit difference, KL(clean ‖ cell) — from ``[n, vocab]``
+logits in float64 torch, so the full distributions never leave the device.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from patchserve.engine.errors import RequestError
+from patchserve.wire.metrics import DEGENERATE, METRICS, Grading, check_metric
 
-METRICS: tuple[str, ...] = ("logprob", "prob", "logit_diff", "recovered", "kl")
-DEGENERATE = 1e-9
-
-
-def check_metric(metric: str) -> str:
-    if metric not in METRICS:
-        raise RequestError(
-            f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}", "metric"
-        )
-    return metric
+__all__ = ["DEGENERATE", "METRICS", "Grader", "check_metric", "raw_score"]
 
 
 def raw_score(logits: torch.Tensor, answer: int, foil: int | None) -> torch.Tensor:
@@ -34,55 +26,33 @@ def raw_score(logits: torch.Tensor, answer: int, foil: int | None) -> torch.Tens
     return torch.log_softmax(logits, dim=-1)[:, answer]
 
 
+def _numpy(values: torch.Tensor) -> np.ndarray:
+    return values.detach().cpu().numpy()
+
+
 @dataclass
-class Grader:
+class Grader(Grading):
     """Scores rows of last-position logits ``[n, vocab]`` under one metric."""
 
-    metric: str
-    answer: int
-    foil: int | None = None
     clean_logprobs: torch.Tensor | None = None  # [vocab] float64, for kl
-    clean_score: float | None = None  # m_clean, for recovered
-    corrupt_score: float | None = None  # m_corrupt, for recovered
 
-    def __post_init__(self) -> None:
-        check_metric(self.metric)
-        if self.metric == "logit_diff" and self.foil is None:
-            raise RequestError("metric 'logit_diff' needs a foil token", "foil_token")
-        if self.metric == "kl" and self.clean_logprobs is None:
-            raise RequestError("metric 'kl' needs a clean run to compare against", "metric")
-        if self.metric == "recovered":
-            if self.clean_score is None:
-                raise RequestError(
-                    "metric 'recovered' needs a clean baseline: give clean_prompt, "
-                    "a source_run captured with logits, or clean_baseline",
-                    "clean_baseline",
-                )
-            if self.corrupt_score is None:
-                raise RequestError("metric 'recovered' needs the corrupt baseline", "metric")
-            if abs(self.clean_score - self.corrupt_score) <= DEGENERATE:
-                raise RequestError(
-                    "clean and corrupt runs score the same "
-                    f"({self.clean_score:.6g}); 'recovered' would divide by zero",
-                    "metric",
-                )
+    def has_clean_distribution(self) -> bool:
+        return self.clean_logprobs is not None
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """``[n]`` float64 metric values of ``[n, vocab]`` logits."""
+        """``[n]`` float64 metric values of ``[n, vocab]`` logits (on the CPU)."""
         logits = logits.double()
-        if self.metric == "logprob":
-            return torch.log_softmax(logits, dim=-1)[:, self.answer]
-        if self.metric == "prob":
-            return torch.softmax(logits, dim=-1)[:, self.answer]
-        if self.metric == "logit_diff":
-            assert self.foil is not None
-            return logits[:, self.answer] - logits[:, self.foil]
-        if self.metric == "recovered":
-            assert self.clean_score is not None and self.corrupt_score is not None
-            m = raw_score(logits, self.answer, self.foil)
-            return (m - self.corrupt_score) / (self.clean_score - self.corrupt_score)
-        assert self.clean_logprobs is not None
-        p_clean = self.clean_logprobs.to(logits.device)
         logp = torch.log_softmax(logits, dim=-1)
-        terms = torch.exp(p_clean) * (p_clean - logp)
-        return torch.where(torch.isinf(p_clean), torch.zeros_like(terms), terms).sum(-1)
+        diff = None if self.foil is None else logits[:, self.answer] - logits[:, self.foil]
+        kl = None
+        if self.metric == "kl":
+            assert self.clean_logprobs is not None
+            p_clean = self.clean_logprobs.to(logits.device)
+            terms = torch.exp(p_clean) * (p_clean - logp)
+            kl = torch.where(torch.isinf(p_clean), torch.zeros_like(terms), terms).sum(-1)
+        values = self.score(
+            _numpy(logp[:, self.answer]),
+            None if diff is None else _numpy(diff),
+            None if kl is None else _numpy(kl),
+        )
+        return torch.from_numpy(values)

@@ -8,15 +8,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from patchserve.engine.errors import RequestError
+from patchserve.engine.errors import InvalidArgument
 from patchserve.models import HOOKS, HookContext, Transformer
+from patchserve.wire.runs import RunManifest
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def check_run_name(name: str, param: str = "run") -> str:
     if not isinstance(name, str) or not RUN_NAME.match(name) or ".." in name:
-        raise RequestError(
+        raise InvalidArgument(
             f"invalid run name {name!r}: use 1-128 characters from A-Z a-z 0-9 . _ -, "
             "starting with a letter or digit",
             param,
@@ -64,21 +65,20 @@ class CapturedRun:
             return None
         return acts[self.positions.index(position)]
 
-    def manifest(self) -> dict[str, object]:
-        return {
-            "run": self.name,
-            "object": "patch_source",
-            "prompt": self.prompt,
-            "token_ids": self.token_ids,
-            "num_tokens": len(self.token_ids),
-            "hooks": self.hook_layers(),
-            "positions": self.positions,
-            "dtype": self.dtype,
-            "bytes": self.nbytes(),
-            "created": int(self.created),
-            "kept": self.kept,
-            "leases": self.leases,
-        }
+    def manifest(self, leases: int | None = None) -> RunManifest:
+        return RunManifest(
+            run=self.name,
+            prompt=self.prompt,
+            token_ids=self.token_ids,
+            num_tokens=len(self.token_ids),
+            hooks=self.hook_layers(),
+            positions=self.positions,
+            dtype=self.dtype,
+            bytes=self.nbytes(),
+            created=int(self.created),
+            kept=self.kept,
+            leases=self.leases if leases is None else leases,
+        )
 
 
 def capture_run(

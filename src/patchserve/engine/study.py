@@ -14,15 +14,16 @@ from typing import Any
 
 import torch
 
-from patchserve.engine.errors import RequestError
+from patchserve.engine.errors import InvalidArgument
 from patchserve.engine.metrics import check_metric
-from patchserve.engine.request import parse_heads, parse_hooks, parse_layers, resolve_token
+from patchserve.engine.request import resolve_token
 from patchserve.engine.runs import CapturedRun
 from patchserve.engine.sweep import DEFAULT_BATCH_TOKENS, Source, SweepSpec, VectorSource
 from patchserve.models import Transformer
-from patchserve.text.alignment import align
+from patchserve.text.alignment import Alignment, align
 from patchserve.text.spans import SpanError, expand_positions, incremental_char_offsets
 from patchserve.text.tokenizer import Encoding, Tokenizer
+from patchserve.wire.axes import parse_heads, parse_hooks, parse_layers
 
 
 def char_offsets(tokenizer: Tokenizer, encoding: Encoding) -> list[tuple[int, int]]:
@@ -41,13 +42,13 @@ def resolve_positions(
     if spec is None or spec == "all_prompt":
         return list(range(len(encoding.ids)))
     if isinstance(spec, str) or not isinstance(spec, Sequence):
-        raise RequestError("positions must be 'all_prompt' or a list of ints and spans", param)
+        raise InvalidArgument("positions must be 'all_prompt' or a list of ints and spans", param)
     if not spec:
-        raise RequestError("positions is empty", param)
+        raise InvalidArgument("positions is empty", param)
     try:
         return expand_positions(spec, prompt, char_offsets(tokenizer, encoding), encoding.special)
     except SpanError as exc:
-        raise RequestError(str(exc), param) from exc
+        raise InvalidArgument(str(exc), param) from exc
 
 
 def _check_masks(
@@ -64,11 +65,11 @@ def _check_masks(
             continue
         width = model.cfg.hook_width(hook)
         if mask.shape != (width,):
-            raise RequestError(
+            raise InvalidArgument(
                 f"mask has {mask.numel()} values; hook {hook} is {width} wide", "mask"
             )
         if not bool(((mask >= 0) & (mask <= 1)).all()):
-            raise RequestError("mask values must lie in [0, 1]", "mask")
+            raise InvalidArgument("mask values must lie in [0, 1]", "mask")
         out[hook] = mask.float().to(model.device)
     return out
 
@@ -84,19 +85,34 @@ def _check_run(
     for hook in hooks:
         missing = [layer for layer in layers if layer not in captured.get(hook, [])]
         if missing:
-            raise RequestError(
+            raise InvalidArgument(
                 f"source run {run.name!r} did not capture {hook} at layer(s) {missing}",
                 "source_run",
             )
-    alignment = align(run.token_ids, corrupt_ids)
+    alignment = _check_alignable(run.token_ids, corrupt_ids, positions)
     for p in positions:
         src = alignment.source_position(p)
         if src is not None and src not in run.positions:
-            raise RequestError(
+            raise InvalidArgument(
                 f"source run {run.name!r} did not capture position {src} (paired with "
                 f"corrupt position {p})",
                 "source_run",
             )
+
+
+def _check_alignable(
+    clean_ids: list[int], corrupt_ids: list[int], positions: list[int]
+) -> Alignment:
+    """The alignment, if at least one requested position has a clean partner (as the seed)."""
+    alignment = align(clean_ids, corrupt_ids)
+    if all(alignment.source_position(p) is None for p in positions):
+        raise InvalidArgument(
+            "no alignable positions: the clean and corrupt prompts share no common token "
+            f"prefix or suffix at the requested positions {positions} (the differing middle "
+            f"is {alignment.unpaired()})",
+            "positions",
+        )
+    return alignment
 
 
 def prepare_sweep(
@@ -120,46 +136,50 @@ def prepare_sweep(
     clean_baseline: float | None = None,
     max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
     max_cells: int | None = None,
+    clean_ids: list[int] | None = None,
 ) -> tuple[SweepSpec, list[str]]:
     """A validated sweep and the corrupt prompt's token strings (axis labels).
 
     ``source=None`` validates everything but the source (a caller about to
     capture a run that covers the sweep by construction) and leaves
-    ``spec.source`` for the caller to set.
+    ``spec.source`` for the caller to set; ``clean_ids`` (the prompt it will
+    capture) is then checked for alignable positions.
     """
     cfg = model.cfg
     if not isinstance(prompt, str) or not prompt:
-        raise RequestError("prompt must be a non-empty string", "prompt")
+        raise InvalidArgument("prompt must be a non-empty string", "prompt")
     encoding = tokenizer.encode(prompt)
     if not encoding.ids:
-        raise RequestError("prompt tokenizes to no tokens", "prompt")
+        raise InvalidArgument("prompt tokenizes to no tokens", "prompt")
     hook_list = parse_hooks(hook, hooks)
     layer_list = parse_layers(layers, cfg.num_layers)
     position_list = resolve_positions(tokenizer, prompt, encoding, positions)
     head_list = parse_heads(heads, cfg.num_heads) if "attn_head" in hook_list else None
     if heads is not None and head_list is None:
-        raise RequestError("heads apply to the attn_head hook only", "heads")
+        raise InvalidArgument("heads apply to the attn_head hook only", "heads")
     check_metric(metric)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise RequestError("alpha must be a finite number", "alpha")
+        raise InvalidArgument("alpha must be a finite number", "alpha")
     if clean_baseline is not None and not math.isfinite(clean_baseline):
-        raise RequestError("clean_baseline must be a finite number", "clean_baseline")
+        raise InvalidArgument("clean_baseline must be a finite number", "clean_baseline")
     vocab = cfg.vocab_size
     answer = resolve_token(tokenizer, vocab, answer_token, answer_token_id, "answer_token")
     foil = resolve_token(tokenizer, vocab, foil_token, foil_token_id, "foil_token")
     if answer is not None and foil is not None and answer == foil:
-        raise RequestError("answer and foil are the same token", "foil_token")
+        raise InvalidArgument("answer and foil are the same token", "foil_token")
     if isinstance(source, CapturedRun):
         _check_run(source, hook_list, layer_list, position_list, encoding.ids)
         if metric == "kl" and source.last_logits is None:
-            raise RequestError("metric 'kl' needs a source run captured with logits", "metric")
+            raise InvalidArgument("metric 'kl' needs a source run captured with logits", "metric")
+    elif source is None and clean_ids is not None:
+        _check_alignable(clean_ids, encoding.ids, position_list)
     elif source is not None and metric == "recovered" and clean_baseline is None:
-        raise RequestError(
+        raise InvalidArgument(
             "metric 'recovered' on a vector-sourced sweep needs clean_baseline",
             "clean_baseline",
         )
     if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
-        raise RequestError("max_batch_tokens must be a positive integer", "max_batch_tokens")
+        raise InvalidArgument("max_batch_tokens must be a positive integer", "max_batch_tokens")
     spec = SweepSpec(
         corrupt_ids=encoding.ids,
         hooks=hook_list,
@@ -176,7 +196,7 @@ def prepare_sweep(
         max_batch_tokens=max_batch_tokens,
     )
     if max_cells is not None and spec.num_cells > max_cells:
-        raise RequestError(
+        raise InvalidArgument(
             f"the sweep has {spec.num_cells} cells; this server allows at most {max_cells}",
             "layers",
         )

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from patchserve.engine.errors import RequestError, SweepCancelled
+from patchserve.engine.errors import InvalidArgument, SweepCancelled
 from patchserve.engine.flops import suffix_flops, unembed_flops
 from patchserve.engine.metrics import Grader, raw_score
 from patchserve.engine.runs import CapturedRun
@@ -45,6 +45,7 @@ from patchserve.models import HookContext, Transformer, make_edit
 from patchserve.models.hooks import blend
 from patchserve.models.transformer import KVCache, Reuse
 from patchserve.text.alignment import Alignment, align
+from patchserve.wire.hooks import LOWER_IS_BETTER
 
 BRANCH_HOOKS = ("attn_out", "post_attn", "mlp_in", "mlp_out")
 DEFAULT_BATCH_TOKENS = 4096
@@ -95,22 +96,6 @@ class Cell:
     value: float | None = None
     error: str | None = None
 
-    def to_event(self, done: int, total: int) -> dict[str, object]:
-        event: dict[str, object] = {
-            "type": "cell",
-            "hook": self.hook,
-            "layer": self.layer,
-            "position": self.position,
-            "value": self.value,
-            "done": done,
-            "total": total,
-        }
-        if self.head is not None:
-            event["head"] = self.head
-        if self.error is not None:
-            event["error"] = self.error
-        return event
-
 
 @dataclass
 class SweepOutcome:
@@ -122,46 +107,14 @@ class SweepOutcome:
     answer: int
     foil: int | None
     grids: dict[str, list]  # hook -> [layer][position] (attn_head: [layer][position][head])
-    argmax: dict[str, dict[str, object] | None]
-    clean: float | None
-    corrupt: float
-    noise_floor: float
+    argmax: dict[str, dict[str, object] | None]  # the most restored cell (lowest for kl)
+    clean: float | None  # raw metric of the clean run (logprob / logit diff for 'recovered')
+    corrupt: float  # raw metric of the corrupt run (likewise)
+    noise_floor: float  # in the metric's units
     skipped: list[dict[str, object]]
     alignment: Alignment | None
     corrupt_logits: torch.Tensor
     stats: dict[str, float | int] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, object]:
-        first = self.hooks[0]
-        body: dict[str, object] = {
-            "hook": first,
-            "layers": self.layers,
-            "positions": self.positions,
-            "metric": self.metric,
-            "answer_token_id": self.answer,
-            "foil_token_id": self.foil,
-            "grid": self.grids[first],
-            "argmax": self.argmax[first],
-            "clean": self.clean,
-            "corrupt": self.corrupt,
-            "noise_floor": self.noise_floor,
-            "skipped": self.skipped,
-            "alignment": self.alignment.to_json() if self.alignment is not None else None,
-            "timing": {
-                "seconds": self.stats["seconds"],
-                "cells": self.stats["cells"],
-                "cells_per_second": self.stats["cells_per_second"],
-                "cells_computed": self.stats["computed"],
-                "cells_free": self.stats["free"],
-            },
-        }
-        if len(self.hooks) > 1:
-            body["hook_grids"] = [
-                {"hook": h, "grid": self.grids[h], "argmax": self.argmax[h]} for h in self.hooks
-            ]
-        if self.heads is not None:
-            body["heads"] = self.heads
-        return body
 
 
 @dataclass
@@ -260,7 +213,7 @@ class SweepRunner:
             return None
         row = source.row(hook, layer, src)
         if row is None:
-            raise RequestError(
+            raise InvalidArgument(
                 f"source run {source.name!r} has no {hook} activation at layer {layer}, "
                 f"position {src}",
                 "source_run",
@@ -284,11 +237,11 @@ class SweepRunner:
             clean_score=clean_score,
             corrupt_score=float(raw_score(corrupt_logits[None], answer, spec.foil)[0]),
         )
+        if spec.metric == "recovered":  # clean and corrupt are reported raw (as the seed)
+            return grader, clean_score
         clean_value = None
         if clean_logits is not None:
             clean_value = float(grader(clean_logits[None].to(corrupt_logits.device))[0])
-        elif spec.metric == "recovered":
-            clean_value = 1.0
         return grader, clean_value
 
     # -- execution ------------------------------------------------------------------
@@ -314,6 +267,8 @@ class SweepRunner:
             corrupt = self._corrupt_forward()
             grader, clean_value = self._grader(corrupt.logits)
             baseline = float(grader(corrupt.logits[None])[0])
+            raw_corrupt = float(raw_score(corrupt.logits[None], grader.answer, spec.foil)[0])
+            reported_corrupt = raw_corrupt if spec.metric == "recovered" else baseline
             cells, groups, skipped = self._plan(corrupt, alignment, baseline)
             noise = self._execute(groups, corrupt, grader, baseline)
         grids, argmax = self._grids(cells)
@@ -334,7 +289,7 @@ class SweepRunner:
             grids=grids,
             argmax=argmax,
             clean=clean_value,
-            corrupt=baseline,
+            corrupt=reported_corrupt,
             noise_floor=noise,
             skipped=skipped,
             alignment=alignment,
@@ -525,6 +480,8 @@ class SweepRunner:
             else:
                 grids[hook] = [[None] * len(spec.positions) for _ in spec.layers]
         best: dict[str, dict | None] = dict.fromkeys(spec.hooks)
+        lower = spec.metric in LOWER_IS_BETTER
+        better = (lambda v, b: v < b) if lower else (lambda v, b: v > b)
         for c in cells:
             row = grids[c.hook][li[c.layer]]
             if c.head is None:
@@ -532,7 +489,7 @@ class SweepRunner:
             else:
                 row[pi[c.position]][hi[c.head]] = c.value
             current = best[c.hook]
-            if c.value is not None and (current is None or c.value > current["value"]):
+            if c.value is not None and (current is None or better(c.value, current["value"])):
                 entry: dict[str, object] = {
                     "layer": c.layer,
                     "position": c.position,

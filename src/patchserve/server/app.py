@@ -5,10 +5,9 @@ from __future__ import annotations
 import hmac
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 
-from patchserve.server.errors import error_body, install_error_handlers
-from patchserve.server.routes import info, sources, steering, sweep, text
+from patchserve.server.errors import error_response, install_error_handlers, without_validation_422
+from patchserve.server.routes import completions, info, sources, steering, sweep, text
 from patchserve.server.state import ServerState
 
 
@@ -20,14 +19,8 @@ def create_app(state: ServerState) -> FastAPI:
     )
     app.state.patchserve = state
     install_error_handlers(app)
-    for module in (sweep, sources, steering, text, info):
+    for module in (sweep, sources, completions, steering, text, info):
         app.include_router(module.router)
-    try:
-        from patchserve.server.routes import completions
-    except ImportError:  # pragma: no cover - arrives with the generation engine
-        completions = None
-    if completions is not None:
-        app.include_router(completions.router)
 
     key = state.config.api_key
     limit = state.config.max_body_bytes
@@ -38,20 +31,20 @@ def create_app(state: ServerState) -> FastAPI:
         if key is not None and path.startswith("/v1"):
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                return JSONResponse(
-                    error_body("missing or invalid API key (Authorization: Bearer KEY)", 401),
-                    status_code=401,
-                )
+                return error_response("missing or invalid API key (Authorization: Bearer KEY)", 401)
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            return JSONResponse(
-                error_body(f"request body is {length} bytes; the limit is {limit}", 413),
-                status_code=413,
-            )
+            return error_response(f"request body is {length} bytes; the limit is {limit}", 413)
         response = await call_next(request)
         route = request.scope.get("route")
         label = getattr(route, "path", "unmatched")
         state.metrics.requests.labels(route=label, status=str(response.status_code)).inc()
         return response
 
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = without_validation_422(FastAPI.openapi(app))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

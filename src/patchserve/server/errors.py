@@ -1,7 +1,15 @@
-"""The one error shape of every 4xx: ``{"error": {message, type, param, code}}``."""
+"""Domain errors and malformed requests → status codes and the one error body.
+
+This module alone knows which status a failure gets: ``InvalidArgument`` 400,
+``NotFound`` 404, ``Conflict`` 409, ``TooLarge`` 413; a request pydantic
+rejects is a 400 naming its field; anything unexpected is a 500 whose body
+says only that (the exception goes to the server log, not to the client).
+It also documents those answers for ``/openapi.json``.
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -9,35 +17,42 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from patchserve.engine.errors import RequestError
+from patchserve.errors import Conflict, InvalidArgument, NotFound, StudyError, TooLarge
+from patchserve.wire.errors import ErrorBody, error_body
 
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    409: "conflict_error",
-    413: "request_too_large",
-    422: "invalid_request_error",
-}
+log = logging.getLogger("patchserve.server")
 
+STATUS: tuple[tuple[type[StudyError], int], ...] = (
+    (NotFound, 404),
+    (Conflict, 409),
+    (TooLarge, 413),
+    (InvalidArgument, 400),
+)
 
 TYPE_TAGS = {"int", "float", "str", "bool", "list", "dict", "none", "literal"}
 
-
-def error_body(message: str, code: int, param: str | None = None, kind: str | None = None) -> dict:
-    return {
-        "error": {
-            "message": message,
-            "type": kind or ERROR_TYPES.get(code, "server_error"),
-            "param": param,
-            "code": code,
-        }
-    }
+_DESCRIPTIONS = {
+    400: "Invalid request (the error names the field in `param`)",
+    401: "Missing or wrong API key (`--api-key`)",
+    404: "A named run, module or model does not exist",
+    409: "The name is taken (pass `overwrite: true`)",
+    413: "Request body or prompt past the server's limits",
+    500: "Internal error",
+}
 
 
-def error_response(message: str, code: int, param: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, code, param), status_code=code)
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a route: each status code with the error schema."""
+    return {code: {"model": ErrorBody, "description": _DESCRIPTIONS[code]} for code in codes}
+
+
+def status_of(exc: StudyError) -> int:
+    return next((code for kind, code in STATUS if isinstance(exc, kind)), 400)
+
+
+def error_response(message: str, code: int, param: str | None = None, kind: str | None = None):
+    body = error_body(message, code, param, kind)
+    return JSONResponse(body.model_dump(mode="json"), status_code=code)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -56,20 +71,27 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         loc.append(text)
     param = ".".join(loc) or None
     message = first.get("msg", "invalid value")
-    if first.get("type") == "json_invalid":
+    kind = first.get("type")
+    if kind == "json_invalid":
         return "request body is not valid JSON", None
-    if first.get("type") == "missing":
+    if kind == "missing":
+        if param is None:
+            return "the request needs a JSON body", None
         return f"missing required field {param}", param
-    if first.get("type") == "extra_forbidden":
+    if kind == "extra_forbidden":
         return f"unknown field {param}", param
+    if kind == "literal_error" and param is not None:
+        noun = next((p for p in reversed(loc) if not p.isdigit()), param).removesuffix("s")
+        expected = first.get("ctx", {}).get("expected", "")
+        return f"unknown {noun} {first.get('input')!r}; expected one of {expected}", param
     more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
     return f"{param}: {message}{more}" if param else f"{message}{more}", param
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(RequestError)
-    async def on_request_error(_request: Request, exc: RequestError) -> JSONResponse:
-        return error_response(exc.message, exc.code, exc.param)
+    @app.exception_handler(StudyError)
+    async def on_study_error(_request: Request, exc: StudyError) -> JSONResponse:
+        return error_response(exc.message, status_of(exc), exc.param, exc.kind)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -81,8 +103,18 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(str(exc.detail), exc.status_code)
 
     @app.exception_handler(Exception)
-    async def on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(
-            error_body(f"internal error: {type(exc).__name__}: {exc}", 500, None, "server_error"),
-            status_code=500,
-        )
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return error_response("internal error (the server log has the details)", 500)
+
+
+def without_validation_422(schema: dict[str, Any]) -> dict[str, Any]:
+    """FastAPI documents a 422 for every body; this server answers those with 400."""
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            if isinstance(operation, dict):
+                operation.get("responses", {}).pop("422", None)
+    components = schema.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    return schema

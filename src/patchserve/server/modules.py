@@ -6,7 +6,8 @@ import threading
 
 import torch
 
-from patchserve.engine.errors import RequestError
+from patchserve.errors import Conflict, InvalidArgument, NotFound
+from patchserve.wire.info import ModuleInfo, ModuleVectorInfo
 
 BUILTIN = "zeros"
 
@@ -20,17 +21,15 @@ class ModuleRegistry:
         self, name: str, vectors: dict[tuple[str, int], torch.Tensor], overwrite: bool = False
     ) -> None:
         if name == BUILTIN:
-            raise RequestError(f"{BUILTIN!r} is built in and cannot be replaced", "name")
+            raise InvalidArgument(f"{BUILTIN!r} is built in and cannot be replaced", "name")
         with self._lock:
             if name in self._modules and not overwrite:
-                raise RequestError(
-                    f"module {name!r} already exists; pass overwrite: true", "name", code=409
-                )
+                raise Conflict(f"module {name!r} already exists; pass overwrite: true", "name")
             self._modules[name] = vectors
 
     def drop(self, name: str) -> bool:
         if name == BUILTIN:
-            raise RequestError(f"{BUILTIN!r} is built in and cannot be deleted", "name")
+            raise InvalidArgument(f"{BUILTIN!r} is built in and cannot be deleted", "name")
         with self._lock:
             return self._modules.pop(name, None) is not None
 
@@ -45,31 +44,27 @@ class ModuleRegistry:
         with self._lock:
             module = self._modules.get(name)
         if module is None:
-            raise RequestError(f"unknown module {name!r}", "source_module", code=404)
+            raise NotFound(f"unknown module {name!r}", "source_module")
         vec = module.get((hook, layer))
         if vec is None:
-            raise RequestError(
+            raise InvalidArgument(
                 f"module {name!r} has no vector for hook {hook} at layer {layer}", "source_module"
             )
         return vec.to(dtype=like.dtype, device=like.device)
 
-    def listing(self) -> list[dict[str, object]]:
+    def listing(self) -> list[ModuleInfo]:
         with self._lock:
             items = [
-                {
-                    "name": name,
-                    "object": "steering_module",
-                    "vectors": sorted(
+                ModuleInfo(
+                    name=name,
+                    vectors=sorted(
                         (
-                            {"hook": h, "layer": layer, "width": int(v.numel())}
+                            ModuleVectorInfo(hook=h, layer=layer, width=int(v.numel()))
                             for (h, layer), v in vecs.items()
                         ),
-                        key=lambda d: (str(d["hook"]), int(d["layer"])),  # type: ignore[arg-type]
+                        key=lambda info: (info.hook, info.layer),
                     ),
-                }
+                )
                 for name, vecs in sorted(self._modules.items())
             ]
-        return [
-            {"name": BUILTIN, "object": "steering_module", "builtin": True, "vectors": []},
-            *items,
-        ]
+        return [ModuleInfo(name=BUILTIN, builtin=True, vectors=[]), *items]

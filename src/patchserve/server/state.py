@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import anyio
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from patchserve.engine.errors import RequestError
+from patchserve.errors import InvalidArgument, NotFound, TooLarge
 from patchserve.models import LoadedModel, Transformer, load_model
 from patchserve.server.config import ServerConfig, default_cache_bytes
 from patchserve.server.modules import ModuleRegistry
@@ -68,17 +68,16 @@ class ServerState:
 
     def encode(self, prompt: str, param: str = "prompt") -> Encoding:
         if not isinstance(prompt, str) or not prompt:
-            raise RequestError(f"{param} must be a non-empty string", param)
+            raise InvalidArgument(f"{param} must be a non-empty string", param)
         encoding = self.tokenizer.encode(prompt)
         limit = self.config.max_prompt_tokens
         if len(encoding.ids) > limit:
-            raise RequestError(
+            raise TooLarge(
                 f"{param} has {len(encoding.ids)} tokens; this server allows at most {limit}",
                 param,
-                code=413,
             )
         if not encoding.ids:
-            raise RequestError(f"{param} tokenizes to no tokens", param)
+            raise InvalidArgument(f"{param} tokenizes to no tokens", param)
         return encoding
 
     async def run_blocking(self, fn: Callable[[], T]) -> T:
@@ -94,10 +93,12 @@ class ServerState:
         self.metrics.store_runs.set(len(self.store.names()))
         self.metrics.queue_depth.set(self.gate.waiting)
 
-    def top_logprobs(self, logits: torch.Tensor, k: int) -> list[dict[str, Any]]:
-        lp = torch.log_softmax(logits.double(), -1)
-        values, ids = lp.topk(min(k, lp.shape[-1]))
-        return [
-            {"token_id": int(i), "token": self.tokenizer.decode([int(i)]), "logprob": float(v)}
-            for v, i in zip(values.tolist(), ids.tolist(), strict=True)
-        ]
+    def check_model(self, name: str | None) -> None:
+        """A request's ``model``: absent, the served name or the path it was loaded from."""
+        if name is None or name in (self.model_name, self.config.model):
+            return
+        raise NotFound(
+            f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+            "model",
+            kind="model_not_found",
+        )

@@ -27,8 +27,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from patchserve.engine.errors import RequestError
 from patchserve.engine.runs import CapturedRun, check_run_name
+from patchserve.errors import Conflict, InvalidArgument
+from patchserve.wire.runs import RunManifest
 
 LOGITS_KEY = "__last_logits__"
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -71,7 +72,7 @@ class RunStore:
             try:
                 check_run_name(name)
                 manifest = json.loads(manifest_path.read_text())
-            except (RequestError, json.JSONDecodeError, OSError):
+            except (InvalidArgument, json.JSONDecodeError, OSError):
                 continue
             if (self.dir / f"{name}.safetensors").exists():
                 self._on_disk[name] = manifest
@@ -157,10 +158,8 @@ class RunStore:
         check_run_name(run.name)
         with self._lock:
             if run.name in self and not overwrite:
-                raise RequestError(
-                    f"run {run.name!r} already exists; pass overwrite: true to replace it",
-                    "run",
-                    code=409,
+                raise Conflict(
+                    f"run {run.name!r} already exists; pass overwrite: true to replace it", "run"
                 )
             self._on_disk.pop(run.name, None)
             self._runs[run.name] = run
@@ -184,17 +183,13 @@ class RunStore:
                     path.unlink(missing_ok=True)
             return found
 
-    def manifest(self, name: str) -> dict | None:
+    def manifest(self, name: str) -> RunManifest | None:
         with self._lock:
             run = self._runs.get(name)
             if run is not None:
-                body = run.manifest()
-                body["leases"] = self._leases.get(name, 0)
-                return body
+                return run.manifest(leases=self._leases.get(name, 0))
             if name in self._on_disk:  # listing must not pull every persisted run into memory
-                body = self._load(name, header_only=True).manifest()
-                body["leases"] = 0
-                return body
+                return self._load(name, header_only=True).manifest(leases=0)
             return None
 
     @contextmanager

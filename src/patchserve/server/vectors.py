@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from patchserve.engine import RequestError
+from patchserve.engine import InvalidArgument
 from patchserve.wire.packing import PackingError, unpack_vectors
 
 
@@ -18,19 +18,19 @@ def unpack_table(packed: Any) -> np.ndarray | None:
     try:
         return unpack_vectors(packed.model_dump() if hasattr(packed, "model_dump") else packed)
     except PackingError as exc:
-        raise RequestError(str(exc), "patch_vectors") from exc
+        raise InvalidArgument(str(exc), "patch_vectors") from exc
 
 
 def table_row(table: np.ndarray | None, index: int, width: int | None, param: str) -> np.ndarray:
     """Row ``index`` of the table, checked against the hook ``width`` when given."""
     if table is None:
-        raise RequestError(f"{param} needs patch_vectors", param)
+        raise InvalidArgument(f"{param} needs patch_vectors", param)
     if not 0 <= index < table.shape[0]:
-        raise RequestError(
+        raise InvalidArgument(
             f"{param} row {index} is out of range; patch_vectors has {table.shape[0]} rows", param
         )
     if width is not None and table.shape[1] != width:
-        raise RequestError(f"{param} is {table.shape[1]} wide; the hook is {width} wide", param)
+        raise InvalidArgument(f"{param} is {table.shape[1]} wide; the hook is {width} wide", param)
     return table[index]
 
 
@@ -44,11 +44,11 @@ def mask_vector(
 ) -> torch.Tensor:
     """A per-dimension mask of ``width``: a 0/1 mask of ``indices`` or a row of the table."""
     if (indices is None) == (inline is None):
-        raise RequestError("mask needs exactly one of indices and inline", param)
+        raise InvalidArgument("mask needs exactly one of indices and inline", param)
     if indices is not None:
         bad = [i for i in indices if not 0 <= i < width]
         if bad:
-            raise RequestError(f"mask indices {bad} are outside {where}'s width {width}", param)
+            raise InvalidArgument(f"mask indices {bad} are outside {where}'s width {width}", param)
         mask = torch.zeros(width)
         mask[indices] = 1.0
         return mask

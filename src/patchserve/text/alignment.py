@@ -42,17 +42,6 @@ class Alignment:
             return []
         return list(range(self.prefix, self.corrupt_length - self.suffix))
 
-    def to_json(self) -> dict[str, object]:
-        return {
-            "mode": "positional" if self.equal_length else "prefix_suffix",
-            "clean_length": self.clean_length,
-            "corrupt_length": self.corrupt_length,
-            "common_prefix": self.prefix,
-            "common_suffix": self.suffix,
-            "shift": self.shift,
-            "unpaired_positions": self.unpaired(),
-        }
-
 
 def align(clean_ids: Sequence[int], corrupt_ids: Sequence[int]) -> Alignment:
     nc, nd = len(clean_ids), len(corrupt_ids)

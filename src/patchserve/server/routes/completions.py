@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
 
 import numpy as np
 import torch
 from fastapi import APIRouter, Request
 
-from patchserve.engine import RequestError, capture_run, check_run_name
+from patchserve.engine import InvalidArgument, capture_run, check_run_name
 from patchserve.engine.generate import (
     GenerationRequest,
     GenerationResult,
@@ -25,18 +24,29 @@ from patchserve.engine.generate import (
     generate,
     validate_request,
 )
+from patchserve.engine.report import chat_logprobs, completion_logprobs
+from patchserve.errors import Conflict, TooLarge
 from patchserve.models import INJECTABLE_HOOKS, make_edit
 from patchserve.models.hooks import SiteEdit
+from patchserve.server.errors import error_responses
 from patchserve.server.routes.sources import capture_hooks
-from patchserve.server.schemas import (
+from patchserve.server.state import ServerState
+from patchserve.server.vectors import mask_vector, table_row, unpack_table
+from patchserve.wire.completions import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionResponse,
+    Usage,
+)
+from patchserve.wire.requests import (
     ChatCompletionRequest,
     CompletionRequest,
     Interventions,
     PatchEntry,
     SteerEntry,
 )
-from patchserve.server.state import ServerState
-from patchserve.server.vectors import mask_vector, table_row, unpack_table
 
 router = APIRouter()
 
@@ -48,13 +58,13 @@ def _inline(table: np.ndarray | None, row: int, width: int, param: str) -> torch
 def _check_site(state: ServerState, layer: int, hook: str, head: int | None, param: str) -> int:
     cfg = state.model.cfg
     if hook not in INJECTABLE_HOOKS:
-        raise RequestError(f"unknown hook {hook!r}", param)
+        raise InvalidArgument(f"unknown hook {hook!r}", param)
     if not 0 <= layer < cfg.num_layers:
-        raise RequestError(f"layer {layer} is out of range (0-{cfg.num_layers - 1})", param)
+        raise InvalidArgument(f"layer {layer} is out of range (0-{cfg.num_layers - 1})", param)
     if (hook == "attn_head") != (head is not None):
-        raise RequestError("head is required for attn_head and only for it", param)
+        raise InvalidArgument("head is required for attn_head and only for it", param)
     if head is not None and not 0 <= head < cfg.num_heads:
-        raise RequestError(f"head {head} is out of range (0-{cfg.num_heads - 1})", param)
+        raise InvalidArgument(f"head {head} is out of range (0-{cfg.num_heads - 1})", param)
     return cfg.hook_width(hook)
 
 
@@ -71,7 +81,7 @@ def _module_or_inline(
     """A registered module's vector at ``(hook, layer)``, or a row of ``patch_vectors``."""
     if module is not None:
         if not state.modules.exists(module):
-            raise RequestError(f"unknown module {module!r}", param)
+            raise InvalidArgument(f"unknown module {module!r}", param)
         return state.modules.vector(module, hook, layer, width, state.model.embed_tokens.weight)
     assert inline is not None
     return _inline(table, inline, width, param)
@@ -86,19 +96,19 @@ def _edit(state: ServerState, entry: PatchEntry, table: np.ndarray | None, i: in
         entry.source_inline is not None,
     ]
     if sum(sources) != 1:
-        raise RequestError(
+        raise InvalidArgument(
             "a patch entry needs exactly one of source_run, source_module, source_inline", param
         )
     like = state.model.embed_tokens.weight
     if entry.source_run is not None:
         run = state.store.get(check_run_name(entry.source_run, param))
         if run is None:
-            raise RequestError(f"source run {entry.source_run!r} not found", param, code=404)
+            raise InvalidArgument(f"source run {entry.source_run!r} not found", param)
         if entry.source_position is None:
-            raise RequestError("source_run needs source_position", param)
+            raise InvalidArgument("source_run needs source_position", param)
         row = run.row(entry.hook, entry.layer, entry.source_position)
         if row is None:
-            raise RequestError(
+            raise InvalidArgument(
                 f"run {entry.source_run!r} has no {entry.hook} at layer "
                 f"{entry.layer}, position {entry.source_position}",
                 param,
@@ -116,7 +126,7 @@ def _edit(state: ServerState, entry: PatchEntry, table: np.ndarray | None, i: in
             param,
         )
     if entry.dest_position < 0:
-        raise RequestError("dest_position must be >= 0", param)
+        raise InvalidArgument("dest_position must be >= 0", param)
     mask = None
     if entry.mask is not None:
         mask = mask_vector(
@@ -138,7 +148,7 @@ def _steer(state: ServerState, entry: SteerEntry, table: np.ndarray | None, i: i
     param = f"steer.{i}"
     width = _check_site(state, entry.layer, entry.hook, entry.head, param)
     if (entry.source_module is None) == (entry.source_inline is None):
-        raise RequestError("a steer entry needs one of source_module and source_inline", param)
+        raise InvalidArgument("a steer entry needs one of source_module and source_inline", param)
     like = state.model.embed_tokens.weight
     vector = _module_or_inline(
         state,
@@ -157,9 +167,11 @@ def _steer(state: ServerState, entry: SteerEntry, table: np.ndarray | None, i: i
 
 def _prepare(state: ServerState, req: Interventions) -> tuple[list[SiteEdit], list[SteerVector]]:
     if req.n != 1:
-        raise RequestError("only n = 1 is supported", "n")
+        raise InvalidArgument("only n = 1 is supported", "n")
     if req.stream:
-        raise RequestError("streaming completions are not supported; use stream: false", "stream")
+        raise InvalidArgument(
+            "streaming completions are not supported; use stream: false", "stream"
+        )
     table = unpack_table(req.patch_vectors)
     edits = [_edit(state, e, table, i) for i, e in enumerate(req.patch)]
     steer = [_steer(state, s, table, i) for i, s in enumerate(req.steer)]
@@ -178,11 +190,11 @@ def _capture(state: ServerState, req: Interventions, prompt: str, ids: list[int]
     spec = req.capture.patch_source
     name = check_run_name(spec.run, "capture") if spec.run else state.store.fresh_name("capture")
     if name in state.store and not spec.overwrite:
-        raise RequestError(f"run {name!r} already exists", "capture", code=409)
+        raise Conflict(f"run {name!r} already exists; pass overwrite: true", "capture")
     hooks = capture_hooks(state, spec.hooks)
     positions = None if spec.positions == "all_prompt" else list(spec.positions)
     if positions is not None and any(not 0 <= p < len(ids) for p in positions):
-        raise RequestError("capture positions are out of range", "capture")
+        raise InvalidArgument("capture positions are out of range", "capture")
     run = state.gated(lambda: capture_run(state.model, name, prompt, ids, hooks, positions))
     run.kept = True
     state.store.put(run, overwrite=spec.overwrite)
@@ -221,14 +233,12 @@ def _run_one(
     return result, captured
 
 
-def _usage(results: list[GenerationResult]) -> dict[str, int]:
+def _usage(results: list[GenerationResult]) -> Usage:
     prompt = sum(r.prompt_tokens for r in results)
     completion = sum(r.completion_tokens for r in results)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
 
 
 def _requested(result: GenerationResult) -> list[dict[str, float]] | None:
@@ -237,16 +247,20 @@ def _requested(result: GenerationResult) -> list[dict[str, float]] | None:
     return [{str(k): v for k, v in step.items()} for step in result.requested_logprobs]
 
 
-@router.post("/v1/completions")
-async def completions(req: CompletionRequest, request: Request):
+COMPLETION_ERRORS = error_responses(400, 401, 404, 409, 413, 500)
+
+
+@router.post("/v1/completions", response_model=CompletionResponse, responses=COMPLETION_ERRORS)
+async def completions(req: CompletionRequest, request: Request) -> CompletionResponse:
     state: ServerState = request.app.state.patchserve
+    state.check_model(req.model)
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
     if not prompts:
-        raise RequestError("prompt is empty", "prompt")
+        raise InvalidArgument("prompt is empty", "prompt")
     if req.logprobs is not None and (
         not isinstance(req.logprobs, int) or isinstance(req.logprobs, bool)
     ):
-        raise RequestError("logprobs must be an integer (top-k)", "logprobs")
+        raise InvalidArgument("logprobs must be an integer (top-k)", "logprobs")
     encoded = [state.encode(p).ids for p in prompts]
     _prepare(state, req)  # validate before any model work
 
@@ -257,42 +271,43 @@ async def completions(req: CompletionRequest, request: Request):
         ]
 
     results = await state.run_blocking(work)
-    choices = []
-    for index, (result, captured) in enumerate(results):
-        choice: dict[str, Any] = {
-            "index": index,
-            "text": result.text,
-            "logprobs": result.logprobs,
-            "finish_reason": result.finish_reason,
-            "token_ids": result.token_ids,
-        }
-        if req.logprob_token_ids:
-            choice["logprob_token_ids"] = _requested(result)
-        if captured is not None:
-            choice["captured_source_run"] = captured
-        choices.append(choice)
-    return {
-        "id": f"cmpl-{uuid.uuid4().hex}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": state.model_name,
-        "choices": choices,
-        "usage": _usage([r for r, _ in results]),
-    }
+    tokenizer = state.tokenizer
+    choices = [
+        CompletionChoice(
+            index=index,
+            text=result.text,
+            logprobs=None
+            if result.logprobs is None
+            else completion_logprobs(tokenizer, result.logprobs),
+            finish_reason=result.finish_reason,
+            token_ids=result.token_ids,
+            logprob_token_ids=_requested(result),
+            captured_source_run=captured,
+        )
+        for index, (result, captured) in enumerate(results)
+    ]
+    return CompletionResponse(
+        id=f"cmpl-{uuid.uuid4().hex}",
+        created=int(time.time()),
+        model=state.model_name,
+        choices=choices,
+        usage=_usage([r for r, _ in results]),
+    )
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(req: ChatCompletionRequest, request: Request):
+@router.post(
+    "/v1/chat/completions", response_model=ChatCompletionResponse, responses=COMPLETION_ERRORS
+)
+async def chat_completions(req: ChatCompletionRequest, request: Request) -> ChatCompletionResponse:
     state: ServerState = request.app.state.patchserve
+    state.check_model(req.model)
     if not req.messages:
-        raise RequestError("messages is empty", "messages")
+        raise InvalidArgument("messages is empty", "messages")
     ids = apply_chat_template(state.tokenizer, [m.model_dump() for m in req.messages])
     limit = state.config.max_prompt_tokens
     if len(ids) > limit:
-        raise RequestError(
-            f"the templated prompt has {len(ids)} tokens; the limit is {limit}",
-            "messages",
-            code=413,
+        raise TooLarge(
+            f"the templated prompt has {len(ids)} tokens; the limit is {limit}", "messages"
         )
     top = req.top_logprobs if req.logprobs else None
     if req.logprobs and top is None:
@@ -302,35 +317,21 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     result, captured = await state.run_blocking(
         lambda: _run_one(state, req, prompt, ids, logprobs=top, echo=False)
     )
-    choice: dict[str, Any] = {
-        "index": 0,
-        "message": {"role": "assistant", "content": result.text},
-        "finish_reason": result.finish_reason,
-        "token_ids": result.token_ids,
-    }
-    if result.logprobs is not None:
-        lp = result.logprobs
-        choice["logprobs"] = {
-            "content": [
-                {
-                    "token": tok,
-                    "logprob": value,
-                    "top_logprobs": [{"token": t, "logprob": v} for t, v in (tops or {}).items()],
-                }
-                for tok, value, tops in zip(
-                    lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True
-                )
-            ]
-        }
-    if req.logprob_token_ids:
-        choice["logprob_token_ids"] = _requested(result)
-    if captured is not None:
-        choice["captured_source_run"] = captured
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": state.model_name,
-        "choices": [choice],
-        "usage": _usage([result]),
-    }
+    choice = ChatChoice(
+        index=0,
+        message=AssistantMessage(content=result.text),
+        logprobs=None
+        if result.logprobs is None
+        else chat_logprobs(state.tokenizer, result.logprobs),
+        finish_reason=result.finish_reason,
+        token_ids=result.token_ids,
+        logprob_token_ids=_requested(result),
+        captured_source_run=captured,
+    )
+    return ChatCompletionResponse(
+        id=f"chatcmpl-{uuid.uuid4().hex}",
+        created=int(time.time()),
+        model=state.model_name,
+        choices=[choice],
+        usage=_usage([result]),
+    )

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 
-from patchserve.engine import RequestError, capture_run, check_run_name
+from patchserve.engine import InvalidArgument, capture_run, check_run_name
 from patchserve.engine.metrics import raw_score
-from patchserve.engine.request import parse_layers, resolve_token
+from patchserve.engine.report import top_logprobs
+from patchserve.engine.request import resolve_token
+from patchserve.errors import Conflict, NotFound
 from patchserve.models import INJECTABLE_HOOKS
-from patchserve.server.schemas import PatchSourceRequest
+from patchserve.server.errors import error_responses
 from patchserve.server.state import ServerState
+from patchserve.wire.axes import parse_layers
 from patchserve.wire.packing import pack_vectors
+from patchserve.wire.requests import HookName, PatchSourceRequest
+from patchserve.wire.runs import Graded, RunActivations, RunDropped, RunList, RunManifest
 
 router = APIRouter()
 
@@ -27,25 +31,28 @@ def capture_hooks(state: ServerState, spec: dict[str, Any] | None) -> dict[str, 
     if spec is None:
         return {hook: list(range(n)) for hook in INJECTABLE_HOOKS}
     if not spec:
-        raise RequestError("hooks is empty", "hooks")
+        raise InvalidArgument("hooks is empty", "hooks")
     out = {}
     for hook, layers in spec.items():
         if hook not in INJECTABLE_HOOKS:
-            raise RequestError(
+            raise InvalidArgument(
                 f"unknown hook {hook!r}; expected one of {', '.join(INJECTABLE_HOOKS)}", "hooks"
             )
         out[hook] = parse_layers(layers, n, "hooks")
     return out
 
 
-@router.post("/v1/patch_source")
-async def create_source(req: PatchSourceRequest, request: Request):
+@router.post(
+    "/v1/patch_source",
+    response_model=RunManifest,
+    responses=error_responses(400, 401, 404, 409, 413, 500),
+)
+async def create_source(req: PatchSourceRequest, request: Request) -> RunManifest:
     state = _state(request)
+    state.check_model(req.model)
     name = check_run_name(req.run) if req.run is not None else state.store.fresh_name("run")
     if name in state.store and not req.overwrite:
-        raise RequestError(
-            f"run {name!r} already exists; pass overwrite: true to replace it", "run", code=409
-        )
+        raise Conflict(f"run {name!r} already exists; pass overwrite: true to replace it", "run")
     encoding = state.encode(req.prompt)
     hooks = capture_hooks(state, req.hooks)
     n_tokens = len(encoding.ids)
@@ -54,7 +61,7 @@ async def create_source(req: PatchSourceRequest, request: Request):
     else:
         bad = [p for p in req.positions if not 0 <= p < n_tokens]
         if bad or not req.positions:
-            raise RequestError(
+            raise InvalidArgument(
                 f"positions {bad} are out of range for a prompt of {n_tokens} tokens"
                 if bad
                 else "positions is empty",
@@ -74,69 +81,81 @@ async def create_source(req: PatchSourceRequest, request: Request):
     run.kept = True
     state.store.put(run, overwrite=req.overwrite)
     state.refresh_gauges()
-    body: dict[str, Any] = state.store.manifest(name) or run.manifest()
+    manifest = state.store.manifest(name) or run.manifest()
     assert run.last_logits is not None
-    body["top_logprobs"] = state.top_logprobs(run.last_logits, req.logprobs)
+    graded = None
     if answer is not None:
-        graded: dict[str, Any] = {
-            "answer_token_id": answer,
-            "logprob": float(raw_score(run.last_logits[None], answer, None)[0]),
+        logits = run.last_logits[None]
+        graded = Graded(
+            answer_token_id=answer,
+            logprob=float(raw_score(logits, answer, None)[0]),
+            foil_token_id=foil,
+            logit_diff=None if foil is None else float(raw_score(logits, answer, foil)[0]),
+        )
+    return manifest.model_copy(
+        update={
+            "top_logprobs": top_logprobs(state.tokenizer, run.last_logits, req.logprobs),
+            "graded": graded,
         }
-        if foil is not None:
-            graded["foil_token_id"] = foil
-            graded["logit_diff"] = float(raw_score(run.last_logits[None], answer, foil)[0])
-        body["graded"] = graded
-    return JSONResponse(body)
+    )
 
 
-@router.get("/v1/patch_source")
-async def list_sources(request: Request):
+@router.get("/v1/patch_source", response_model=RunList, responses=error_responses(401, 500))
+async def list_sources(request: Request) -> RunList:
     state = _state(request)
     data = [m for name in state.store.names() if (m := state.store.manifest(name)) is not None]
-    return {"object": "list", "data": data}
+    return RunList(data=data)
 
 
-@router.get("/v1/patch_source/{run}")
+@router.get(
+    "/v1/patch_source/{run}",
+    response_model=RunManifest,
+    responses=error_responses(400, 401, 404, 500),
+)
 async def get_source(
     run: str,
     request: Request,
-    include: str | None = None,
-    hook: str | None = None,
+    include: Literal["activations"] | None = None,
+    hook: HookName | None = None,
     layer: int | None = None,
-):
+) -> RunManifest:
     state = _state(request)
     check_run_name(run)
     manifest = state.store.manifest(run)
     if manifest is None:
-        raise RequestError(f"run {run!r} not found", "run", code=404)
+        raise NotFound(f"run {run!r} not found", "run")
     if include is None:
         return manifest
-    if include != "activations":
-        raise RequestError("include must be 'activations'", "include")
     if hook is None or layer is None:
-        raise RequestError("include=activations needs hook and layer", "hook")
+        raise InvalidArgument("include=activations needs hook and layer", "hook")
     stored = state.store.get(run)
-    assert stored is not None
+    if stored is None:  # dropped since the manifest was read
+        raise NotFound(f"run {run!r} not found", "run")
     acts = stored.activations.get((hook, layer))
     if acts is None:
-        raise RequestError(
-            f"run {run!r} has no {hook} activations at layer {layer}", "hook", code=404
-        )
+        raise NotFound(f"run {run!r} has no {hook} activations at layer {layer}", "hook")
     flat = acts.float().reshape(acts.shape[0], -1).cpu().numpy()
-    manifest["activations"] = {
-        **pack_vectors(flat),
-        "hook": hook,
-        "layer": layer,
-        "positions": stored.positions,
-    }
-    return manifest
+    packed = pack_vectors(flat)
+    activations = RunActivations(
+        dtype=packed["dtype"],
+        shape=packed["shape"],
+        data=packed["data"],
+        hook=hook,
+        layer=layer,
+        positions=stored.positions,
+    )
+    return manifest.model_copy(update={"activations": activations})
 
 
-@router.delete("/v1/patch_source/{run}")
-async def drop_source(run: str, request: Request):
+@router.delete(
+    "/v1/patch_source/{run}",
+    response_model=RunDropped,
+    responses=error_responses(400, 401, 404, 500),
+)
+async def drop_source(run: str, request: Request) -> RunDropped:
     state = _state(request)
     check_run_name(run)
     if not state.store.drop(run):
-        raise RequestError(f"run {run!r} not found", "run", code=404)
+        raise NotFound(f"run {run!r} not found", "run")
     state.refresh_gauges()
-    return {"run": run, "object": "patch_source", "dropped": True}
+    return RunDropped(run=run)

@@ -6,44 +6,50 @@ import numpy as np
 import torch
 from fastapi import APIRouter, Request
 
-from patchserve.engine import RequestError
+from patchserve.errors import InvalidArgument, NotFound
 from patchserve.models import INJECTABLE_HOOKS
-from patchserve.server.schemas import PackedVectors, RegisterModuleRequest
+from patchserve.server.errors import error_responses
 from patchserve.server.state import ServerState
+from patchserve.wire.info import ModuleDeleted, ModuleList, ModuleRegistered
 from patchserve.wire.packing import PackingError, unpack_vectors
+from patchserve.wire.requests import PackedVectors, RegisterModuleRequest
 
 router = APIRouter()
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
-@router.post("/v1/steering/modules/register")
-async def register(req: RegisterModuleRequest, request: Request):
+@router.post(
+    "/v1/steering/modules/register",
+    response_model=ModuleRegistered,
+    responses=error_responses(400, 401, 409, 413, 500),
+)
+async def register(req: RegisterModuleRequest, request: Request) -> ModuleRegistered:
     state: ServerState = request.app.state.patchserve
     cfg = state.model.cfg
     if not req.name or len(req.name) > 128 or set(req.name) - NAME_CHARS:
-        raise RequestError("module name must be 1-128 characters from A-Z a-z 0-9 . _ -", "name")
+        raise InvalidArgument("module name must be 1-128 characters from A-Z a-z 0-9 . _ -", "name")
     if not req.vectors:
-        raise RequestError("vectors is empty", "vectors")
+        raise InvalidArgument("vectors is empty", "vectors")
     vectors = {}
     for hook, layers in req.vectors.items():
         if hook not in INJECTABLE_HOOKS:
-            raise RequestError(f"unknown hook {hook!r}", "vectors")
+            raise InvalidArgument(f"unknown hook {hook!r}", "vectors")
         for layer_key, entry in layers.items():
             try:
                 layer = int(layer_key)
             except ValueError:
-                raise RequestError(f"layer {layer_key!r} is not an integer", "vectors") from None
+                raise InvalidArgument(f"layer {layer_key!r} is not an integer", "vectors") from None
             if not 0 <= layer < cfg.num_layers:
-                raise RequestError(
+                raise InvalidArgument(
                     f"layer {layer} is out of range (0-{cfg.num_layers - 1})", "vectors"
                 )
             if isinstance(entry.vector, PackedVectors):
                 try:
                     array = unpack_vectors(entry.vector.model_dump())
                 except PackingError as exc:
-                    raise RequestError(str(exc), "vectors") from exc
+                    raise InvalidArgument(str(exc), "vectors") from exc
                 if array.shape[0] != 1:
-                    raise RequestError(
+                    raise InvalidArgument(
                         "a packed module vector must have exactly one row", "vectors"
                     )
                 array = array[0]
@@ -51,26 +57,30 @@ async def register(req: RegisterModuleRequest, request: Request):
                 array = np.asarray(entry.vector, dtype=np.float32)
             width = cfg.hook_width(hook)
             if array.shape != (width,):
-                raise RequestError(
+                raise InvalidArgument(
                     f"{hook}/{layer} vector has {array.size} values; {hook} is {width} wide",
                     "vectors",
                 )
             if not np.isfinite(array).all() or not np.isfinite(entry.scale):
-                raise RequestError("vectors must be finite", "vectors")
+                raise InvalidArgument("vectors must be finite", "vectors")
             vectors[hook, layer] = torch.from_numpy(array * float(entry.scale))
     state.modules.register(req.name, vectors, overwrite=req.overwrite)
-    return {"name": req.name, "object": "steering_module", "registered": len(vectors)}
+    return ModuleRegistered(name=req.name, registered=len(vectors))
 
 
-@router.get("/v1/steering/modules")
-async def listing(request: Request):
+@router.get("/v1/steering/modules", response_model=ModuleList, responses=error_responses(401, 500))
+async def listing(request: Request) -> ModuleList:
     state: ServerState = request.app.state.patchserve
-    return {"object": "list", "data": state.modules.listing()}
+    return ModuleList(data=state.modules.listing())
 
 
-@router.delete("/v1/steering/modules/{name}")
-async def drop(name: str, request: Request):
+@router.delete(
+    "/v1/steering/modules/{name}",
+    response_model=ModuleDeleted,
+    responses=error_responses(401, 404, 500),
+)
+async def drop(name: str, request: Request) -> ModuleDeleted:
     state: ServerState = request.app.state.patchserve
     if not state.modules.drop(name):
-        raise RequestError(f"unknown module {name!r}", "name", code=404)
-    return {"name": name, "object": "steering_module", "deleted": True}
+        raise NotFound(f"unknown module {name!r}", "name")
+    return ModuleDeleted(name=name)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack
 from typing import Any, TypeVar
@@ -10,11 +9,11 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from patchserve.engine import (
     CapturedRun,
-    RequestError,
+    InvalidArgument,
     SweepOutcome,
     SweepSpec,
     VectorSource,
@@ -24,11 +23,17 @@ from patchserve.engine import (
     run_sweep,
     stream_sweep,
 )
-from patchserve.engine.request import parse_hooks
+from patchserve.engine.report import cell_event, start_event, sweep_body
+from patchserve.errors import StudyError
 from patchserve.models import INJECTABLE_HOOKS
-from patchserve.server.schemas import PatchSweepRequest
+from patchserve.server.errors import error_responses, status_of
 from patchserve.server.state import ServerState
 from patchserve.server.vectors import mask_vector, table_row, unpack_table
+from patchserve.wire import sse
+from patchserve.wire.axes import parse_hooks
+from patchserve.wire.errors import error_body
+from patchserve.wire.requests import PatchSweepRequest
+from patchserve.wire.sweep import ErrorEvent, StartEvent, SummaryEvent, SweepBody
 
 router = APIRouter()
 T = TypeVar("T")
@@ -38,7 +43,7 @@ def _check_width(vector: np.ndarray, hooks: list[str], state: ServerState, param
     for hook in hooks:
         width = state.model.cfg.hook_width(hook)
         if vector.shape[0] != width:
-            raise RequestError(
+            raise InvalidArgument(
                 f"{param} is {vector.shape[0]} wide; hook {hook} is {width} wide", param
             )
 
@@ -49,20 +54,23 @@ def _vector_source(
     if req.source_module is None and req.source_inline is None:
         return None
     if req.source_module is not None and req.source_inline is not None:
-        raise RequestError("give one of source_module and source_inline", "source_module")
+        raise InvalidArgument("give one of source_module and source_inline", "source_module")
     if req.source_run is not None:
-        raise RequestError(
+        raise InvalidArgument(
             "a sweep has one source: source_run or source_module/source_inline", "source_run"
+        )
+    if req.clean_prompt is not None:
+        raise InvalidArgument(
+            "clean_prompt has no use in a vector-sourced sweep (source_module/source_inline); "
+            "drop it, or drop the vector source to patch from the clean run",
+            "clean_prompt",
         )
     model, modules = state.model, state.modules
     like = model.embed_tokens.weight
     if req.source_module is not None:
         name = req.source_module
         if not modules.exists(name):
-            raise RequestError(f"unknown module {name!r}", "source_module")
-        for hook in hooks:  # every swept site must have a vector, checked before any work
-            for layer in range(model.cfg.num_layers):
-                modules.vector(name, hook, layer, model.cfg.hook_width(hook), like)
+            raise InvalidArgument(f"unknown module {name!r}", "source_module")
         return VectorSource(
             name,
             lambda hook, layer: modules.vector(name, hook, layer, model.cfg.hook_width(hook), like),
@@ -72,6 +80,14 @@ def _vector_source(
     _check_width(row, hooks, state, "source_inline")
     vector = torch.from_numpy(row.copy()).to(device=like.device, dtype=like.dtype)
     return VectorSource("inline", lambda hook, layer: vector)
+
+
+def _check_module_covers(state: ServerState, name: str, spec: SweepSpec) -> None:
+    """Every swept site has a vector in module ``name``: checked before any work."""
+    like, cfg = state.model.embed_tokens.weight, state.model.cfg
+    for hook in spec.hooks:
+        for layer in spec.layers:
+            state.modules.vector(name, hook, layer, cfg.hook_width(hook), like)
 
 
 def _masks(
@@ -114,17 +130,16 @@ class SweepJob:
                 check_run_name(req.source_run, "source_run")
                 self.run = state.store.get(req.source_run)
             if self.run is None:
-                if req.clean_prompt is None:
+                if req.clean_prompt is None:  # a 400, not a 404, as in the seed
                     missing = (
                         f"source run {req.source_run!r} not found"
                         if req.source_run
                         else ("no source given")
                     )
-                    raise RequestError(
+                    raise InvalidArgument(
                         f"{missing}: give clean_prompt to capture it in this call, "
                         "or source_module / source_inline for a vector sweep",
                         "source_run" if req.source_run else "clean_prompt",
-                        code=404 if req.source_run else 400,
                     )
                 self.clean_ids = state.encode(req.clean_prompt, "clean_prompt").ids
                 self.auto_captured = True
@@ -138,6 +153,7 @@ class SweepJob:
             hook=req.hook,
             hooks=req.hooks,
             layers=req.layers.model_dump() if hasattr(req.layers, "model_dump") else req.layers,
+            clean_ids=self.clean_ids,
             positions=[p.model_dump() if hasattr(p, "model_dump") else p for p in req.positions]
             if isinstance(req.positions, list)
             else req.positions,
@@ -153,6 +169,8 @@ class SweepJob:
             max_batch_tokens=state.config.max_batch_tokens,
             max_cells=state.config.max_cells,
         )
+        if req.source_module is not None:
+            _check_module_covers(state, req.source_module, self.spec)
 
     def capture(self) -> None:
         """The one-call auto-capture: every injectable hook of the swept layers."""
@@ -188,50 +206,26 @@ class SweepJob:
         finally:
             self.finish()
 
-    def body(self, outcome: SweepOutcome) -> dict[str, Any]:
-        state, req = self.state, self.req
-        body = outcome.to_json()
-        k = req.logprobs
-        baselines: dict[str, Any] = {
-            "corrupt": {
-                "value": outcome.corrupt,
-                "top_logprobs": state.top_logprobs(outcome.corrupt_logits, k),
-            }
-        }
-        if self.run is not None and self.run.last_logits is not None:
-            baselines["clean"] = {
-                "value": outcome.clean,
-                "top_logprobs": state.top_logprobs(self.run.last_logits, k),
-            }
-        body.update(
-            object="patch_sweep",
-            model=state.model_name,
-            hooks=outcome.hooks,
+    def body(self, outcome: SweepOutcome) -> SweepBody:
+        return sweep_body(
+            outcome,
+            model_name=self.state.model_name,
+            tokenizer=self.state.tokenizer,
             tokens=self.tokens,
-            answer_token=state.tokenizer.decode([outcome.answer]),
+            source_run=self.run,
+            hooks_given=self.req.hooks is not None,
             auto_captured=self.auto_captured,
             captured_source_run=self.capture_name if self.auto_captured else None,
-            source_run=self.run.name if self.run is not None else None,
-            baselines=baselines,
+            top_k=self.req.logprobs,
         )
-        return body
 
-    def start_event(self) -> dict[str, Any]:
-        spec = self.spec
-        event = {
-            "type": "start",
-            "layers": spec.layers,
-            "positions": spec.positions,
-            "hooks": spec.hooks,
-            "metric": spec.metric,
-            "tokens": self.tokens,
-            "auto_captured": self.auto_captured,
-            "captured_source_run": self.capture_name if self.auto_captured else None,
-            "total": spec.num_cells,
-        }
-        if "attn_head" in spec.hooks:
-            event["heads"] = spec.heads
-        return event
+    def start_event(self) -> StartEvent:
+        return start_event(
+            self.spec,
+            self.tokens,
+            auto_captured=self.auto_captured,
+            captured_source_run=self.capture_name if self.auto_captured else None,
+        )
 
     def record(self, outcome: SweepOutcome) -> None:
         metrics = self.state.metrics
@@ -240,14 +234,24 @@ class SweepJob:
         metrics.cells_per_second.set(outcome.stats["cells_per_second"])
 
 
-def _sse(payload: Any) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload)
-    return f"data: {data}\n\n".encode()
+STREAM_CONTENT = {"text/event-stream": {"schema": {"type": "string"}}}
 
 
-@router.post("/v1/patch_sweep")
-async def patch_sweep(req: PatchSweepRequest, request: Request):
+@router.post(
+    "/v1/patch_sweep",
+    response_model=SweepBody,
+    responses={
+        200: {
+            "description": "The sweep's body; with `stream: true` Server-Sent Events: start, "
+            "cell..., summary (= the body), [DONE]",
+            "content": STREAM_CONTENT,
+        },
+        **error_responses(400, 401, 404, 413, 500),
+    },
+)
+async def patch_sweep(req: PatchSweepRequest, request: Request) -> Any:
     state: ServerState = request.app.state.patchserve
+    state.check_model(req.model)
     job = SweepJob(state, req)  # every validation error is a JSON 4xx, stream or not
     try:
         await state.run_blocking(job.capture)
@@ -264,7 +268,7 @@ async def patch_sweep(req: PatchSweepRequest, request: Request):
                 lambda: run_sweep(state.model, spec, gate=state.gate.turn)
             )
         job.record(outcome)
-        return JSONResponse(job.body(outcome))
+        return job.body(outcome)
 
     async def events() -> AsyncIterator[bytes]:
         with ExitStack() as stack:
@@ -272,25 +276,21 @@ async def patch_sweep(req: PatchSweepRequest, request: Request):
             if job.run is not None:
                 stack.enter_context(state.store.lease(job.run))
             try:
-                yield _sse(job.start_event())
+                yield sse.encode(job.start_event())
                 async for item in stream_sweep(
                     state.model, job.spec, runner=job.run_then_finish, gate=state.gate.turn
                 ):
                     if item[0] == "cell":
                         _, cell, done, total = item
-                        yield _sse(cell.to_event(done, total))
+                        yield sse.encode(cell_event(cell, done, total))
                     else:
                         outcome = item[1]
                         job.record(outcome)
-                        yield _sse({"type": "summary", **job.body(outcome)})
-            except RequestError as exc:  # raised inside the sweep (e.g. clean == corrupt)
-                error = {
-                    "message": exc.message,
-                    "type": exc.type,
-                    "param": exc.param,
-                    "code": exc.code,
-                }
-                yield _sse({"type": "error", "error": error})
-            yield _sse("[DONE]")
+                        body = job.body(outcome)
+                        yield sse.encode(SummaryEvent(**dict(body)))
+            except StudyError as exc:  # raised inside the sweep (e.g. clean == corrupt)
+                detail = error_body(exc.message, status_of(exc), exc.param, exc.kind).error
+                yield sse.encode(ErrorEvent(error=detail))
+            yield sse.DONE
 
     return StreamingResponse(events(), media_type="text/event-stream")

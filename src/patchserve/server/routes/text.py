@@ -4,33 +4,38 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from patchserve.engine import RequestError
-from patchserve.server.schemas import DetokenizeRequest, TokenizeRequest
+from patchserve.engine import InvalidArgument
+from patchserve.server.errors import error_responses
 from patchserve.server.state import ServerState
+from patchserve.wire.info import DetokenizeResponse, TokenizeResponse
+from patchserve.wire.requests import DetokenizeRequest, TokenizeRequest
 
 router = APIRouter()
+ERRORS = error_responses(400, 404, 413, 500)
 
 
-@router.post("/tokenize")
-async def tokenize(req: TokenizeRequest, request: Request):
+@router.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
+async def tokenize(req: TokenizeRequest, request: Request) -> TokenizeResponse:
     state: ServerState = request.app.state.patchserve
+    state.check_model(req.model)
     enc = state.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-    return {
-        "tokens": enc.ids,
-        "token_strs": state.tokenizer.token_strings(enc.ids),
-        "offsets": [list(o) for o in enc.offsets] if enc.offsets is not None else None,
-        "special": enc.special,
-        "count": len(enc.ids),
-    }
+    return TokenizeResponse(
+        tokens=enc.ids,
+        token_strs=state.tokenizer.token_strings(enc.ids),
+        offsets=[(a, b) for a, b in enc.offsets] if enc.offsets is not None else None,
+        special=enc.special,
+        count=len(enc.ids),
+    )
 
 
-@router.post("/detokenize")
-async def detokenize(req: DetokenizeRequest, request: Request):
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
+async def detokenize(req: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     state: ServerState = request.app.state.patchserve
+    state.check_model(req.model)
     vocab = state.model.cfg.vocab_size
     bad = [t for t in req.tokens if not 0 <= t < vocab]
     if bad:
-        raise RequestError(
+        raise InvalidArgument(
             f"token ids {bad[:8]} are outside the vocabulary (0-{vocab - 1})", "tokens"
         )
-    return {"prompt": state.tokenizer.decode(req.tokens)}
+    return DetokenizeResponse(prompt=state.tokenizer.decode(req.tokens))

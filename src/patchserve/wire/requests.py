@@ -1,12 +1,36 @@
-"""Request bodies (pydantic). Field names follow the seed server's wire format."""
+"""Request bodies (pydantic, torch-free). Field names follow the seed server's wire format.
+
+Hook and metric names are enums in the schema; every number that reaches the
+model is finite and representable in float32 (``alpha: 1e39`` is a 400, not a
+silent ``inf``).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
-Number = StrictInt | StrictFloat
+from patchserve.wire.hooks import HOOKS, METRICS
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+HookName = Literal[HOOKS]  # type: ignore[valid-type]
+MetricName = Literal[METRICS]  # type: ignore[valid-type]
+
+
+def _float32(value: int | float) -> int | float:
+    try:
+        as_float = float(value)
+    except OverflowError:
+        raise ValueError("must be a finite number within float32 range") from None
+    if not math.isfinite(as_float) or abs(as_float) > FLOAT32_MAX:
+        raise ValueError("must be a finite number within float32 range")
+    return value
+
+
+Number = Annotated[StrictInt | StrictFloat, AfterValidator(_float32)]
 
 
 class Strict(BaseModel):
@@ -43,8 +67,8 @@ class PatchSweepRequest(Strict):
     source_inline: StrictInt | None = None
     patch_vectors: PackedVectors | None = None
     mask: MaskSpec | None = None
-    hook: str | None = None
-    hooks: list[str] | None = None
+    hook: HookName | None = None
+    hooks: list[HookName] | None = None
     layers: list[StrictInt] | LayerRange | Literal["all"] | None = None
     positions: Literal["all_prompt"] | list[StrictInt | SpanPosition] = "all_prompt"
     heads: list[StrictInt] | Literal["all"] | None = None
@@ -53,7 +77,7 @@ class PatchSweepRequest(Strict):
     answer_token_id: StrictInt | None = None
     foil_token: str | None = None
     foil_token_id: StrictInt | None = None
-    metric: str = "logprob"
+    metric: MetricName = "logprob"
     clean_baseline: Number | None = None
     keep_source: bool = False
     stream: bool = False
@@ -64,7 +88,7 @@ class PatchSweepRequest(Strict):
 class PatchSourceRequest(Strict):
     run: str | None = None
     prompt: str
-    hooks: dict[str, list[StrictInt] | Literal["all"]] | None = None
+    hooks: dict[HookName, list[StrictInt] | Literal["all"]] | None = None
     positions: Literal["all_prompt"] | list[StrictInt] = "all_prompt"
     answer_token: str | None = None
     answer_token_id: StrictInt | None = None
@@ -93,17 +117,13 @@ class ModuleVector(Strict):
 
 class RegisterModuleRequest(Strict):
     name: str
-    vectors: dict[str, dict[str, ModuleVector]]
+    vectors: dict[HookName, dict[str, ModuleVector]]
     overwrite: bool = False
-
-
-def dump(model: BaseModel) -> dict[str, Any]:
-    return model.model_dump(exclude_none=True)
 
 
 class PatchEntry(Strict):
     layer: StrictInt
-    hook: str
+    hook: HookName
     dest_position: StrictInt
     head: StrictInt | None = None
     source_run: str | None = None
@@ -116,7 +136,7 @@ class PatchEntry(Strict):
 
 class SteerEntry(Strict):
     layer: StrictInt
-    hook: str
+    hook: HookName
     source_module: str | None = None
     source_inline: StrictInt | None = None
     scale: Number = 1.0
@@ -125,7 +145,7 @@ class SteerEntry(Strict):
 
 class CaptureSpec(Strict):
     run: str | None = None
-    hooks: dict[str, list[StrictInt] | Literal["all"]] | None = None
+    hooks: dict[HookName, list[StrictInt] | Literal["all"]] | None = None
     positions: Literal["all_prompt"] | list[StrictInt] = "all_prompt"
     overwrite: bool = False
 

@@ -1,0 +1,178 @@
+"""The engine's outcomes in their wire shape: a sweep's body, its stream's events and
+baselines' top-k; a generation's reported tokens as OpenAI ``logprobs`` objects.
+
+The server's routes and the command line's in-process path both build their
+answers here, so the two can never drift.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from patchserve.engine.generate import ReportedTokens, TokenStep
+from patchserve.engine.runs import CapturedRun
+from patchserve.engine.sweep import Cell, SweepOutcome, SweepSpec
+from patchserve.text.tokenizer import Tokenizer
+from patchserve.wire.completions import (
+    ChatLogprobs,
+    ChatTokenLogprob,
+    ChatTopLogprob,
+    CompletionLogprobs,
+)
+from patchserve.wire.sweep import (
+    AlignmentSummary,
+    Argmax,
+    Baseline,
+    Baselines,
+    CellEvent,
+    HookGrid,
+    SkippedCell,
+    StartEvent,
+    SweepBody,
+    Timing,
+    TopLogprob,
+)
+
+
+def top_logprobs(tokenizer: Tokenizer, logits: torch.Tensor, k: int) -> list[TopLogprob]:
+    """The ``k`` most likely next tokens of last-position ``logits`` ``[vocab]``."""
+    lp = torch.log_softmax(logits.double(), -1)
+    values, ids = lp.topk(min(k, lp.shape[-1]))
+    return [
+        TopLogprob(token_id=int(i), token=tokenizer.decode([int(i)]), logprob=float(v))
+        for v, i in zip(values.tolist(), ids.tolist(), strict=True)
+    ]
+
+
+def cell_event(cell: Cell, done: int, total: int) -> CellEvent:
+    return CellEvent(
+        hook=cell.hook,
+        layer=cell.layer,
+        position=cell.position,
+        head=cell.head,
+        value=cell.value,
+        error=cell.error,
+        done=done,
+        total=total,
+    )
+
+
+def start_event(
+    spec: SweepSpec, tokens: list[str], *, auto_captured: bool, captured_source_run: str | None
+) -> StartEvent:
+    return StartEvent(
+        hook=spec.hooks[0],
+        hooks=spec.hooks,
+        layers=spec.layers,
+        positions=spec.positions,
+        heads=spec.heads if "attn_head" in spec.hooks else None,
+        metric=spec.metric,
+        tokens=tokens,
+        auto_captured=auto_captured,
+        captured_source_run=captured_source_run,
+        total=spec.num_cells,
+    )
+
+
+def _argmax(entry: dict[str, object] | None) -> Argmax | None:
+    return None if entry is None else Argmax.model_validate(entry)
+
+
+def sweep_body(
+    outcome: SweepOutcome,
+    *,
+    model_name: str,
+    tokenizer: Tokenizer,
+    tokens: list[str],
+    source_run: CapturedRun | None,
+    hooks_given: bool,
+    auto_captured: bool,
+    captured_source_run: str | None,
+    top_k: int,
+) -> SweepBody:
+    """The whole response body. ``hooks_given``: the request used ``hooks`` (then
+    ``hook_grids`` lists every hook, even one; else it is null, as in the seed)."""
+    first = outcome.hooks[0]
+    clean_logits = source_run.last_logits if source_run is not None else None
+    baselines = Baselines(
+        corrupt=Baseline(
+            value=outcome.corrupt,
+            top_logprobs=top_logprobs(tokenizer, outcome.corrupt_logits, top_k),
+        ),
+        clean=None
+        if clean_logits is None or outcome.clean is None
+        else Baseline(
+            value=outcome.clean, top_logprobs=top_logprobs(tokenizer, clean_logits, top_k)
+        ),
+    )
+    stats = outcome.stats
+    return SweepBody(
+        model=model_name,
+        hook=first,
+        hooks=outcome.hooks,
+        layers=outcome.layers,
+        positions=outcome.positions,
+        heads=outcome.heads,
+        metric=outcome.metric,
+        answer_token_id=outcome.answer,
+        answer_token=tokenizer.decode([outcome.answer]),
+        foil_token_id=outcome.foil,
+        grid=outcome.grids[first],
+        argmax=_argmax(outcome.argmax[first]),
+        hook_grids=[
+            HookGrid(hook=h, grid=outcome.grids[h], argmax=_argmax(outcome.argmax[h]))
+            for h in outcome.hooks
+        ]
+        if hooks_given
+        else None,
+        clean=outcome.clean,
+        corrupt=outcome.corrupt,
+        noise_floor=outcome.noise_floor,
+        skipped=[SkippedCell.model_validate(s) for s in outcome.skipped],
+        alignment=None if outcome.alignment is None else AlignmentSummary.of(outcome.alignment),
+        tokens=tokens,
+        timing=Timing(
+            seconds=float(stats["seconds"]),
+            cells=int(stats["cells"]),
+            cells_per_second=float(stats["cells_per_second"]),
+            cells_computed=int(stats["computed"]),
+            cells_free=int(stats["free"]),
+        ),
+        auto_captured=auto_captured,
+        captured_source_run=captured_source_run,
+        source_run=source_run.name if source_run is not None else None,
+        baselines=baselines,
+    )
+
+
+def _listed(tokenizer: Tokenizer, step: TokenStep) -> dict[str, float]:
+    """A step's ``top_logprobs``: the requested ids if any (as the seed), else the top-k;
+    as vLLM does, the chosen token is always listed too."""
+    listed = step.requested.items() if step.requested else step.top
+    top: dict[str, float] = {}
+    for i, value in listed:
+        top.setdefault(tokenizer.decode([i]), value)
+    top.setdefault(tokenizer.decode([step.token]), step.logprob)
+    return top
+
+
+def completion_logprobs(tokenizer: Tokenizer, reported: ReportedTokens) -> CompletionLogprobs:
+    """The legacy completions ``logprobs`` object of the reported tokens."""
+    steps = reported.steps
+    return CompletionLogprobs(
+        tokens=[tokenizer.decode([i]) for i in reported.token_ids],
+        token_logprobs=[None if step is None else step.logprob for step in steps],
+        top_logprobs=[None if step is None else _listed(tokenizer, step) for step in steps],
+        text_offset=reported.text_offset,
+    )
+
+
+def chat_logprobs(tokenizer: Tokenizer, reported: ReportedTokens) -> ChatLogprobs:
+    content = []
+    for i, step in zip(reported.token_ids, reported.steps, strict=True):
+        assert step is not None  # chat reports generated tokens only
+        tops = [ChatTopLogprob(token=t, logprob=v) for t, v in _listed(tokenizer, step).items()]
+        content.append(
+            ChatTokenLogprob(token=tokenizer.decode([i]), logprob=step.logprob, top_logprobs=tops)
+        )
+    return ChatLogprobs(content=content)

@@ -1,0 +1,78 @@
+"""Server information and text: ``/v1/models``, ``/health``, ``/tokenize``, ``/detokenize``,
+and the named vectors of ``/v1/steering/modules``."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from patchserve.wire.base import WireModel
+from patchserve.wire.requests import HookName
+
+
+class ModelCard(WireModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    dtype: str
+    device: str
+    chat_template: bool
+
+
+class ModelList(WireModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(WireModel):
+    status: Literal["ok"] = "ok"
+    model: str
+
+
+class TokenizeResponse(WireModel):
+    tokens: list[int]
+    token_strs: list[str]
+    offsets: list[tuple[int, int]] | None
+    special: list[bool]
+    count: int
+
+
+class DetokenizeResponse(WireModel):
+    prompt: str
+
+
+class ModuleVectorInfo(WireModel):
+    hook: HookName
+    layer: int
+    width: int
+
+
+class ModuleInfo(WireModel):
+    name: str
+    object: Literal["steering_module"] = "steering_module"
+    builtin: bool = False
+    vectors: list[ModuleVectorInfo]
+
+
+class ModuleList(WireModel):
+    object: Literal["list"] = "list"
+    data: list[ModuleInfo]
+
+
+class ModuleRegistered(WireModel):
+    name: str
+    object: Literal["steering_module"] = "steering_module"
+    registered: int
+
+
+class ModuleDeleted(WireModel):
+    name: str
+    object: Literal["steering_module"] = "steering_module"
+    deleted: Literal[True] = True

@@ -1,0 +1,52 @@
+"""The one Server-Sent Events codec of a sweep stream (SPEC §2 *Streaming*).
+
+Each event is one ``data: JSON`` line and a blank line; the stream ends with
+``data: [DONE]`` (the OpenAI convention). The server encodes with
+:func:`encode`; the client and the command line decode with
+:func:`iter_events` / :func:`aiter_events`, which frame the byte stream with
+``httpx-sse`` (a maintained, spec-complete SSE parser: multi-line ``data``,
+comments, CRLF) and validate each payload into its wire model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+from httpx_sse import EventSource
+
+from patchserve.wire.base import WireModel
+from patchserve.wire.sweep import SWEEP_EVENT, SweepEvent
+
+DONE_DATA = "[DONE]"
+DONE = f"data: {DONE_DATA}\n\n".encode()
+
+
+def encode(event: WireModel) -> bytes:
+    """One event, framed (a JSON body never holds a raw newline)."""
+    return f"data: {event.model_dump_json()}\n\n".encode()
+
+
+def decode(data: str) -> SweepEvent | None:
+    """The event of one ``data`` payload; ``None`` for the final ``[DONE]``."""
+    if data.strip() == DONE_DATA:
+        return None
+    return SWEEP_EVENT.validate_json(data)
+
+
+def iter_events(response: httpx.Response) -> Iterator[SweepEvent]:
+    """The events of a streamed sweep response, up to ``[DONE]``."""
+    for sse in EventSource(response).iter_sse():
+        event = decode(sse.data)
+        if event is None:
+            return
+        yield event
+
+
+async def aiter_events(response: httpx.Response) -> AsyncIterator[SweepEvent]:
+    """The events of a streamed sweep response, up to ``[DONE]`` (async)."""
+    async for sse in EventSource(response).aiter_sse():
+        event = decode(sse.data)
+        if event is None:
+            return
+        yield event

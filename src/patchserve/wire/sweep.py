@@ -1,0 +1,169 @@
+"""``POST /v1/patch_sweep``: the response body and the Server-Sent Events of a stream (SPEC §2).
+
+A grid is ``grid[i][j]`` for layer ``layers[i]`` and position ``positions[j]``
+(``attn_head``: ``grid[i][j][k]`` for ``heads[k]``); ``null`` marks a skipped
+cell. The ``summary`` event of a stream is exactly the non-streaming body
+plus ``"type": "summary"``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, TypeAdapter
+
+from patchserve.text.alignment import Alignment
+from patchserve.wire.base import WireModel, omitted_if_none
+from patchserve.wire.errors import ErrorDetail
+from patchserve.wire.requests import HookName, MetricName
+
+Grid = list[list[float | None]] | list[list[list[float | None]]]
+
+
+class Argmax(WireModel):
+    """The most restored cell of a grid (lowest value for ``kl``)."""
+
+    layer: int
+    position: int
+    value: float
+    head: int | None = omitted_if_none()
+
+
+class HookGrid(WireModel):
+    hook: HookName
+    grid: Grid
+    argmax: Argmax | None
+
+
+class SkippedCell(WireModel):
+    hook: HookName
+    layer: int
+    position: int
+    reason: str
+
+
+class AlignmentSummary(WireModel):
+    """How corrupt positions pair with clean ones (the seed's fields, plus mode and shift)."""
+
+    n_clean: int
+    n_corrupt: int
+    prefix_len: int
+    suffix_len: int
+    unaligned_positions: list[int]
+    mode: Literal["positional", "prefix_suffix"]
+    shift: int
+
+    @classmethod
+    def of(cls, alignment: Alignment) -> AlignmentSummary:
+        return cls(
+            n_clean=alignment.clean_length,
+            n_corrupt=alignment.corrupt_length,
+            prefix_len=alignment.prefix,
+            suffix_len=alignment.suffix,
+            unaligned_positions=alignment.unpaired(),
+            mode="positional" if alignment.equal_length else "prefix_suffix",
+            shift=alignment.shift,
+        )
+
+
+class Timing(WireModel):
+    seconds: float
+    cells: int
+    cells_per_second: float
+    cells_computed: int
+    cells_free: int
+
+
+class TopLogprob(WireModel):
+    token_id: int
+    token: str
+    logprob: float
+
+
+class Baseline(WireModel):
+    value: float
+    top_logprobs: list[TopLogprob]
+
+
+class Baselines(WireModel):
+    corrupt: Baseline
+    clean: Baseline | None = None
+
+
+class SweepBody(WireModel):
+    """The whole answer of a sweep."""
+
+    object: Literal["patch_sweep"] = "patch_sweep"
+    model: str
+    hook: HookName
+    hooks: list[HookName]
+    layers: list[int]
+    positions: list[int]
+    heads: list[int] | None = None
+    metric: MetricName
+    answer_token_id: int
+    answer_token: str
+    foil_token_id: int | None = None
+    grid: Grid
+    argmax: Argmax | None
+    hook_grids: list[HookGrid] | None = None
+    clean: float | None = Field(
+        description="raw metric of the clean run (logprob, or logit difference with a foil, "
+        "also for metric 'recovered'); null when no clean run was graded"
+    )
+    corrupt: float = Field(description="raw metric of the unpatched corrupt run (as 'clean')")
+    noise_floor: float = Field(
+        description="|corrupt metric through the sweep path - solo corrupt metric|, in the "
+        "metric's units"
+    )
+    skipped: list[SkippedCell]
+    alignment: AlignmentSummary | None
+    tokens: list[str]
+    timing: Timing
+    auto_captured: bool
+    captured_source_run: str | None
+    source_run: str | None
+    baselines: Baselines
+
+
+class StartEvent(WireModel):
+    type: Literal["start"] = "start"
+    hook: HookName
+    hooks: list[HookName]
+    layers: list[int]
+    positions: list[int]
+    heads: list[int] | None = omitted_if_none()
+    metric: MetricName
+    tokens: list[str]
+    auto_captured: bool
+    captured_source_run: str | None
+    total: int
+
+
+class CellEvent(WireModel):
+    type: Literal["cell"] = "cell"
+    hook: HookName
+    layer: int
+    position: int
+    head: int | None = omitted_if_none()
+    value: float | None
+    error: str | None = omitted_if_none()
+    done: int
+    total: int
+
+
+class SummaryEvent(SweepBody):
+    type: Literal["summary"] = "summary"
+
+
+class ErrorEvent(WireModel):
+    """A failure after the stream started (the status line was already 200)."""
+
+    type: Literal["error"] = "error"
+    error: ErrorDetail
+
+
+SweepEvent = Annotated[
+    StartEvent | CellEvent | SummaryEvent | ErrorEvent, Field(discriminator="type")
+]
+SWEEP_EVENT: TypeAdapter[SweepEvent] = TypeAdapter(SweepEvent)
