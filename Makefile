@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PORT ?= 8000
 
-.PHONY: install test lint run bench clean
+.PHONY: install test test-long lint run bench clean
 
 # torch is installed first and pinned: on these machines `torch==2.13.0` is the
 # CPU build served from local disk; an unpinned torch would pull a multi-GB CUDA
@@ -22,6 +22,10 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks scripts examples
 	$(PY) -m pytest -q
+
+# The long checks too (a long Schemathesis run, ...): tests marked `long`.
+test-long: $(STAMP)
+	$(PY) -m pytest -q --long
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks scripts examples

@@ -3,7 +3,9 @@ and the named vectors of ``/v1/steering/modules``."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
+
+from pydantic import Field
 
 from patchserve.wire.base import WireModel
 from patchserve.wire.requests import HookName
@@ -36,10 +38,15 @@ class Health(WireModel):
     model: str
 
 
+CharSpan = Annotated[list[int], Field(min_length=2, max_length=2)]
+
+
 class TokenizeResponse(WireModel):
     tokens: list[int]
     token_strs: list[str]
-    offsets: list[tuple[int, int]] | None
+    offsets: list[CharSpan] | None = Field(
+        description="[start, end) character range of each token in the prompt"
+    )
     special: list[bool]
     count: int
 

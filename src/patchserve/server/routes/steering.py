@@ -77,7 +77,7 @@ async def listing(request: Request) -> ModuleList:
 @router.delete(
     "/v1/steering/modules/{name}",
     response_model=ModuleDeleted,
-    responses=error_responses(401, 404, 500),
+    responses=error_responses(400, 401, 404, 500),
 )
 async def drop(name: str, request: Request) -> ModuleDeleted:
     state: ServerState = request.app.state.patchserve

@@ -22,7 +22,7 @@ async def tokenize(req: TokenizeRequest, request: Request) -> TokenizeResponse:
     return TokenizeResponse(
         tokens=enc.ids,
         token_strs=state.tokenizer.token_strings(enc.ids),
-        offsets=[(a, b) for a, b in enc.offsets] if enc.offsets is not None else None,
+        offsets=[[a, b] for a, b in enc.offsets] if enc.offsets is not None else None,
         special=enc.special,
         count=len(enc.ids),
     )
