@@ -121,7 +121,7 @@ def test_unequal_lengths_align_prefix_and_suffix(family_checkpoint):
     outcome = run_sweep(model, spec)
     unpaired = outcome.alignment.unpaired()
     assert unpaired, "the prompts differ in the middle"
-    assert {s["position"] for s in outcome.skipped} == set(unpaired)
+    assert {s.position for s in outcome.skipped} == set(unpaired)
     _assert_matches_naive(model, spec, outcome, run)
 
 

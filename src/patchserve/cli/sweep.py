@@ -200,6 +200,7 @@ def print_result(console: Console, result: SweepBody, top: int) -> None:
     centre = 0.0 if result.metric == "recovered" else result.corrupt
     cells: list[tuple[float, str, int, int, int | None]] = []
     for hook, grid in _grids(result):
+        rows: list[tuple[str, list[Any], int, int | None]]
         if hook == "attn_head":  # one row per (layer, head)
             heads = result.heads or []
             rows = [
@@ -278,8 +279,9 @@ def run(args: argparse.Namespace) -> int:
         import matplotlib.pyplot as plt
 
         first = SweepResult.from_body(result.model_dump(mode="json"))
-        ax = first.heatmap()
-        ax.figure.savefig(args.out, dpi=150, bbox_inches="tight")
-        plt.close(ax.figure)
+        figure = first.heatmap().get_figure(root=True)
+        assert figure is not None
+        figure.savefig(args.out, dpi=150, bbox_inches="tight")
+        plt.close(figure)
         console.print(f"wrote {args.out}")
     return 0

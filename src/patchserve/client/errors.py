@@ -12,6 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
+
+from patchserve.wire.errors import ErrorBody
 
 
 class PatchServeError(Exception):
@@ -94,18 +97,15 @@ def error_class(status_code: int) -> type[PatchServeError]:
 def from_error_body(
     body: Any, status_code: int, response: httpx.Response | None = None
 ) -> PatchServeError:
-    """The typed exception of an ``{"error": {...}}`` body (or anything else a server sent)."""
-    error = body.get("error") if isinstance(body, dict) else None
-    if isinstance(error, dict):
-        code = error.get("code")
-        status = code if isinstance(code, int) and not isinstance(code, bool) else status_code
-        return error_class(status)(
-            str(error.get("message", "")),
-            status,
-            error.get("type"),
-            error.get("param"),
-            response,
-        )
+    """The typed exception of an error body (the wire's ``ErrorBody``), or of anything else
+    a server or a proxy in front of it sent."""
+    try:
+        error = ErrorBody.model_validate(body).error
+    except ValidationError:
+        error = None
+    if error is not None:
+        status = error.code if error.code >= 400 else status_code
+        return error_class(status)(error.message, status, error.type, error.param, response)
     text = body if isinstance(body, str) else repr(body)
     return error_class(status_code)(
         f"HTTP {status_code}: {text[:500]}", status_code, None, None, response

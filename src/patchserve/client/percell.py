@@ -46,6 +46,7 @@ from patchserve.wire.metrics import (
     lower_is_better,
 )
 from patchserve.wire.sweep import (
+    UNALIGNED,
     AlignmentSummary,
     Argmax,
     Baseline,
@@ -60,8 +61,6 @@ if TYPE_CHECKING:
     from patchserve.client.results import CleanRun
     from patchserve.client.study import AsyncPatchStudy
 
-#: The reason the server gives for a destination position with no clean partner.
-UNALIGNED = "no aligned clean position (differing middle)"
 
 OnCell = Callable[[dict[str, Any]], Any]
 
@@ -279,7 +278,7 @@ class PerCellSweep:
         ]
         total = len(cells)
         values: dict[tuple[int, int, int | None], float | None] = {}
-        skipped: list[dict[str, Any]] = []
+        skipped: list[SkippedCell] = []
         done = 0
         lock = asyncio.Lock()
         limit = asyncio.Semaphore(max(1, study.max_concurrency))
@@ -305,7 +304,9 @@ class PerCellSweep:
             source = alignment.source_position(position)
             if source is None:
                 skipped.append(
-                    SkippedCell(hook=hook, layer=layer, position=position, reason=UNALIGNED)
+                    SkippedCell(
+                        hook=hook, layer=layer, position=position, head=head, reason=UNALIGNED
+                    )
                 )
                 await report(cell, None)
                 return

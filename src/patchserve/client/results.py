@@ -177,7 +177,7 @@ class SweepResult:
 
         out = np.asarray(convert(self.grid), dtype=np.float64)
         if out.size == 0:
-            shape = (len(self.layers), len(self.positions))
+            shape: tuple[int, ...] = (len(self.layers), len(self.positions))
             if self.heads is not None and self.hook == "attn_head":
                 shape = (*shape, len(self.heads))
             return np.zeros(shape)

@@ -33,7 +33,7 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -105,7 +105,7 @@ class GenerationResult:
 
     token_ids: list[int]
     text: str
-    finish_reason: str  # "stop" | "length"
+    finish_reason: Literal["stop", "length"]
     logprobs: ReportedTokens | None
     requested_logprobs: list[dict[int, float]] | None
     prompt_tokens: int
@@ -498,7 +498,7 @@ def generate(
     steps: list[TokenStep] = []
     generated: list[int] = []
     produced = 0
-    finish = "length"
+    finish: Literal["stop", "length"] = "length"
     detok = _Detokenizer(tokenizer, prompt, 0 if request.echo else t0)
     prompt_offsets = [detok.push(i) for i in prompt] if request.echo else []
     prompt_text = detok.text

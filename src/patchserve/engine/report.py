@@ -74,8 +74,21 @@ def start_event(
     )
 
 
-def _argmax(entry: dict[str, object] | None) -> Argmax | None:
-    return None if entry is None else Argmax.model_validate(entry)
+def _argmax(cell: Cell | None) -> Argmax | None:
+    if cell is None or cell.value is None:
+        return None
+    return Argmax(layer=cell.layer, position=cell.position, value=cell.value, head=cell.head)
+
+
+def _skipped(cell: Cell) -> SkippedCell:
+    assert cell.skipped is not None
+    return SkippedCell(
+        hook=cell.hook,
+        layer=cell.layer,
+        position=cell.position,
+        head=cell.head,
+        reason=cell.skipped,
+    )
 
 
 def sweep_body(
@@ -128,7 +141,7 @@ def sweep_body(
         clean=outcome.clean,
         corrupt=outcome.corrupt,
         noise_floor=outcome.noise_floor,
-        skipped=[SkippedCell.model_validate(s) for s in outcome.skipped],
+        skipped=[_skipped(cell) for cell in outcome.skipped],
         alignment=None if outcome.alignment is None else AlignmentSummary.of(outcome.alignment),
         tokens=tokens,
         timing=Timing(

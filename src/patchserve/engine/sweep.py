@@ -46,6 +46,7 @@ from patchserve.models.hooks import blend
 from patchserve.models.transformer import KVCache, Reuse
 from patchserve.text.alignment import Alignment, align
 from patchserve.wire.hooks import LOWER_IS_BETTER
+from patchserve.wire.sweep import UNALIGNED
 
 BRANCH_HOOKS = ("attn_out", "post_attn", "mlp_in", "mlp_out")
 DEFAULT_BATCH_TOKENS = 4096
@@ -95,6 +96,7 @@ class Cell:
     head: int | None
     value: float | None = None
     error: str | None = None
+    skipped: str | None = None  # why the cell was not computed (its value stays None)
 
 
 @dataclass
@@ -107,11 +109,11 @@ class SweepOutcome:
     answer: int
     foil: int | None
     grids: dict[str, list]  # hook -> [layer][position] (attn_head: [layer][position][head])
-    argmax: dict[str, dict[str, object] | None]  # the most restored cell (lowest for kl)
+    argmax: dict[str, Cell | None]  # the most restored cell of each hook (lowest for kl)
     clean: float | None  # raw metric of the clean run (logprob / logit diff for 'recovered')
     corrupt: float  # raw metric of the corrupt run (likewise)
     noise_floor: float  # in the metric's units
-    skipped: list[dict[str, object]]
+    skipped: list[Cell]
     alignment: Alignment | None
     corrupt_logits: torch.Tensor
     stats: dict[str, float | int] = field(default_factory=dict)
@@ -299,11 +301,11 @@ class SweepRunner:
 
     def _plan(
         self, corrupt: _Corrupt, alignment: Alignment | None, baseline: float
-    ) -> tuple[list[Cell], dict[tuple[int, str, str, str | None], list[_Row]], list[dict]]:
+    ) -> tuple[list[Cell], dict[tuple[int, str, str, str | None], list[_Row]], list[Cell]]:
         spec, n = self.spec, self.cfg.num_layers
         cells: list[Cell] = []
         groups: dict[tuple[int, str, str, str | None], list[_Row]] = {}
-        skipped: list[dict[str, object]] = []
+        skipped: list[Cell] = []
         alpha = spec.alpha
         for hook in spec.hooks:
             mask = spec.masks.get(hook) if spec.masks else None
@@ -316,14 +318,8 @@ class SweepRunner:
                         cell = Cell(hook, layer, position, head)
                         cells.append(cell)
                         if source is None:
-                            skipped.append(
-                                {
-                                    "hook": hook,
-                                    "layer": layer,
-                                    "position": position,
-                                    "reason": "no aligned clean position (differing middle)",
-                                }
-                            )
+                            cell.skipped = UNALIGNED
+                            skipped.append(cell)
                             self._emit(cell)
                             continue
                         dest = acts[position] if head is None else acts[position, head]
@@ -468,7 +464,7 @@ class SweepRunner:
             self.stats["flops"] += suffix_flops(cfg, start, p, length, reuse)
         return grader(out.logits[:, 0])
 
-    def _grids(self, cells: list[Cell]) -> tuple[dict[str, list], dict[str, dict | None]]:
+    def _grids(self, cells: list[Cell]) -> tuple[dict[str, list], dict[str, Cell | None]]:
         spec = self.spec
         li = {layer: i for i, layer in enumerate(spec.layers)}
         pi = {p: j for j, p in enumerate(spec.positions)}
@@ -479,7 +475,7 @@ class SweepRunner:
                 grids[hook] = [[[None] * len(hi) for _ in spec.positions] for _ in spec.layers]
             else:
                 grids[hook] = [[None] * len(spec.positions) for _ in spec.layers]
-        best: dict[str, dict | None] = dict.fromkeys(spec.hooks)
+        best: dict[str, Cell | None] = dict.fromkeys(spec.hooks)
         lower = spec.metric in LOWER_IS_BETTER
         better = (lambda v, b: v < b) if lower else (lambda v, b: v > b)
         for c in cells:
@@ -489,15 +485,10 @@ class SweepRunner:
             else:
                 row[pi[c.position]][hi[c.head]] = c.value
             current = best[c.hook]
-            if c.value is not None and (current is None or better(c.value, current["value"])):
-                entry: dict[str, object] = {
-                    "layer": c.layer,
-                    "position": c.position,
-                    "value": c.value,
-                }
-                if c.head is not None:
-                    entry["head"] = c.head
-                best[c.hook] = entry
+            if c.value is not None and (
+                current is None or current.value is None or better(c.value, current.value)
+            ):
+                best[c.hook] = c
         return grids, best
 
 

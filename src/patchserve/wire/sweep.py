@@ -19,6 +19,9 @@ from patchserve.wire.requests import HookName, MetricName
 
 Grid = list[list[float | None]] | list[list[list[float | None]]]
 
+#: The ``reason`` of a skipped cell whose destination position has no clean partner.
+UNALIGNED = "no aligned clean position (differing middle)"
+
 
 class Argmax(WireModel):
     """The most restored cell of a grid (lowest value for ``kl``)."""
@@ -39,6 +42,7 @@ class SkippedCell(WireModel):
     hook: HookName
     layer: int
     position: int
+    head: int | None = omitted_if_none()
     reason: str
 
 

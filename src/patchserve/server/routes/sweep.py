@@ -32,7 +32,7 @@ from patchserve.server.vectors import mask_vector, table_row, unpack_table
 from patchserve.wire import sse
 from patchserve.wire.axes import parse_hooks
 from patchserve.wire.errors import error_body
-from patchserve.wire.requests import PatchSweepRequest
+from patchserve.wire.requests import LayerRange, PatchSweepRequest
 from patchserve.wire.sweep import ErrorEvent, StartEvent, SummaryEvent, SweepBody
 
 router = APIRouter()
@@ -152,7 +152,7 @@ class SweepJob:
             source=source,
             hook=req.hook,
             hooks=req.hooks,
-            layers=req.layers.model_dump() if hasattr(req.layers, "model_dump") else req.layers,
+            layers=req.layers.model_dump() if isinstance(req.layers, LayerRange) else req.layers,
             clean_ids=self.clean_ids,
             positions=[p.model_dump() if hasattr(p, "model_dump") else p for p in req.positions]
             if isinstance(req.positions, list)
@@ -176,14 +176,11 @@ class SweepJob:
         """The one-call auto-capture: every injectable hook of the swept layers."""
         if not self.auto_captured:
             return
-        assert self.capture_name is not None and self.clean_ids is not None
+        name, prompt, ids = self.capture_name, self.req.clean_prompt, self.clean_ids
+        assert name is not None and prompt is not None and ids is not None
         layers = sorted(set(self.spec.layers))
         hooks = {hook: layers for hook in INJECTABLE_HOOKS}
-        run = self.state.gated(
-            lambda: capture_run(
-                self.state.model, self.capture_name, self.req.clean_prompt, self.clean_ids, hooks
-            )
-        )
+        run = self.state.gated(lambda: capture_run(self.state.model, name, prompt, ids, hooks))
         run.kept = self.req.keep_source
         self.state.store.put(run, overwrite=True)
         self.run = run
