@@ -27,7 +27,7 @@ import inspect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -38,12 +38,12 @@ from patchserve.text.alignment import align
 from patchserve.text.spans import SpanError, expand_positions
 from patchserve.wire.axes import parse_heads, parse_hooks, parse_layers
 from patchserve.wire.completions import CompletionResponse
+from patchserve.wire.grids import assemble_grid
 from patchserve.wire.metrics import (
     Grading,
     check_metric,
     kl_divergence,
     log_softmax,
-    lower_is_better,
 )
 from patchserve.wire.sweep import (
     UNALIGNED,
@@ -63,6 +63,13 @@ if TYPE_CHECKING:
 
 
 OnCell = Callable[[dict[str, Any]], Any]
+
+
+class _Graded(NamedTuple):
+    layer: int
+    position: int
+    head: int | None
+    value: float | None
 
 
 @dataclass
@@ -377,24 +384,11 @@ class PerCellSweep:
         seconds: float,
     ) -> SweepBody:
         """The response body the server would have sent (its wire model)."""
-        li = {layer: i for i, layer in enumerate(layers)}
-        pi = {p: j for j, p in enumerate(positions)}
-        if heads is not None:
-            hi = {h: k for k, h in enumerate(heads)}
-            grid: list[Any] = [[[None] * len(heads) for _ in positions] for _ in layers]
-        else:
-            grid = [[None] * len(positions) for _ in layers]
-        better = (lambda v, b: v < b) if lower_is_better(self.metric) else (lambda v, b: v > b)
-        best: Argmax | None = None
-        for cell in cells:
-            layer, position, head = cell
-            value = values.get(cell)
-            if head is None:
-                grid[li[layer]][pi[position]] = value
-            else:
-                grid[li[layer]][pi[position]][hi[head]] = value
-            if value is not None and (best is None or better(value, best.value)):
-                best = Argmax(layer=layer, position=position, value=value, head=head)
+        graded = [_Graded(*cell, values.get(cell)) for cell in cells]
+        grid, top = assemble_grid(graded, layers, positions, heads, self.metric)
+        best = None
+        if top is not None and top.value is not None:
+            best = Argmax(layer=top.layer, position=top.position, value=top.value, head=top.head)
         return SweepBody(
             model=str(info.get("id")),
             hook=self.hook,

@@ -45,7 +45,7 @@ from patchserve.models import HookContext, Transformer, make_edit
 from patchserve.models.hooks import blend
 from patchserve.models.transformer import KVCache, Reuse
 from patchserve.text.alignment import Alignment, align
-from patchserve.wire.hooks import LOWER_IS_BETTER
+from patchserve.wire.grids import assemble_grid
 from patchserve.wire.sweep import UNALIGNED
 
 BRANCH_HOOKS = ("attn_out", "post_attn", "mlp_in", "mlp_out")
@@ -466,29 +466,14 @@ class SweepRunner:
 
     def _grids(self, cells: list[Cell]) -> tuple[dict[str, list], dict[str, Cell | None]]:
         spec = self.spec
-        li = {layer: i for i, layer in enumerate(spec.layers)}
-        pi = {p: j for j, p in enumerate(spec.positions)}
-        hi = {h: k for k, h in enumerate(spec.heads or [])}
         grids: dict[str, list] = {}
+        best: dict[str, Cell | None] = {}
         for hook in spec.hooks:
-            if hook == "attn_head":
-                grids[hook] = [[[None] * len(hi) for _ in spec.positions] for _ in spec.layers]
-            else:
-                grids[hook] = [[None] * len(spec.positions) for _ in spec.layers]
-        best: dict[str, Cell | None] = dict.fromkeys(spec.hooks)
-        lower = spec.metric in LOWER_IS_BETTER
-        better = (lambda v, b: v < b) if lower else (lambda v, b: v > b)
-        for c in cells:
-            row = grids[c.hook][li[c.layer]]
-            if c.head is None:
-                row[pi[c.position]] = c.value
-            else:
-                row[pi[c.position]][hi[c.head]] = c.value
-            current = best[c.hook]
-            if c.value is not None and (
-                current is None or current.value is None or better(c.value, current.value)
-            ):
-                best[c.hook] = c
+            heads = spec.heads if hook == "attn_head" else None
+            own = (c for c in cells if c.hook == hook)
+            grids[hook], best[hook] = assemble_grid(
+                own, spec.layers, spec.positions, heads, spec.metric
+            )
         return grids, best
 
 
