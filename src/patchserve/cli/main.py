@@ -42,6 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_prompt_tokens=args.max_prompt_tokens,
         max_cells=args.max_cells,
         max_body_bytes=args.max_body_bytes,
+        max_prompts=args.max_prompts,
         served_model_name=args.served_model_name,
     )
     state = ServerState.from_config(config)
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-prompt-tokens", type=int, default=2048)
     serve.add_argument("--max-cells", type=int, default=200_000)
     serve.add_argument("--max-body-bytes", type=int, default=64 * 2**20)
+    serve.add_argument(
+        "--max-prompts", type=int, default=2048, help="prompts in one completion request"
+    )
     serve.add_argument("--served-model-name", help="model id in /v1/models (default: folder name)")
     serve.add_argument("--threads", type=int, help="torch CPU threads")
     serve.add_argument("--log-level", default="info")

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import hmac
+from fastapi import FastAPI
 
-from fastapi import FastAPI, Request
-
-from patchserve.server.errors import error_response, install_error_handlers, without_validation_422
+from patchserve.server.errors import install_error_handlers, without_validation_422
+from patchserve.server.middleware import ApiKeyAndMetrics, BodyLimit
 from patchserve.server.routes import completions, info, sources, steering, sweep, text
 from patchserve.server.state import ServerState
 
@@ -21,25 +20,9 @@ def create_app(state: ServerState) -> FastAPI:
     install_error_handlers(app)
     for module in (sweep, sources, completions, steering, text, info):
         app.include_router(module.router)
-
-    key = state.config.api_key
-    limit = state.config.max_body_bytes
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        path = request.url.path
-        if key is not None and path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                return error_response("missing or invalid API key (Authorization: Bearer KEY)", 401)
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            return error_response(f"request body is {length} bytes; the limit is {limit}", 413)
-        response = await call_next(request)
-        route = request.scope.get("route")
-        label = getattr(route, "path", "unmatched")
-        state.metrics.requests.labels(route=label, status=str(response.status_code)).inc()
-        return response
+    # The last added runs first: the key is checked before a byte of the body is read.
+    app.add_middleware(BodyLimit, limit=state.config.max_body_bytes)
+    app.add_middleware(ApiKeyAndMetrics, api_key=state.config.api_key, metrics=state.metrics)
 
     def openapi() -> dict:
         if app.openapi_schema is None:

@@ -29,4 +29,5 @@ class ServerConfig:
     max_prompt_tokens: int = 2048
     max_cells: int = 200_000
     max_body_bytes: int = 64 * 2**20
+    max_prompts: int = 2048  # prompts in one completion request
     served_model_name: str | None = None

@@ -74,6 +74,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     kind = first.get("type")
     if kind == "json_invalid":
         return "request body is not valid JSON", None
+    if kind == "lone_surrogate":
+        return message, first["ctx"]["param"] or None
+    if kind == "model_attributes_type" and param is None:
+        return "the request body must be a JSON object (Content-Type: application/json)", None
     if kind == "missing":
         if param is None:
             return "the request needs a JSON body", None

@@ -70,15 +70,25 @@ class ServerState:
         if not isinstance(prompt, str) or not prompt:
             raise InvalidArgument(f"{param} must be a non-empty string", param)
         encoding = self.tokenizer.encode(prompt)
-        limit = self.config.max_prompt_tokens
-        if len(encoding.ids) > limit:
-            raise TooLarge(
-                f"{param} has {len(encoding.ids)} tokens; this server allows at most {limit}",
-                param,
-            )
+        self.check_token_count(len(encoding.ids), param)
         if not encoding.ids:
             raise InvalidArgument(f"{param} tokenizes to no tokens", param)
         return encoding
+
+    def check_token_count(self, count: int, param: str) -> None:
+        """``--max-prompt-tokens`` bounds every token sequence a request hands in or asks for."""
+        limit = self.config.max_prompt_tokens
+        if count > limit:
+            raise TooLarge(f"{param} has {count} tokens; this server allows at most {limit}", param)
+
+    def check_prompt_count(self, count: int, param: str = "prompt") -> None:
+        """``--max-prompts`` bounds the prompts of one request."""
+        limit = self.config.max_prompts
+        if count > limit:
+            raise TooLarge(
+                f"{param} lists {count} prompts; this server allows at most {limit} per request",
+                param,
+            )
 
     async def run_blocking(self, fn: Callable[[], T]) -> T:
         """Run model work in a worker thread (the event loop stays free)."""

@@ -2,15 +2,27 @@
 
 Hook and metric names are enums in the schema; every number that reaches the
 model is finite and representable in float32 (``alpha: 1e39`` is a 400, not a
-silent ``inf``).
+silent ``inf``). Every route's body is a ``RequestBody``: no string in it,
+key or value, at any depth, holds a lone surrogate (JSON allows ``"\\ud800"``;
+no tokenizer or encoder does).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from patchserve.wire.hooks import HOOKS, METRICS
 
@@ -37,6 +49,47 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def find_lone_surrogate(value: Any, where: str = "") -> tuple[str, str] | None:
+    """``(param, what)`` of the first string holding a lone surrogate: its path
+    (``patch.0.source_run``) and how to name it in a message."""
+    if isinstance(value, str):
+        return (where, where or "the body") if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        if isinstance(key, str) and _SURROGATE.search(key):
+            return where, f"a key of {where or 'the body'} ({key!a})"
+        found = find_lone_surrogate(item, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+class RequestBody(BaseModel):
+    """A route's whole body, checked once (nested models are part of it) for lone
+    surrogates before any field is validated."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data: Any) -> Any:
+        found = find_lone_surrogate(data)
+        if found is not None:
+            raise PydanticCustomError(
+                "lone_surrogate",
+                "{what} holds a lone surrogate (an unpaired \\ud800-\\udfff escape); "
+                "send valid Unicode text",
+                {"param": found[0], "what": found[1]},
+            )
+        return data
+
+
 class SpanPosition(Strict):
     span: str
     occurrence: StrictInt = 0
@@ -59,7 +112,7 @@ class MaskSpec(Strict):
     inline: StrictInt | None = None
 
 
-class PatchSweepRequest(Strict):
+class PatchSweepRequest(Strict, RequestBody):
     prompt: str
     clean_prompt: str | None = None
     source_run: str | None = None
@@ -85,7 +138,7 @@ class PatchSweepRequest(Strict):
     model: str | None = None
 
 
-class PatchSourceRequest(Strict):
+class PatchSourceRequest(Strict, RequestBody):
     run: str | None = None
     prompt: str
     hooks: dict[HookName, list[StrictInt] | Literal["all"]] | None = None
@@ -99,13 +152,13 @@ class PatchSourceRequest(Strict):
     model: str | None = None
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(RequestBody):
     prompt: str
     add_special_tokens: bool = True
     model: str | None = None
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(RequestBody):
     tokens: list[StrictInt]
     model: str | None = None
 
@@ -115,7 +168,7 @@ class ModuleVector(Strict):
     scale: Number = 1.0
 
 
-class RegisterModuleRequest(Strict):
+class RegisterModuleRequest(Strict, RequestBody):
     name: str
     vectors: dict[HookName, dict[str, ModuleVector]]
     overwrite: bool = False
@@ -154,7 +207,7 @@ class CaptureRequest(Strict):
     patch_source: CaptureSpec
 
 
-class Interventions(BaseModel):
+class Interventions(RequestBody):
     """The patchserve extras shared by /v1/completions and /v1/chat/completions."""
 
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use

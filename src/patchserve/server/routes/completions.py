@@ -25,7 +25,7 @@ from patchserve.engine.generate import (
     validate_request,
 )
 from patchserve.engine.report import chat_logprobs, completion_logprobs
-from patchserve.errors import Conflict, TooLarge
+from patchserve.errors import Conflict
 from patchserve.models import INJECTABLE_HOOKS, make_edit
 from patchserve.models.hooks import SiteEdit
 from patchserve.server.errors import error_responses
@@ -125,8 +125,12 @@ def _edit(state: ServerState, entry: PatchEntry, table: np.ndarray | None, i: in
             table,
             param,
         )
-    if entry.dest_position < 0:
-        raise InvalidArgument("dest_position must be >= 0", param)
+    context = state.model.cfg.max_position_embeddings
+    if not 0 <= entry.dest_position < context:
+        raise InvalidArgument(
+            f"dest_position {entry.dest_position} is outside the model's context (0-{context - 1})",
+            f"{param}.dest_position",
+        )
     mask = None
     if entry.mask is not None:
         mask = mask_vector(
@@ -257,6 +261,7 @@ async def completions(req: CompletionRequest, request: Request) -> CompletionRes
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
     if not prompts:
         raise InvalidArgument("prompt is empty", "prompt")
+    state.check_prompt_count(len(prompts))
     if req.logprobs is not None and (
         not isinstance(req.logprobs, int) or isinstance(req.logprobs, bool)
     ):
@@ -304,11 +309,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Chat
     if not req.messages:
         raise InvalidArgument("messages is empty", "messages")
     ids = apply_chat_template(state.tokenizer, [m.model_dump() for m in req.messages])
-    limit = state.config.max_prompt_tokens
-    if len(ids) > limit:
-        raise TooLarge(
-            f"the templated prompt has {len(ids)} tokens; the limit is {limit}", "messages"
-        )
+    state.check_token_count(len(ids), "messages")
     top = req.top_logprobs if req.logprobs else None
     if req.logprobs and top is None:
         top = 0

@@ -19,6 +19,7 @@ async def tokenize(req: TokenizeRequest, request: Request) -> TokenizeResponse:
     state: ServerState = request.app.state.patchserve
     state.check_model(req.model)
     enc = state.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+    state.check_token_count(len(enc.ids), "prompt")
     return TokenizeResponse(
         tokens=enc.ids,
         token_strs=state.tokenizer.token_strings(enc.ids),
@@ -32,6 +33,7 @@ async def tokenize(req: TokenizeRequest, request: Request) -> TokenizeResponse:
 async def detokenize(req: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     state: ServerState = request.app.state.patchserve
     state.check_model(req.model)
+    state.check_token_count(len(req.tokens), "tokens")
     vocab = state.model.cfg.vocab_size
     bad = [t for t in req.tokens if not 0 <= t < vocab]
     if bad:
