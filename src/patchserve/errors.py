@@ -33,3 +33,7 @@ class Conflict(StudyError):
 
 class TooLarge(StudyError):
     """Input past one of the server's limits (prompt tokens, body bytes)."""
+
+
+class InsufficientStorage(StudyError):
+    """A run that could not be saved (disk full, quota, I/O error); nothing was changed."""

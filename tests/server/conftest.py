@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +41,15 @@ class Server:
             self.process.kill()
 
 
-def start_server(folder: Path | None, *extra: str, log: Path | None = None) -> Server:
-    """A server on ``folder`` (None: no --model, i.e. the bundled demo model)."""
+def start_server(
+    folder: Path | None,
+    *extra: str,
+    log: Path | None = None,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> Server:
+    """A server on ``folder`` (None: no --model, i.e. the bundled demo model); ``env`` adds
+    environment variables, ``preexec_fn`` runs in the child before it starts (rlimits)."""
     port = free_port()
     model = ["--model", str(folder)] if folder is not None else []
     args = [
@@ -59,9 +66,11 @@ def start_server(folder: Path | None, *extra: str, log: Path | None = None) -> S
         "warning",
         *extra,
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
-    process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+    process = subprocess.Popen(
+        args, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=preexec_fn
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while time.time() < deadline:

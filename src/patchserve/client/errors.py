@@ -70,6 +70,10 @@ class InternalServerError(PatchServeError):
     """5xx: the server failed (a bug: it should never happen)."""
 
 
+class InsufficientStorageError(InternalServerError):
+    """507: the server could not save the run (its disk is full); nothing was changed."""
+
+
 class APIConnectionError(PatchServeError):
     """The server could not be reached, or the connection broke."""
 
@@ -84,6 +88,7 @@ STATUS_ERRORS: dict[int, type[PatchServeError]] = {
     404: NotFoundError,
     409: ConflictError,
     413: RequestTooLargeError,
+    507: InsufficientStorageError,
 }
 
 

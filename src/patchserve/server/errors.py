@@ -1,7 +1,8 @@
 """Domain errors and malformed requests → status codes and the one error body.
 
 This module alone knows which status a failure gets: ``InvalidArgument`` 400,
-``NotFound`` 404, ``Conflict`` 409, ``TooLarge`` 413; a request pydantic
+``NotFound`` 404, ``Conflict`` 409, ``TooLarge`` 413,
+``InsufficientStorage`` 507; a request pydantic
 rejects is a 400 naming its field; anything unexpected is a 500 whose body
 says only that (the exception goes to the server log, not to the client).
 It also documents those answers for ``/openapi.json``.
@@ -17,7 +18,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from patchserve.errors import Conflict, InvalidArgument, NotFound, StudyError, TooLarge
+from patchserve.errors import (
+    Conflict,
+    InsufficientStorage,
+    InvalidArgument,
+    NotFound,
+    StudyError,
+    TooLarge,
+)
 from patchserve.wire.errors import ErrorBody, error_body
 
 log = logging.getLogger("patchserve.server")
@@ -26,6 +34,7 @@ STATUS: tuple[tuple[type[StudyError], int], ...] = (
     (NotFound, 404),
     (Conflict, 409),
     (TooLarge, 413),
+    (InsufficientStorage, 507),
     (InvalidArgument, 400),
 )
 
@@ -38,6 +47,7 @@ _DESCRIPTIONS = {
     409: "The name is taken (pass `overwrite: true`)",
     413: "Request body or prompt past the server's limits",
     500: "Internal error",
+    507: "A run could not be saved (disk full, quota or I/O error); the store is unchanged",
 }
 
 

@@ -6,44 +6,45 @@ persisted stays on disk and is reloaded on its next use). ``drop`` always
 wins, leased or not — the request holding it keeps its own reference and
 finishes with the data it has.
 
-With a ``source_dir``, kept runs are written as ``NAME.safetensors`` +
-``NAME.json`` (each written to a temporary file and renamed, so a crash never
-leaves half a run) and reloaded at start. Names are validated
+With a ``source_dir``, each kept run is one file (``server/runfiles.py``:
+written to a temporary name, fsynced, renamed once). ``put`` persists before
+it changes anything in memory: when the save fails (disk full, quota, I/O
+error) it raises ``InsufficientStorage`` and the store — memory and folder —
+holds exactly what it held before. The slow write happens outside the lock;
+the rename and the in-memory update happen together under it, so the folder
+and the memory agree on which of two racing overwrites won. At start the
+folder is cleaned and checked (``scan_folder``). Names are validated
 (``check_run_name``), so nothing a request says reaches outside the folder.
+Every method may block on disk: the server calls them from worker threads.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
 
 from patchserve.engine.runs import CapturedRun, check_run_name
-from patchserve.errors import Conflict, InvalidArgument
+from patchserve.errors import Conflict, InsufficientStorage
+from patchserve.server.runfiles import (
+    RunFileError,
+    commit,
+    load_run,
+    quarantine,
+    read_manifest,
+    run_path,
+    scan_folder,
+    write_temp,
+)
 from patchserve.wire.runs import RunManifest
 
-LOGITS_KEY = "__last_logits__"
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+log = logging.getLogger("patchserve.store")
 
 
 class RunStore:
@@ -51,80 +52,49 @@ class RunStore:
         self.budget = budget_bytes
         self.dir = source_dir
         self._runs: OrderedDict[str, CapturedRun] = OrderedDict()
-        self._on_disk: dict[str, dict] = {}  # kept runs evicted from memory: name -> manifest
+        self._on_disk: dict[str, dict[str, Any]] = {}  # kept runs not in memory: manifests
         self._leases: dict[str, int] = {}
         self._lock = threading.RLock()
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self._scan()
+            self._on_disk = scan_folder(self.dir)
 
     # -- persistence ---------------------------------------------------------------
 
-    def _paths(self, name: str) -> tuple[Path, Path]:
+    def _path(self, name: str) -> Path:
         assert self.dir is not None
-        check_run_name(name)
-        return self.dir / f"{name}.safetensors", self.dir / f"{name}.json"
+        return run_path(self.dir, check_run_name(name))
 
-    def _scan(self) -> None:
+    def _write(self, run: CapturedRun) -> Path:
         assert self.dir is not None
-        for manifest_path in sorted(self.dir.glob("*.json")):
-            name = manifest_path.stem
-            try:
-                check_run_name(name)
-                manifest = json.loads(manifest_path.read_text())
-            except (InvalidArgument, json.JSONDecodeError, OSError):
-                continue
-            if (self.dir / f"{name}.safetensors").exists():
-                self._on_disk[name] = manifest
+        try:
+            return write_temp(self.dir, run)
+        except (OSError, SafetensorError) as exc:
+            log.error("could not save run %r: %s", run.name, exc)
+            raise InsufficientStorage(
+                f"could not save run {run.name!r} to the server's run folder ({exc}); "
+                "nothing was changed",
+                "run",
+            ) from exc
 
-    def _persist(self, run: CapturedRun) -> None:
-        if self.dir is None or not run.kept:
-            return
-        tensors_path, manifest_path = self._paths(run.name)
-        tensors = {
-            f"{hook}/{layer}": t.contiguous().cpu() for (hook, layer), t in run.activations.items()
-        }
-        if run.last_logits is not None:
-            tensors[LOGITS_KEY] = run.last_logits.contiguous().cpu()
-        _atomic_write(tensors_path, lambda tmp: save_file(tensors, tmp))
-        manifest = {
-            "run": run.name,
-            "prompt": run.prompt,
-            "token_ids": run.token_ids,
-            "positions": run.positions,
-            "created": run.created,
-        }
-        _atomic_write(manifest_path, lambda tmp: Path(tmp).write_text(json.dumps(manifest)))
+    def _commit(self, name: str, tmp: Path) -> None:
+        try:
+            commit(tmp, self._path(name))
+        except OSError as exc:
+            log.error("could not rename the saved run %r into place: %s", name, exc)
+            raise InsufficientStorage(
+                f"could not save run {name!r} ({exc}); nothing was changed", "run"
+            ) from exc
 
-    def _load(self, name: str, header_only: bool = False) -> CapturedRun:
-        """The persisted run; ``header_only`` reads shapes and dtypes alone (meta tensors),
-        enough for its manifest without loading the activations."""
-        tensors_path, _ = self._paths(name)
-        manifest = self._on_disk[name]
-        if header_only:
-            with safe_open(str(tensors_path), framework="pt") as handle:
-                tensors = {}
-                for key in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                    piece = handle.get_slice(key)
-                    dtype = SAFETENSORS_DTYPES[piece.get_dtype()]
-                    tensors[key] = torch.empty(piece.get_shape(), dtype=dtype, device="meta")
-        else:
-            tensors = load_file(str(tensors_path))
-        logits = tensors.pop(LOGITS_KEY, None)
-        activations = {}
-        for key, value in tensors.items():
-            hook, _, layer = key.rpartition("/")
-            activations[hook, int(layer)] = value
-        return CapturedRun(
-            name=name,
-            prompt=manifest["prompt"],
-            token_ids=list(manifest["token_ids"]),
-            positions=list(manifest["positions"]),
-            activations=activations,
-            last_logits=logits,
-            created=float(manifest.get("created", 0.0)),
-            kept=True,
-        )
+    def _load(self, name: str, header_only: bool = False) -> CapturedRun | None:
+        """The persisted run, or None (quarantined, with a warning) when its file is bad."""
+        path = self._path(name)
+        try:
+            return load_run(path, self._on_disk[name], header_only)
+        except RunFileError as exc:
+            del self._on_disk[name]
+            quarantine(path, str(exc))
+            return None
 
     # -- the store -----------------------------------------------------------------
 
@@ -148,39 +118,47 @@ class RunStore:
                 return run
             if name in self._on_disk:
                 run = self._load(name)
+                if run is None:
+                    return None
                 del self._on_disk[name]
                 self._runs[name] = run
                 self._evict()
                 return run
             return None
 
-    def put(self, run: CapturedRun, overwrite: bool = False) -> None:
-        check_run_name(run.name)
-        with self._lock:
-            if run.name in self and not overwrite:
-                raise Conflict(
-                    f"run {run.name!r} already exists; pass overwrite: true to replace it", "run"
-                )
-            self._on_disk.pop(run.name, None)
-            self._runs[run.name] = run
-            self._runs.move_to_end(run.name)
-            self._persist(run)
-            self._evict(keep=run.name)
+    def _check_free(self, name: str, overwrite: bool) -> None:
+        if name in self and not overwrite:
+            message = f"run {name!r} already exists; pass overwrite: true to replace it"
+            raise Conflict(message, "run")
 
-    def keep(self, name: str) -> None:
-        with self._lock:
-            run = self._runs.get(name)
-            if run is not None and not run.kept:
-                run.kept = True
-                self._persist(run)
+    def put(self, run: CapturedRun, overwrite: bool = False) -> None:
+        """Store ``run`` (persisted first when kept and there is a folder)."""
+        check_run_name(run.name)
+        self._check_free(run.name, overwrite)
+        persist = self.dir is not None and run.kept
+        tmp = self._write(run) if persist else None
+        try:
+            with self._lock:
+                self._check_free(run.name, overwrite)
+                if tmp is not None:
+                    self._commit(run.name, tmp)
+                    tmp = None
+                elif self.dir is not None:  # an unkept run replaces a persisted one
+                    self._path(run.name).unlink(missing_ok=True)
+                self._on_disk.pop(run.name, None)
+                self._runs[run.name] = run
+                self._runs.move_to_end(run.name)
+                self._evict(keep=run.name)
+        finally:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
 
     def drop(self, name: str) -> bool:
         with self._lock:
             found = self._runs.pop(name, None) is not None
             found = self._on_disk.pop(name, None) is not None or found
             if self.dir is not None and found:
-                for path in self._paths(name):
-                    path.unlink(missing_ok=True)
+                self._path(name).unlink(missing_ok=True)
             return found
 
     def manifest(self, name: str) -> RunManifest | None:
@@ -189,7 +167,8 @@ class RunStore:
             if run is not None:
                 return run.manifest(leases=self._leases.get(name, 0))
             if name in self._on_disk:  # listing must not pull every persisted run into memory
-                return self._load(name, header_only=True).manifest(leases=0)
+                run = self._load(name, header_only=True)
+                return None if run is None else run.manifest(leases=0)
             return None
 
     @contextmanager
@@ -217,12 +196,10 @@ class RunStore:
             run = self._runs.pop(name)
             total -= run.nbytes()
             if run.kept and self.dir is not None:
-                self._on_disk[name] = {
-                    "prompt": run.prompt,
-                    "token_ids": run.token_ids,
-                    "positions": run.positions,
-                    "created": run.created,
-                }
+                try:
+                    self._on_disk[name] = read_manifest(self._path(name))
+                except RunFileError as exc:  # changed under us: it is gone
+                    log.warning("run %r left memory and its file is unusable: %s", name, exc)
 
     def fresh_name(self, prefix: str = "auto") -> str:
         import uuid

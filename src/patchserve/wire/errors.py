@@ -12,6 +12,7 @@ ERROR_TYPES: dict[int, str] = {
     405: "invalid_request_error",
     409: "conflict_error",
     413: "request_too_large",
+    507: "insufficient_storage",
     500: "server_error",
 }
 
