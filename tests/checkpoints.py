@@ -131,6 +131,20 @@ CONFIGS: dict[str, Callable[[], tf.PretrainedConfig]] = {
         },
     ),
 }
+#: Not in FAMILIES (no parity tests): a wide, deep model whose full capture of 256
+#: tokens is ~200 MB, for the server's responsiveness tests.
+EXTRA_CONFIGS: dict[str, Callable[[], tf.PretrainedConfig]] = {
+    "qwen3_wide": lambda: tf.Qwen3Config(
+        **COMMON,
+        hidden_size=2048,
+        intermediate_size=64,
+        num_hidden_layers=16,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=512,
+    ),
+}
 ADDS_BOS = {"llama", "llama_tied_bias", "mistral", "gemma2", "gemma3"}
 FAMILIES = tuple(CONFIGS)
 
@@ -156,7 +170,7 @@ def build_checkpoint(family: str, root: Path, seed: int = 0) -> Path:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     build_tokenizer(folder, add_bos=family in ADDS_BOS)
-    config = CONFIGS[family]()
+    config = {**CONFIGS, **EXTRA_CONFIGS}[family]()
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(config)
     randomise(model, seed)

@@ -80,9 +80,9 @@ def _dtype_tag(t: torch.Tensor) -> str:
     return next(tag for tag, dtype in SAFETENSORS_DTYPES.items() if dtype == t.dtype)
 
 
-def write_temp(folder: Path, run: CapturedRun) -> Path:
-    """The run written and fsynced under a temporary name in ``folder`` (``OSError`` or
-    ``SafetensorError`` when it cannot be; nothing is left behind then)."""
+def write_temp(folder: Path, run: CapturedRun) -> tuple[Path, dict[str, Any]]:
+    """The run written and fsynced under a temporary name in ``folder``, and its manifest
+    (``OSError`` or ``SafetensorError`` when it cannot be; nothing is left behind then)."""
     tensors = _tensors(run)
     manifest = {
         "run": run.name,
@@ -105,7 +105,7 @@ def write_temp(folder: Path, run: CapturedRun) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return tmp
+    return tmp, manifest
 
 
 def commit(tmp: Path, path: Path) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,7 +38,6 @@ from patchserve.server.runfiles import (
     commit,
     load_run,
     quarantine,
-    read_manifest,
     run_path,
     scan_folder,
     write_temp,
@@ -51,13 +51,13 @@ class RunStore:
     def __init__(self, budget_bytes: int, source_dir: Path | None = None) -> None:
         self.budget = budget_bytes
         self.dir = source_dir
-        self._runs: OrderedDict[str, CapturedRun] = OrderedDict()
-        self._on_disk: dict[str, dict[str, Any]] = {}  # kept runs not in memory: manifests
+        self._runs: OrderedDict[str, CapturedRun] = OrderedDict()  # resident, LRU order
+        self._files: dict[str, dict[str, Any]] = {}  # persisted runs: name -> manifest
         self._leases: dict[str, int] = {}
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # guards the dicts; held for no file work but a rename
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self._on_disk = scan_folder(self.dir)
+            self._files = scan_folder(self.dir)
 
     # -- persistence ---------------------------------------------------------------
 
@@ -65,7 +65,7 @@ class RunStore:
         assert self.dir is not None
         return run_path(self.dir, check_run_name(name))
 
-    def _write(self, run: CapturedRun) -> Path:
+    def _write(self, run: CapturedRun) -> tuple[Path, dict[str, Any]]:
         assert self.dir is not None
         try:
             return write_temp(self.dir, run)
@@ -86,45 +86,51 @@ class RunStore:
                 f"could not save run {name!r} ({exc}); nothing was changed", "run"
             ) from exc
 
-    def _load(self, name: str, header_only: bool = False) -> CapturedRun | None:
-        """The persisted run, or None (quarantined, with a warning) when its file is bad."""
-        path = self._path(name)
-        try:
-            return load_run(path, self._on_disk[name], header_only)
-        except RunFileError as exc:
-            del self._on_disk[name]
-            quarantine(path, str(exc))
-            return None
+    def _forget_bad_file(self, name: str, manifest: dict[str, Any], reason: str) -> None:
+        with self._lock:
+            if self._files.get(name) is not manifest:
+                return  # replaced or dropped meanwhile: not the file that failed
+            del self._files[name]
+            quarantine(self._path(name), reason)
 
     # -- the store -----------------------------------------------------------------
 
     def __contains__(self, name: str) -> bool:
         with self._lock:
-            return name in self._runs or name in self._on_disk
+            return name in self._runs or name in self._files
 
     def names(self) -> list[str]:
         with self._lock:
-            return sorted(set(self._runs) | set(self._on_disk))
+            return sorted(set(self._runs) | set(self._files))
 
     def nbytes(self) -> int:
         with self._lock:
             return sum(r.nbytes() for r in self._runs.values())
 
     def get(self, name: str) -> CapturedRun | None:
+        """The run, read from its file (outside the lock) when it is not resident."""
         with self._lock:
             run = self._runs.get(name)
             if run is not None:
                 self._runs.move_to_end(name)
                 return run
-            if name in self._on_disk:
-                run = self._load(name)
-                if run is None:
-                    return None
-                del self._on_disk[name]
-                self._runs[name] = run
-                self._evict()
-                return run
+            manifest = self._files.get(name)
+        if manifest is None:
             return None
+        try:
+            loaded = load_run(self._path(name), manifest)
+        except RunFileError as exc:
+            self._forget_bad_file(name, manifest, str(exc))
+            return None
+        with self._lock:
+            resident = self._runs.get(name)
+            if resident is not None:  # loaded or replaced by another request meanwhile
+                return resident
+            if self._files.get(name) is not manifest:  # dropped or replaced meanwhile
+                return self.get(name)
+            self._runs[name] = loaded
+            self._evict(keep=name)
+            return loaded
 
     def _check_free(self, name: str, overwrite: bool) -> None:
         if name in self and not overwrite:
@@ -135,29 +141,29 @@ class RunStore:
         """Store ``run`` (persisted first when kept and there is a folder)."""
         check_run_name(run.name)
         self._check_free(run.name, overwrite)
-        persist = self.dir is not None and run.kept
-        tmp = self._write(run) if persist else None
+        written = self._write(run) if self.dir is not None and run.kept else None
         try:
             with self._lock:
                 self._check_free(run.name, overwrite)
-                if tmp is not None:
+                if written is not None:
+                    tmp, manifest = written
                     self._commit(run.name, tmp)
-                    tmp = None
-                elif self.dir is not None:  # an unkept run replaces a persisted one
+                    written = None
+                    self._files[run.name] = manifest
+                elif self._files.pop(run.name, None) is not None:  # an unkept run replaces it
                     self._path(run.name).unlink(missing_ok=True)
-                self._on_disk.pop(run.name, None)
                 self._runs[run.name] = run
                 self._runs.move_to_end(run.name)
                 self._evict(keep=run.name)
         finally:
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
+            if written is not None:
+                written[0].unlink(missing_ok=True)
 
     def drop(self, name: str) -> bool:
         with self._lock:
             found = self._runs.pop(name, None) is not None
-            found = self._on_disk.pop(name, None) is not None or found
-            if self.dir is not None and found:
+            if self._files.pop(name, None) is not None:
+                found = True
                 self._path(name).unlink(missing_ok=True)
             return found
 
@@ -166,10 +172,11 @@ class RunStore:
             run = self._runs.get(name)
             if run is not None:
                 return run.manifest(leases=self._leases.get(name, 0))
-            if name in self._on_disk:  # listing must not pull every persisted run into memory
-                run = self._load(name, header_only=True)
-                return None if run is None else run.manifest(leases=0)
+            manifest = self._files.get(name)
+        if manifest is None:
             return None
+        # listing must not pull every persisted run into memory: shapes from the manifest
+        return load_run(self._path(name), manifest, header_only=True).manifest(leases=0)
 
     @contextmanager
     def lease(self, run: CapturedRun) -> Iterator[CapturedRun]:
@@ -187,23 +194,16 @@ class RunStore:
                     self._leases.pop(run.name, None)
 
     def _evict(self, keep: str | None = None) -> None:
+        """Resident runs past the budget leave memory (a persisted one stays on disk)."""
         total = sum(r.nbytes() for r in self._runs.values())
         for name in list(self._runs):
             if total <= self.budget:
                 break
             if name == keep or self._leases.get(name):
                 continue
-            run = self._runs.pop(name)
-            total -= run.nbytes()
-            if run.kept and self.dir is not None:
-                try:
-                    self._on_disk[name] = read_manifest(self._path(name))
-                except RunFileError as exc:  # changed under us: it is gone
-                    log.warning("run %r left memory and its file is unusable: %s", name, exc)
+            total -= self._runs.pop(name).nbytes()
 
     def fresh_name(self, prefix: str = "auto") -> str:
-        import uuid
-
         with self._lock:
             while True:
                 name = f"{prefix}-{uuid.uuid4().hex[:12]}"

@@ -267,7 +267,7 @@ async def completions(req: CompletionRequest, request: Request) -> CompletionRes
     ):
         raise InvalidArgument("logprobs must be an integer (top-k)", "logprobs")
     encoded = [state.encode(p).ids for p in prompts]
-    _prepare(state, req)  # validate before any model work
+    await state.run_blocking(lambda: _prepare(state, req))  # validate before model work
 
     def work() -> list[tuple[GenerationResult, str | None]]:
         return [
@@ -313,7 +313,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Chat
     top = req.top_logprobs if req.logprobs else None
     if req.logprobs and top is None:
         top = 0
-    _prepare(state, req)
+    await state.run_blocking(lambda: _prepare(state, req))  # may read a source run
     prompt = state.tokenizer.decode(ids)
     result, captured = await state.run_blocking(
         lambda: _run_one(state, req, prompt, ids, logprobs=top, echo=False)

@@ -1,4 +1,8 @@
-"""``/v1/patch_source``: capture, list, fetch (with activations) and drop runs."""
+"""``/v1/patch_source``: capture, list, fetch (with activations) and drop runs.
+
+Every store call that may touch the disk (save, load, unlink) runs in a worker
+thread, so the event loop keeps answering (``/health``) while a large run is
+written or read."""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 
-from patchserve.engine import InvalidArgument, capture_run, check_run_name
+from patchserve.engine import CapturedRun, InvalidArgument, capture_run, check_run_name
 from patchserve.engine.metrics import raw_score
 from patchserve.engine.report import top_logprobs
 from patchserve.engine.request import resolve_token
@@ -73,15 +77,17 @@ async def create_source(req: PatchSourceRequest, request: Request) -> RunManifes
         state.tokenizer, vocab, req.answer_token, req.answer_token_id, "answer_token"
     )
     foil = resolve_token(state.tokenizer, vocab, req.foil_token, req.foil_token_id, "foil_token")
-    run = await state.run_blocking(
-        lambda: state.gated(
+
+    def capture_and_store() -> tuple[CapturedRun, RunManifest]:
+        run = state.gated(
             lambda: capture_run(state.model, name, req.prompt, encoding.ids, hooks, positions)
         )
-    )
-    run.kept = True
-    state.store.put(run, overwrite=req.overwrite)
+        run.kept = True
+        state.store.put(run, overwrite=req.overwrite)
+        return run, state.store.manifest(name) or run.manifest()
+
+    run, manifest = await state.run_blocking(capture_and_store)
     state.refresh_gauges()
-    manifest = state.store.manifest(name) or run.manifest()
     assert run.last_logits is not None
     graded = None
     if answer is not None:
@@ -102,8 +108,10 @@ async def create_source(req: PatchSourceRequest, request: Request) -> RunManifes
 
 @router.get("/v1/patch_source", response_model=RunList, responses=error_responses(401, 500))
 async def list_sources(request: Request) -> RunList:
-    state = _state(request)
-    data = [m for name in state.store.names() if (m := state.store.manifest(name)) is not None]
+    store = _state(request).store
+    data = await _state(request).run_blocking(
+        lambda: [m for name in store.names() if (m := store.manifest(name)) is not None]
+    )
     return RunList(data=data)
 
 
@@ -121,6 +129,13 @@ async def get_source(
 ) -> RunManifest:
     state = _state(request)
     check_run_name(run)
+    return await state.run_blocking(lambda: _describe(state, run, include, hook, layer))
+
+
+def _describe(
+    state: ServerState, run: str, include: str | None, hook: str | None, layer: int | None
+) -> RunManifest:
+    """A run's manifest, with one site's activations when asked (may read the run's file)."""
     manifest = state.store.manifest(run)
     if manifest is None:
         raise NotFound(f"run {run!r} not found", "run")
@@ -155,7 +170,7 @@ async def get_source(
 async def drop_source(run: str, request: Request) -> RunDropped:
     state = _state(request)
     check_run_name(run)
-    if not state.store.drop(run):
+    if not await state.run_blocking(lambda: state.store.drop(run)):
         raise NotFound(f"run {run!r} not found", "run")
     state.refresh_gauges()
     return RunDropped(run=run)

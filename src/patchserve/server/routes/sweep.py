@@ -249,7 +249,8 @@ STREAM_CONTENT = {"text/event-stream": {"schema": {"type": "string"}}}
 async def patch_sweep(req: PatchSweepRequest, request: Request) -> Any:
     state: ServerState = request.app.state.patchserve
     state.check_model(req.model)
-    job = SweepJob(state, req)  # every validation error is a JSON 4xx, stream or not
+    # every validation error is a JSON 4xx, stream or not; a source run may be read from disk
+    job = await state.run_blocking(lambda: SweepJob(state, req))
     try:
         await state.run_blocking(job.capture)
     except BaseException:
