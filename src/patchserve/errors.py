@@ -35,5 +35,10 @@ class TooLarge(StudyError):
     """Input past one of the server's limits (prompt tokens, body bytes)."""
 
 
+class Cancelled(Exception):
+    """Work stopped because its caller went away (a client disconnect); no one waits for
+    an answer. Not a ``StudyError``: nothing was wrong with the study."""
+
+
 class InsufficientStorage(StudyError):
     """A run that could not be saved (disk full, quota, I/O error); nothing was changed."""

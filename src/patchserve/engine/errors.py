@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from patchserve.errors import Conflict, InvalidArgument, NotFound, StudyError, TooLarge
+from patchserve.errors import Cancelled, Conflict, InvalidArgument, NotFound, StudyError, TooLarge
 
-__all__ = ["Conflict", "InvalidArgument", "NotFound", "StudyError", "SweepCancelled", "TooLarge"]
+__all__ = [
+    "Cancelled",
+    "Conflict",
+    "InvalidArgument",
+    "NotFound",
+    "StudyError",
+    "SweepCancelled",
+    "TooLarge",
+]
 
 
-class SweepCancelled(RuntimeError):
+class SweepCancelled(Cancelled, RuntimeError):
     """The caller cancelled a sweep (client disconnect)."""

@@ -3,7 +3,7 @@
 ``stream_sweep`` runs the sweep in a worker thread and yields one
 ``("cell", Cell, done, total)`` item per graded cell, then ``("summary",
 SweepOutcome)``. Closing the iterator early (a client that went away) sets the
-sweep's cancel flag; the worker stops before its next batch.
+sweep's cancel flag; the worker stops at its next transformer block.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
-from patchserve.engine.errors import SweepCancelled
 from patchserve.engine.sweep import Cell, SweepOutcome, SweepSpec, run_sweep
+from patchserve.errors import Cancelled
 from patchserve.models import Transformer
 
 _DONE = object()
@@ -61,7 +61,7 @@ async def stream_sweep(
             if item is _DONE:
                 break
             if item[0] == "error":
-                if isinstance(item[1], SweepCancelled):
+                if isinstance(item[1], Cancelled):
                     return
                 raise item[1]
             yield item

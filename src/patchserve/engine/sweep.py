@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from patchserve.engine.errors import InvalidArgument, SweepCancelled
+from patchserve.cancel import cancel_scope, raise_if_cancelled
+from patchserve.engine.errors import Cancelled, InvalidArgument, SweepCancelled
 from patchserve.engine.flops import suffix_flops, unembed_flops
 from patchserve.engine.metrics import Grader, raw_score
 from patchserve.engine.runs import CapturedRun
@@ -256,6 +257,7 @@ class SweepRunner:
     def _check_cancel(self) -> None:
         if self.cancel is not None and self.cancel():
             raise SweepCancelled("sweep cancelled")
+        raise_if_cancelled()
 
     def run(self) -> SweepOutcome:
         started = time.perf_counter()
@@ -486,7 +488,16 @@ def run_sweep(
 ) -> SweepOutcome:
     """Run a sweep; ``on_cell(cell, done, total)`` fires once per cell as it is graded.
 
-    ``cancel()`` is polled before every batch; ``gate()`` is entered around
-    every model call (a server's fair scheduler).
+    ``cancel()`` is polled before every batch and between transformer blocks;
+    ``gate()`` is entered around every model call (a server's fair scheduler).
     """
-    return SweepRunner(model, spec, on_cell, cancel, gate).run()
+    runner = SweepRunner(model, spec, on_cell, cancel, gate)
+    if cancel is None:
+        return runner.run()
+    with cancel_scope(cancel):  # also checked inside each forward, between blocks
+        try:
+            return runner.run()
+        except SweepCancelled:
+            raise
+        except Cancelled as exc:
+            raise SweepCancelled("sweep cancelled") from exc

@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from patchserve.cancel import raise_if_cancelled
 from patchserve.models.attention import AttentionMasks
 from patchserve.models.block import DecoderBlock
 from patchserve.models.config import ModelConfig, RopeConfig
@@ -457,6 +458,7 @@ class Transformer(nn.Module):
         x = self.embed(input_ids, layout.positions) if input_ids is not None else hidden
         assert x is not None
         for block in self.blocks[start_layer:]:
+            raise_if_cancelled()  # a long batch stops within one block of a cancel
             x = block(x, state, reuse if block.layer == start_layer else None)
         logits = None
         if logits_at is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,7 +12,9 @@ from typing import TypeVar
 import anyio
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from starlette.types import Receive
 
+from patchserve.cancel import cancel_scope
 from patchserve.errors import InvalidArgument, NotFound, TooLarge
 from patchserve.models import LoadedModel, Transformer, load_model
 from patchserve.server.config import ServerConfig, default_cache_bytes
@@ -93,6 +97,26 @@ class ServerState:
     async def run_blocking(self, fn: Callable[[], T]) -> T:
         """Run model work in a worker thread (the event loop stays free)."""
         return await anyio.to_thread.run_sync(fn)
+
+    async def run_cancellable(self, receive: Receive, fn: Callable[[], T]) -> T:
+        """``run_blocking`` that stops (``Cancelled``) soon after the client disconnects:
+        ``fn`` runs in a cancel scope that a watcher of the request's messages trips."""
+        left = threading.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            left.set()
+
+        def scoped() -> T:
+            with cancel_scope(left.is_set):
+                return fn()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            return await self.run_blocking(scoped)
+        finally:
+            watcher.cancel()
 
     def gated(self, fn: Callable[[], T]) -> T:
         with self.gate.turn(), torch.inference_mode():

@@ -275,7 +275,7 @@ async def completions(req: CompletionRequest, request: Request) -> CompletionRes
             for p, ids in zip(prompts, encoded, strict=True)
         ]
 
-    results = await state.run_blocking(work)
+    results = await state.run_cancellable(request.receive, work)
     tokenizer = state.tokenizer
     choices = [
         CompletionChoice(
@@ -315,8 +315,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Chat
         top = 0
     await state.run_blocking(lambda: _prepare(state, req))  # may read a source run
     prompt = state.tokenizer.decode(ids)
-    result, captured = await state.run_blocking(
-        lambda: _run_one(state, req, prompt, ids, logprobs=top, echo=False)
+    result, captured = await state.run_cancellable(
+        request.receive, lambda: _run_one(state, req, prompt, ids, logprobs=top, echo=False)
     )
     choice = ChatChoice(
         index=0,

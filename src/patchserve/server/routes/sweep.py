@@ -252,18 +252,18 @@ async def patch_sweep(req: PatchSweepRequest, request: Request) -> Any:
     # every validation error is a JSON 4xx, stream or not; a source run may be read from disk
     job = await state.run_blocking(lambda: SweepJob(state, req))
     try:
-        await state.run_blocking(job.capture)
+        await state.run_cancellable(request.receive, job.capture)
     except BaseException:
         job.finish()
         raise
-    if not req.stream:
+    if not req.stream:  # a disconnect stops the sweep within a block (the stream: on close)
         with ExitStack() as stack:
             stack.callback(job.finish)
             if job.run is not None:
                 stack.enter_context(state.store.lease(job.run))
             spec: SweepSpec = job.spec
-            outcome = await state.run_blocking(
-                lambda: run_sweep(state.model, spec, gate=state.gate.turn)
+            outcome = await state.run_cancellable(
+                request.receive, lambda: run_sweep(state.model, spec, gate=state.gate.turn)
             )
         job.record(outcome)
         return job.body(outcome)
