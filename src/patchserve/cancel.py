@@ -22,8 +22,11 @@ _CHECK: ContextVar[Callable[[], bool] | None] = ContextVar("patchserve_cancel", 
 
 @contextmanager
 def cancel_scope(is_cancelled: Callable[[], bool]) -> Iterator[None]:
-    """Work run inside (in this thread) stops at its next check once ``is_cancelled()``."""
-    token = _CHECK.set(is_cancelled)
+    """Work run inside (in this thread) stops at its next check once ``is_cancelled()``
+    or the enclosing scope's check is true (scopes nest: server shutdown, then client)."""
+    outer = _CHECK.get()
+    check = is_cancelled if outer is None else (lambda: is_cancelled() or outer())
+    token = _CHECK.set(check)
     try:
         yield
     finally:

@@ -23,10 +23,10 @@ def _serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import torch
-    import uvicorn
 
     from patchserve.server.app import create_app
     from patchserve.server.config import ServerConfig
+    from patchserve.server.shutdown import serve
     from patchserve.server.state import ServerState
 
     if args.threads:
@@ -51,7 +51,8 @@ def _serve(args: argparse.Namespace) -> int:
         f"{state.loaded.config.num_layers} layers) on http://{args.host}:{args.port}",
         flush=True,
     )
-    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level=args.log_level)
+    app = create_app(state)
+    serve(state, app, args.host, args.port, args.log_level, args.shutdown_grace)
     return 0
 
 
@@ -88,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--served-model-name", help="model id in /v1/models (default: folder name)")
     serve.add_argument("--threads", type=int, help="torch CPU threads")
+    serve.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        help="seconds requests in flight may still run after SIGTERM (then they are stopped)",
+    )
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(func=_serve)
 

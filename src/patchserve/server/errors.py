@@ -6,7 +6,7 @@ This module alone knows which status a failure gets: ``InvalidArgument`` 400,
 rejects is a 400 naming its field; anything unexpected is a 500 whose body
 says only that (the exception goes to the server log, not to the client).
 Work cancelled because the client left (``Cancelled``) is logged as such and
-answered 499, which no one reads.
+answered 499, which no one reads; work a shutdown stopped is a 503.
 It also documents those answers for ``/openapi.json``.
 """
 
@@ -52,6 +52,8 @@ _DESCRIPTIONS = {
     409: "The name is taken (pass `overwrite: true`)",
     413: "Request body or prompt past the server's limits",
     500: "Internal error",
+    503: "The server is shutting down: work still running when its grace period ended "
+    "(`--shutdown-grace`) was stopped",
     507: "A run could not be saved (disk full, quota or I/O error); the store is unchanged",
 }
 
@@ -119,6 +121,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Cancelled)
     async def on_cancelled(request: Request, exc: Cancelled) -> JSONResponse:
+        if request.app.state.patchserve.stopping.is_set():
+            message = "the server is shutting down and stopped this work; retry elsewhere or later"
+            log.warning("%s %s: stopped by the shutdown", request.method, request.url.path)
+            return error_response(message, 503)
         log.info("%s %s: the client left; its work was stopped", request.method, request.url.path)
         return error_response("the client closed the request", CLIENT_CLOSED)
 

@@ -60,6 +60,7 @@ class ServerState:
         self.metrics = Metrics()
         self.started = time.time()
         self.model_name = config.served_model_name or loaded.path.name
+        self.stopping = threading.Event()  # set when a shutdown's grace period is over
 
     @classmethod
     def from_config(cls, config: ServerConfig) -> ServerState:
@@ -95,8 +96,14 @@ class ServerState:
             )
 
     async def run_blocking(self, fn: Callable[[], T]) -> T:
-        """Run model work in a worker thread (the event loop stays free)."""
-        return await anyio.to_thread.run_sync(fn)
+        """Run model work in a worker thread (the event loop stays free); it stops
+        (``Cancelled``) once a shutdown's grace period is over."""
+
+        def stoppable() -> T:
+            with cancel_scope(self.stopping.is_set):
+                return fn()
+
+        return await anyio.to_thread.run_sync(stoppable)
 
     async def run_cancellable(self, receive: Receive, fn: Callable[[], T]) -> T:
         """``run_blocking`` that stops (``Cancelled``) soon after the client disconnects:

@@ -14,6 +14,7 @@ ERROR_TYPES: dict[int, str] = {
     413: "request_too_large",
     507: "insufficient_storage",
     500: "server_error",
+    503: "service_unavailable",
 }
 
 

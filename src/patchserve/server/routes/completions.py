@@ -251,7 +251,7 @@ def _requested(result: GenerationResult) -> list[dict[str, float]] | None:
     return [{str(k): v for k, v in step.items()} for step in result.requested_logprobs]
 
 
-COMPLETION_ERRORS = error_responses(400, 401, 404, 409, 413, 500, 507)
+COMPLETION_ERRORS = error_responses(400, 401, 404, 409, 413, 500, 503, 507)
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=COMPLETION_ERRORS)

@@ -49,7 +49,7 @@ def capture_hooks(state: ServerState, spec: dict[str, Any] | None) -> dict[str, 
 @router.post(
     "/v1/patch_source",
     response_model=RunManifest,
-    responses=error_responses(400, 401, 404, 409, 413, 500, 507),
+    responses=error_responses(400, 401, 404, 409, 413, 500, 503, 507),
 )
 async def create_source(req: PatchSourceRequest, request: Request) -> RunManifest:
     state = _state(request)

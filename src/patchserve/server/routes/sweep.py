@@ -243,7 +243,7 @@ STREAM_CONTENT = {"text/event-stream": {"schema": {"type": "string"}}}
             "cell..., summary (= the body), [DONE]",
             "content": STREAM_CONTENT,
         },
-        **error_responses(400, 401, 404, 413, 500, 507),
+        **error_responses(400, 401, 404, 413, 500, 503, 507),
     },
 )
 async def patch_sweep(req: PatchSweepRequest, request: Request) -> Any:
