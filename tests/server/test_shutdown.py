@@ -31,7 +31,10 @@ def test_sigterm_finishes_short_requests_then_stops_long_ones(
 ):
     log = tmp_path / "server.log"
     folder = build_checkpoint("qwen3_wide", checkpoint_root)
-    srv = start_server(folder, "--shutdown-grace", str(GRACE_S), log=log)
+    # small batches: the short request waits at the gate for one short batch at most
+    srv = start_server(
+        folder, "--shutdown-grace", str(GRACE_S), "--max-batch-tokens", "256", log=log
+    )
     port = int(srv.url.rsplit(":", 1)[1])
     prompt = " ".join(CORPUS[2:5])  # about 50 tokens
     long_sweep = {
