@@ -284,7 +284,13 @@ def test_result_helpers_and_heatmap_png(
 
     ax = result.heatmap()
     labels = [t.get_text() for t in ax.get_xticklabels()]
-    assert labels == result.token_labels() and "' is'" in labels[-1]
+    differing = set(result.alignment["differing_positions"])
+    assert differing == set(range(4, 9))  # the unaligned middle is where the corruption is
+    starred = [
+        f"{label} *" if p in differing else label
+        for label, p in zip(result.token_labels(), result.positions, strict=True)
+    ]
+    assert labels == starred and "' is'" in labels[-1]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "1", "2"]
     norm = ax.images[0].norm
     assert norm.vcenter == pytest.approx(result.corrupt)

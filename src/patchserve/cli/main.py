@@ -1,10 +1,31 @@
-"""The ``patchserve`` command line."""
+"""The ``patchserve`` command line (also ``python -m patchserve``).
+
+A user's mistake — a bad argument, a checkpoint that cannot be loaded, a
+server that answers 4xx or cannot be reached — is one line ``error: ...`` on
+stderr and exit status 2, in-process and over HTTP alike; a traceback means a
+bug.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+from patchserve import __version__
+from patchserve.cli.errors import CommandError
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that are a user's mistake, not a bug (imported only when needed)."""
+    import httpx
+
+    from patchserve.errors import StudyError
+    from patchserve.models import CheckpointError
+    from patchserve.text.spans import SpanError
+    from patchserve.text.tokenizer import TokenizerError
+
+    return (CommandError, StudyError, CheckpointError, TokenizerError, SpanError, httpx.HTTPError)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -60,34 +81,58 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(args.bench_args)
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Help that shows each option's default and keeps the description's line breaks."""
+
+
+DTYPES = ["float32", "bfloat16", "float16"]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="patchserve", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="patchserve",
+        description="An activation-patching (causal tracing) server for transformer LMs.",
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"patchserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="load a checkpoint and print its runtime config")
+    info = sub.add_parser(
+        "info", help="load a checkpoint and print its runtime config", formatter_class=_Formatter
+    )
     info.add_argument("--model", required=True, help="checkpoint folder or hub id")
-    info.add_argument("--device", default="cpu")
-    info.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    info.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
+    info.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype")
     info.set_defaults(func=_info)
 
-    serve = sub.add_parser("serve", help="start the HTTP server")
+    serve = sub.add_parser("serve", help="start the HTTP server", formatter_class=_Formatter)
     serve.add_argument("--model", help="checkpoint folder or hub id (default: the bundled demo)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--device", default="cpu")
-    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
+    serve.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype")
     serve.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 routes")
     serve.add_argument("--source-dir", help="persist kept runs here and reload them at start")
-    serve.add_argument("--source-cache-bytes", type=int, help="byte budget of resident runs")
-    serve.add_argument("--max-batch-tokens", type=int, default=4096)
-    serve.add_argument("--max-prompt-tokens", type=int, default=2048)
-    serve.add_argument("--max-cells", type=int, default=200_000)
-    serve.add_argument("--max-body-bytes", type=int, default=64 * 2**20)
+    serve.add_argument(
+        "--source-cache-bytes", type=int, help="byte budget of resident runs (default: 1/4 of RAM)"
+    )
+    serve.add_argument(
+        "--max-batch-tokens", type=int, default=4096, help="tokens per batch of a sweep"
+    )
+    serve.add_argument(
+        "--max-prompt-tokens", type=int, default=2048, help="longest prompt accepted (413 past it)"
+    )
+    serve.add_argument("--max-cells", type=int, default=200_000, help="largest grid accepted")
+    serve.add_argument(
+        "--max-body-bytes", type=int, default=64 * 2**20, help="largest request body (413 past it)"
+    )
     serve.add_argument("--served-model-name", help="model id in /v1/models (default: folder name)")
-    serve.add_argument("--threads", type=int, help="torch CPU threads")
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    serve.add_argument("--log-level", default="info", help="uvicorn log level")
     serve.set_defaults(func=_serve)
 
-    sweep = sub.add_parser("sweep", help="run a patching study and print a heatmap table")
+    sweep = sub.add_parser(
+        "sweep", help="run a patching study and print a heatmap table", formatter_class=_Formatter
+    )
     from patchserve.cli import sweep as sweep_cli
 
     sweep_cli.add_arguments(sweep)
@@ -110,7 +155,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except _user_errors() as exc:
+        message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from patchserve.client.errors import (
     InternalServerError,
     NotFoundError,
     PatchServeError,
+    PatchServeWarning,
     RequestTooLargeError,
 )
 from patchserve.client.results import CleanRun, SweepResult, ZoomResult
@@ -34,6 +35,7 @@ __all__ = [
     "InternalServerError",
     "NotFoundError",
     "PatchServeError",
+    "PatchServeWarning",
     "PatchStudy",
     "RequestTooLargeError",
     "Span",

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from patchserve.engine.diagnostics import all_skipped_warning, identical_prompts_warning
 from patchserve.engine.errors import InvalidArgument, SweepCancelled
 from patchserve.engine.flops import suffix_flops, unembed_flops
 from patchserve.engine.metrics import Grader, raw_score
@@ -79,6 +80,7 @@ class SweepSpec:
     masks: dict[str, torch.Tensor] | None = None  # hook -> [width] in [0, 1]
     clean_baseline: float | None = None  # m_clean for 'recovered' without clean logits
     max_batch_tokens: int = DEFAULT_BATCH_TOKENS
+    warnings: list[str] = field(default_factory=list)  # found while preparing the sweep
 
     @property
     def num_cells(self) -> int:
@@ -116,7 +118,9 @@ class SweepOutcome:
     skipped: list[Cell]
     alignment: Alignment | None
     corrupt_logits: torch.Tensor
+    corrupt_ids: list[int] = field(default_factory=list)
     stats: dict[str, float | int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -296,8 +300,17 @@ class SweepRunner:
             skipped=skipped,
             alignment=alignment,
             corrupt_logits=corrupt.logits.float().cpu(),
+            corrupt_ids=list(spec.corrupt_ids),
             stats=dict(self.stats),
+            warnings=self._warnings(cells, skipped),
         )
+
+    def _warnings(self, cells: list[Cell], skipped: list[Cell]) -> list[str]:
+        spec, source = self.spec, self.spec.source
+        out = list(spec.warnings)
+        if isinstance(source, CapturedRun):
+            out += identical_prompts_warning(source.token_ids, spec.corrupt_ids)
+        return out + all_skipped_warning(len(cells), len(skipped))
 
     def _plan(
         self, corrupt: _Corrupt, alignment: Alignment | None, baseline: float

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from patchserve.errors import InvalidArgument
-from patchserve.wire.hooks import HOOKS
+from patchserve.wire.hooks import HOOKS, hook_suggestion
 
 
 def parse_layers(spec: Any, num_layers: int, param: str = "layers") -> list[int]:
@@ -58,8 +58,10 @@ def parse_hooks(hook: Any, hooks: Any) -> list[str]:
         raise InvalidArgument("hooks must be a non-empty list of hook names", "hooks")
     for name in chosen:
         if name not in HOOKS:
+            suggestion = hook_suggestion(name) if isinstance(name, str) else None
+            hint = f" ({suggestion})" if suggestion else ""
             raise InvalidArgument(
-                f"unknown hook {name!r}; expected one of {', '.join(HOOKS)}",
+                f"unknown hook {name!r}; expected one of {', '.join(HOOKS)}{hint}",
                 "hooks" if hooks is not None else "hook",
             )
     return list(dict.fromkeys(chosen))
