@@ -20,7 +20,7 @@ from patchserve.wire.errors import ErrorBody
 class PatchServeWarning(UserWarning):
     """A study the server ran exactly but that is probably not what was meant (the sweep
     body's ``warnings``): an improbable answer whose spelling variant is likely, identical
-    prompts, every cell skipped, a span that occurs more than once."""
+    prompts, a span that occurs more than once."""
 
 
 class PatchServeError(Exception):

@@ -49,15 +49,6 @@ def identical_prompts_warning(clean_ids: Sequence[int], corrupt_ids: Sequence[in
     ]
 
 
-def all_skipped_warning(cells: int, skipped: int) -> list[str]:
-    if cells == 0 or skipped < cells:
-        return []
-    return [
-        "every cell was skipped: no requested position has an aligned clean partner "
-        "(see alignment.unaligned_positions)"
-    ]
-
-
 def _variants(tokenizer: Tokenizer, answer: int) -> list[int]:
     """Single-token spellings of the answer with the leading space added or removed."""
     text = tokenizer.decode([answer])

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from patchserve.engine.diagnostics import all_skipped_warning, identical_prompts_warning
+from patchserve.engine.diagnostics import identical_prompts_warning
 from patchserve.engine.errors import InvalidArgument, SweepCancelled
 from patchserve.engine.flops import suffix_flops, unembed_flops
 from patchserve.engine.metrics import Grader, raw_score
@@ -302,15 +302,15 @@ class SweepRunner:
             corrupt_logits=corrupt.logits.float().cpu(),
             corrupt_ids=list(spec.corrupt_ids),
             stats=dict(self.stats),
-            warnings=self._warnings(cells, skipped),
+            warnings=self._warnings(),
         )
 
-    def _warnings(self, cells: list[Cell], skipped: list[Cell]) -> list[str]:
+    def _warnings(self) -> list[str]:
         spec, source = self.spec, self.spec.source
         out = list(spec.warnings)
         if isinstance(source, CapturedRun):
             out += identical_prompts_warning(source.token_ids, spec.corrupt_ids)
-        return out + all_skipped_warning(len(cells), len(skipped))
+        return out  # every cell skipped cannot happen: no alignable position is a 400
 
     def _plan(
         self, corrupt: _Corrupt, alignment: Alignment | None, baseline: float

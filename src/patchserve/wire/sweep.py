@@ -135,8 +135,8 @@ class SweepBody(WireModel):
     warnings: list[str] = Field(
         default_factory=list,
         description="results that are valid but probably not what was meant (an improbable "
-        "answer whose spelling variant is likely, identical prompts, every cell skipped, a "
-        "span that occurs more than once)",
+        "answer whose spelling variant is likely, identical prompts, a span that occurs more "
+        "than once; a sweep whose every cell would be skipped is a 400 instead)",
     )
     tokens: list[str]
     timing: Timing
