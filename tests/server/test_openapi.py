@@ -131,3 +131,27 @@ def test_schemathesis_finds_no_nonconforming_answer(fuzzed):
 def test_schemathesis_long_run(fuzzed):
     generated, _ = schemathesis_run(fuzzed, max_examples=300, seed=7)
     print(f"schemathesis: {generated} cases passed")  # -s shows the count
+
+
+def test_docs_pages_load_everything_from_the_server(client):
+    for page in ("/docs", "/redoc"):
+        html = client.get(page)
+        assert html.status_code == 200 and "text/html" in html.headers["content-type"]
+        assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", html.text)
+        assert assets, page
+        for asset in assets:
+            assert not asset.startswith(("http://", "https://", "//")), (page, asset)
+            fetched = client.get(asset)
+            assert fetched.status_code == 200 and len(fetched.content) > 100, asset
+
+
+def test_every_route_and_request_field_is_described(client):
+    schema = client.get("/openapi.json").json()
+    for path, method, operation in operations(schema):
+        assert operation.get("description"), (method, path)
+    components = schema["components"]["schemas"]
+    for name, component in components.items():
+        if not name.endswith("Request") and name not in {"PatchEntry", "SteerEntry"}:
+            continue
+        for field, prop in component.get("properties", {}).items():
+            assert prop.get("description"), (name, field)

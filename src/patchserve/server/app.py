@@ -5,16 +5,19 @@ from __future__ import annotations
 import hmac
 
 from fastapi import FastAPI, Request
+from fastapi_offline import FastAPIOffline
 
+from patchserve import __version__
 from patchserve.server.errors import error_response, install_error_handlers, without_validation_422
 from patchserve.server.routes import completions, info, sources, steering, sweep, text
 from patchserve.server.state import ServerState
 
 
 def create_app(state: ServerState) -> FastAPI:
-    app = FastAPI(
+    # FastAPIOffline: /docs and /redoc load their scripts from the package, not a CDN.
+    app = FastAPIOffline(
         title="patchserve",
-        version="0.1.0",
+        version=__version__,
         description="Activation patching (causal tracing) for transformer language models.",
     )
     app.state.patchserve = state

@@ -48,6 +48,7 @@ def capture_hooks(state: ServerState, spec: dict[str, Any] | None) -> dict[str, 
     responses=error_responses(400, 401, 404, 409, 413, 500),
 )
 async def create_source(req: PatchSourceRequest, request: Request) -> RunManifest:
+    """Capture and store a clean run; answers its manifest and the clean next-token top-k."""
     state = _state(request)
     state.check_model(req.model)
     name = check_run_name(req.run) if req.run is not None else state.store.fresh_name("run")
@@ -102,6 +103,7 @@ async def create_source(req: PatchSourceRequest, request: Request) -> RunManifes
 
 @router.get("/v1/patch_source", response_model=RunList, responses=error_responses(401, 500))
 async def list_sources(request: Request) -> RunList:
+    """Every stored run's manifest."""
     state = _state(request)
     data = [m for name in state.store.names() if (m := state.store.manifest(name)) is not None]
     return RunList(data=data)
@@ -119,6 +121,8 @@ async def get_source(
     hook: HookName | None = None,
     layer: int | None = None,
 ) -> RunManifest:
+    """A stored run's manifest; ``?include=activations&hook=..&layer=..`` adds one site's
+    activations, packed like ``patch_vectors``."""
     state = _state(request)
     check_run_name(run)
     manifest = state.store.manifest(run)
@@ -153,6 +157,7 @@ async def get_source(
     responses=error_responses(400, 401, 404, 500),
 )
 async def drop_source(run: str, request: Request) -> RunDropped:
+    """Delete a stored run (a sweep holding it finishes with what it holds)."""
     state = _state(request)
     check_run_name(run)
     if not state.store.drop(run):
