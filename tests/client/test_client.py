@@ -10,7 +10,6 @@ exercised on the wire.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import math
 import subprocess
 import sys
@@ -458,13 +457,3 @@ def test_pack_vectors_and_light_import() -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
-
-
-def test_quickstart_example(server: Any, tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("quickstart", REPO / "examples/quickstart.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    out = tmp_path / "quick.png"
-    assert module.main(["--url", server.url, "--out", str(out)]) == 0
-    assert out.read_bytes()[:4] == b"\x89PNG" and out.stat().st_size > 5_000

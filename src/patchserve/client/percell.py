@@ -37,7 +37,7 @@ from patchserve.client.results import SweepResult
 from patchserve.errors import InvalidArgument
 from patchserve.text.alignment import align
 from patchserve.text.spans import SpanError, expand_positions
-from patchserve.wire.axes import parse_heads, parse_hooks, parse_layers
+from patchserve.wire.axes import not_one_token, parse_heads, parse_hooks, parse_layers
 from patchserve.wire.completions import CompletionResponse
 from patchserve.wire.grids import assemble_grid
 from patchserve.wire.metrics import (
@@ -134,10 +134,12 @@ class PerCellSweep:
             raise ValueError(f"{param} must be a non-empty string or a token id")
         ids = (await self.study.tokenize(value, add_special_tokens=False))["tokens"]
         if len(ids) != 1:
-            raise ValueError(
-                f"{param} {value!r} must be exactly one token; it tokenizes to {len(ids)} "
-                f"tokens {ids}. Pass a token id, or include the leading space (e.g. ' Paris')"
-            )
+            spaced = None
+            if not value.startswith(" "):
+                spaced = (await self.study.tokenize(" " + value, add_special_tokens=False))[
+                    "tokens"
+                ]
+            raise ValueError(not_one_token(param, value, ids, spaced))
         return int(ids[0])
 
     async def _next_logprobs(
