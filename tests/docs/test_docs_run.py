@@ -108,3 +108,34 @@ def test_docs_name_only_files_in_the_repository(path):
     for link in re.findall(r"\]\(([^)#]+)\)", text):
         if not link.startswith(("http://", "https://")):
             assert (REPO / path).parent.joinpath(link).exists(), link
+
+
+def test_the_example_notebook_runs_headless(demo_server, monkeypatch):
+    """examples/study.ipynb in a real Jupyter kernel: a progress bar while the sweep
+    streams, the heatmap as an inline image, the grid as a DataFrame."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("PATCHSERVE_URL", demo_server.url)
+    notebook = nbformat.read(REPO / "examples" / "study.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=120, kernel_name="python3").execute()
+    outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
+    assert not [out for out in outputs if out.output_type == "error"]
+    progress = "".join(
+        out.get("text", "") for out in outputs if out.output_type == "stream"
+    ) + "".join(
+        str(out.get("data", {}).get("text/plain", ""))
+        for out in outputs
+        if out.output_type == "display_data"
+    )
+    assert "24/24" in progress  # tqdm.auto's bar reached every cell (4 layers x 6 positions)
+    images = [out for out in outputs if "image/png" in out.get("data", {})]
+    assert len(images) == 1
+    tables = [out["data"]["text/html"] for out in outputs if "text/html" in out.get("data", {})]
+    assert any("<table" in table and "Kurbul" in table for table in tables)
+    argmax = next(
+        out["data"]["text/plain"]
+        for out in outputs
+        if out.output_type == "execute_result" and "'layer'" in out["data"]["text/plain"]
+    )
+    assert "'value': 1.0" in argmax or "'value': 0.99" in argmax
