@@ -102,7 +102,7 @@ def test_quickstart_example_on_the_bundled_model(demo_server, tmp_path, capsys):
     assert out.read_bytes()[:4] == b"\x89PNG" and out.stat().st_size > 5_000
 
 
-@pytest.mark.parametrize("path", ["README.md", "docs/tutorial.md"])
+@pytest.mark.parametrize("path", ["README.md", "docs/tutorial.md", "docs/api.md"])
 def test_docs_name_only_files_in_the_repository(path):
     text = (REPO / path).read_text()
     for link in re.findall(r"\]\(([^)#]+)\)", text):
@@ -139,3 +139,10 @@ def test_the_example_notebook_runs_headless(demo_server, monkeypatch):
         if out.output_type == "execute_result" and "'layer'" in out["data"]["text/plain"]
     )
     assert "'value': 1.0" in argmax or "'value': 0.99" in argmax
+
+
+def test_api_reference_example_runs(demo_server):
+    ns = run_blocks(REPO / "docs" / "api.md", demo_server.url)
+    result = ns["result"]
+    assert result.positions == [4, 5] and result.argmax["value"] >= 0.99
+    ns["study"].close()

@@ -1,6 +1,6 @@
 """The Python client of a patchserve server: ``PatchStudy`` (sync) and ``AsyncPatchStudy``.
 
-``from patchserve import PatchStudy, Span`` is the usual entry point (SPEC §3).
+``from patchserve import PatchStudy, Span`` is the usual entry point (docs/api.md §3).
 The client needs httpx and numpy only; matplotlib and pandas are imported by
 ``SweepResult.heatmap()`` / ``to_pandas()`` when called, and torch only by the
 client-side per-cell path (``server_side=False``), which grades with the

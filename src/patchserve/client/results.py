@@ -1,7 +1,7 @@
 """Result objects of the client: :class:`CleanRun`, :class:`SweepResult`, :class:`ZoomResult`.
 
 A :class:`SweepResult` holds every field of a ``POST /v1/patch_sweep`` response
-(SPEC §2) for one hook, plus the helpers a notebook wants: ``to_numpy()``,
+(docs/api.md §2) for one hook, plus the helpers a notebook wants: ``to_numpy()``,
 ``argmax_cell()``, ``top(k)``, ``heatmap()`` (matplotlib, imported on use) and
 ``to_pandas()`` (pandas, imported on use). Results of the client-side per-cell
 path (``server_side=False``) have the same shape, with ``server_side=False``.

@@ -1,4 +1,4 @@
-"""Text generation with interventions: the engine behind ``/v1/completions`` (SPEC §2).
+"""Text generation with interventions: the engine behind ``/v1/completions`` (docs/api.md §2).
 
 :func:`generate` prefills the prompt once (keeping its keys and values), then
 decodes one token per pass on top of that cache; the prompt is never

@@ -1,4 +1,4 @@
-"""Grading last-position logits on the model's device (SPEC §1 *Metrics*).
+"""Grading last-position logits on the model's device (docs/api.md §1 *Metrics*).
 
 The metrics themselves are defined once, in :mod:`patchserve.wire.metrics`
 (numpy, shared with the client); this module extracts their raw quantities

@@ -1,4 +1,4 @@
-"""Hook and metric names (SPEC §1), torch-free so that the client can use them too."""
+"""Hook and metric names (docs/api.md §1), torch-free so that the client can use them too."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ TRANSFORMER_LENS_NAMES: dict[str, str] = {
     "attn_head": "attn.hook_z",
 }
 
-# Metrics of a sweep (SPEC §1 *Metrics*); for those in LOWER_IS_BETTER the most
+# Metrics of a sweep (docs/api.md §1 *Metrics*); for those in LOWER_IS_BETTER the most
 # restored cell is the one with the lowest value.
 METRICS: tuple[str, ...] = ("logprob", "prob", "logit_diff", "recovered", "kl")
 LOWER_IS_BETTER: frozenset[str] = frozenset({"kl"})

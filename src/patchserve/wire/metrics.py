@@ -1,4 +1,4 @@
-"""What each metric means (SPEC §1 *Metrics*), in numpy: the one definition the server's
+"""What each metric means (docs/api.md §1 *Metrics*), in numpy: the one definition the server's
 engine and the client's per-cell cross-check both grade with.
 
 A side hands :meth:`Grading.score` the raw quantities of its rows — log

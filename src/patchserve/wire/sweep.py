@@ -1,4 +1,4 @@
-"""``POST /v1/patch_sweep``: the response body and the Server-Sent Events of a stream (SPEC §2).
+"""``POST /v1/patch_sweep``: the response body and the stream's Server-Sent Events (docs/api.md §2).
 
 A grid is ``grid[i][j]`` for layer ``layers[i]`` and position ``positions[j]``
 (``attn_head``: ``grid[i][j][k]`` for ``heads[k]``); ``null`` marks a skipped

@@ -1,4 +1,4 @@
-"""``POST /v1/patch_sweep``: one call, one study (SPEC §2)."""
+"""``POST /v1/patch_sweep``: one call, one study (docs/api.md §2)."""
 
 from __future__ import annotations
 
