@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from patchserve.cli.help import HelpFormatter
 from patchserve.engine.flops import full_forward_flops
 from patchserve.engine.metrics import Grader
 from patchserve.engine.runs import capture_run
@@ -389,8 +390,8 @@ def memory_report(args: argparse.Namespace) -> dict:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="patchserve bench",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(__doc__ or "").replace("``", "").replace("**", ""),
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--family", default="qwen3", choices=["qwen3", "gpt2"])
     p.add_argument("--model", help="benchmark this checkpoint folder instead of a random one")

@@ -14,6 +14,7 @@ import sys
 
 from patchserve import __version__
 from patchserve.cli.errors import CommandError
+from patchserve.cli.help import HelpFormatter
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -81,10 +82,6 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(args.bench_args)
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Help that shows each option's default and keeps the description's line breaks."""
-
-
 DTYPES = ["float32", "bfloat16", "float16"]
 
 
@@ -92,19 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="patchserve",
         description="An activation-patching (causal tracing) server for transformer LMs.",
-        formatter_class=_Formatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"patchserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser(
-        "info", help="load a checkpoint and print its runtime config", formatter_class=_Formatter
+        "info", help="load a checkpoint and print its runtime config", formatter_class=HelpFormatter
     )
     info.add_argument("--model", required=True, help="checkpoint folder or hub id")
     info.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     info.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype")
     info.set_defaults(func=_info)
 
-    serve = sub.add_parser("serve", help="start the HTTP server", formatter_class=_Formatter)
+    serve = sub.add_parser("serve", help="start the HTTP server", formatter_class=HelpFormatter)
     serve.add_argument("--model", help="checkpoint folder or hub id (default: the bundled demo)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
@@ -131,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     sweep = sub.add_parser(
-        "sweep", help="run a patching study and print a heatmap table", formatter_class=_Formatter
+        "sweep",
+        help="run a patching study and print a heatmap table",
+        formatter_class=HelpFormatter,
     )
     from patchserve.cli import sweep as sweep_cli
 

@@ -70,10 +70,14 @@ def parse_positions_arg(items: list[str] | None) -> Any:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clean", required=True, help="the clean prompt")
     p.add_argument("--corrupt", required=True, help="the corrupt prompt")
-    p.add_argument("--answer", help="answer token, with its leading space (default: clean top-1)")
+    p.add_argument(
+        "--answer", help="answer token, usually with its leading space (default: clean top-1)"
+    )
     p.add_argument("--foil", help="foil token for logit_diff / recovered")
-    p.add_argument("--layers", help="all | 3 | 0,2,5 | 2-6 | 0:12:2")
-    p.add_argument("--positions", nargs="*", help="ints, ranges 3-7, span:TEXT[@N]")
+    p.add_argument("--layers", default="all", help="all | 3 | 0,2,5 | 2-6 | 0:12:2")
+    p.add_argument(
+        "--positions", nargs="*", help="ints, ranges 3-7, span:TEXT[@N] (default: every token)"
+    )
     p.add_argument("--hooks", default="post_block", help="comma-separated hook names")
     p.add_argument("--heads", help="comma-separated heads for attn_head (default all)")
     p.add_argument(
