@@ -66,6 +66,7 @@ def build_checkpoint(family: str, layers: int, width: int, vocab: int, folder: P
     if (path / "config.json").exists():
         return path
     heads = max(1, width // 64)
+    config: tf.PretrainedConfig
     if family == "qwen3":
         config = tf.Qwen3Config(
             vocab_size=vocab,

@@ -245,10 +245,11 @@ def heatmaps(
     figure, axes = plt.subplots(
         len(items), 1, figsize=_size(columns, rows, len(items)), layout="constrained", squeeze=False
     )
-    image = None
-    for result, ax in zip(items, axes[:, 0], strict=True):
-        image = draw(result, ax, scale, head=head, annotate=annotate)
-    bar = figure.colorbar(image, ax=list(axes[:, 0]), extend=scale.extend, shrink=0.9)
+    images = [
+        draw(result, ax, scale, head=head, annotate=annotate)
+        for result, ax in zip(items, axes[:, 0], strict=True)
+    ]
+    bar = figure.colorbar(images[0], ax=list(axes[:, 0]), extend=scale.extend, shrink=0.9)
     bar.set_label(scale.label)
     return figure
 

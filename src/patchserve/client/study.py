@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import inspect
 import math
@@ -729,7 +730,10 @@ class PatchStudy:
     def _call(self, coro: Awaitable[T]) -> T:
         if self._closed:
             raise RuntimeError("this PatchStudy is closed")
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
+        future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(
+            coro,  # type: ignore[arg-type]
+            self._loop,
+        )
         try:
             return future.result()
         except BaseException:

@@ -71,7 +71,7 @@ class SweepSpec:
     hooks: list[str]
     layers: list[int]
     positions: list[int]
-    source: Source
+    source: Source | None  # None until a caller that captures the run sets it
     metric: str = "logprob"
     answer: int | None = None
     foil: int | None = None
@@ -213,7 +213,7 @@ class SweepRunner:
         source = self.spec.source
         if isinstance(source, VectorSource):
             return source.vector(hook, layer)
-        assert alignment is not None
+        assert alignment is not None and source is not None
         src = alignment.source_position(position)
         if src is None:
             return None
@@ -458,7 +458,7 @@ class SweepRunner:
             rows,
             offsets,
             torch.stack(patched),
-            heads=heads if hook == "attn_head" else None,
+            heads=[h for h in heads if h is not None] if hook == "attn_head" else None,
         )
         with self.gate():
             out = model(

@@ -69,8 +69,8 @@ class Tokenizer:
         return Encoding(ids=ids, offsets=offsets, special=special)  # type: ignore[arg-type]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+        return str(self.hf.decode(ids, skip_special_tokens=skip_special_tokens))
 
     def token_strings(self, ids: list[int]) -> list[str]:
         """Each token decoded on its own (readable axis labels, not raw BPE symbols)."""
-        return [self.hf.decode([i]) for i in ids]
+        return [str(self.hf.decode([i])) for i in ids]
