@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from patchserve.assets import default_model_path
 
@@ -88,7 +89,10 @@ def study_args(*extra: str) -> list[str]:
     return ["sweep", "--clean", EXAMPLE["clean"], "--corrupt", EXAMPLE["corrupt"], *extra]
 
 
-def test_version_and_module_entry_point():
+def test_version_module_entry_point_and_type_marker():
+    import patchserve as package
+
+    assert (Path(package.__file__).parent / "py.typed").is_file()  # PEP 561: typed package
     done = patchserve("--version")
     assert done.returncode == 0 and done.stdout.strip() == "patchserve 0.1.0"
     help_text = patchserve("serve", "--help").stdout
