@@ -17,13 +17,19 @@ and may return a patched activation.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 
+from patchserve.models.block import DecoderBlock
 from patchserve.models.layers import activation, rope_inv_freq, rotate_half
 from patchserve.models.transformer import Transformer
 
 Edit = Callable[[int, str, torch.Tensor], torch.Tensor]
+
+
+def _blocks(model: Transformer) -> list[DecoderBlock]:
+    return [cast(DecoderBlock, block) for block in model.blocks]
 
 
 def _linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -43,7 +49,7 @@ def _rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) ->
 
 def _attention(model: Transformer, layer: int, x: torch.Tensor) -> torch.Tensor:
     """Per-head outputs ``[b, t, heads, head_dim]`` of the normalised residual ``x``."""
-    cfg, attn = model.cfg, model.blocks[layer].attn
+    cfg, attn = model.cfg, _blocks(model)[layer].attn
     b, t, _ = x.shape
     q = _linear(attn.q_proj, x).view(b, t, cfg.num_heads, cfg.head_dim)
     k = _linear(attn.k_proj, x).view(b, t, cfg.num_kv_heads, cfg.head_dim)
@@ -70,7 +76,7 @@ def _attention(model: Transformer, layer: int, x: torch.Tensor) -> torch.Tensor:
 
 
 def _mlp(model: Transformer, layer: int, x: torch.Tensor) -> torch.Tensor:
-    cfg, mlp = model.cfg, model.blocks[layer].mlp
+    cfg, mlp = model.cfg, _blocks(model)[layer].mlp
     act = activation(cfg.activation)
     if mlp.gate_proj is not None:
         return _linear(mlp.down_proj, act(_linear(mlp.gate_proj, x)) * _linear(mlp.up_proj, x))
@@ -91,12 +97,12 @@ def reference_forward(
         captured[layer, hook] = value
         return value
 
-    x = model.embed_tokens.weight[input_ids]
+    x: torch.Tensor = model.embed_tokens.weight[input_ids]
     if cfg.embed_scale is not None:
         x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
     if model.embed_positions is not None:
         x = x + model.embed_positions.weight[: input_ids.shape[1]]
-    for layer, block in enumerate(model.blocks):
+    for layer, block in enumerate(_blocks(model)):
         x = site(layer, "pre_attn", x)
         z = site(layer, "attn_head", _attention(model, layer, block.attn_norm(x)))
         a = _linear(block.attn.o_proj, z.flatten(-2))
