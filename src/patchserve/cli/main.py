@@ -18,18 +18,40 @@ from patchserve.cli.help import HelpFormatter
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions that are a user's mistake, not a bug (imported only when needed)."""
+    """The exceptions that are a user's mistake, not a bug (imported only when needed; the
+    runtime's only where it is installed)."""
     import httpx
 
     from patchserve.errors import StudyError
-    from patchserve.models import CheckpointError
     from patchserve.text.spans import SpanError
-    from patchserve.text.tokenizer import TokenizerError
 
-    return (CommandError, StudyError, CheckpointError, TokenizerError, SpanError, httpx.HTTPError)
+    errors: list[type[BaseException]] = [CommandError, StudyError, SpanError, httpx.HTTPError]
+    if _has("torch") and _has("transformers"):
+        from patchserve.models import CheckpointError
+        from patchserve.text.tokenizer import TokenizerError
+
+        errors += [CheckpointError, TokenizerError]
+    return tuple(errors)
+
+
+def require_server_extra(what: str) -> None:
+    """One line saying what to install when the runtime/server dependencies are absent."""
+    missing = [name for name in ("torch", "transformers", "fastapi", "uvicorn") if not _has(name)]
+    if missing:
+        raise CommandError(
+            f"{what} needs the runtime and server ({', '.join(missing)} not installed): "
+            "pip install 'patchserve[serve]'"
+        )
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def _info(args: argparse.Namespace) -> int:
+    require_server_extra("patchserve info")
     from dataclasses import asdict
 
     from patchserve.models import load_model
@@ -42,6 +64,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    require_server_extra("patchserve serve")
     from pathlib import Path
 
     import torch
@@ -150,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "bench":  # its own parser: every option passes through
+        try:
+            require_server_extra("patchserve bench")
+        except CommandError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         from patchserve.bench.sweep import main as bench_main
 
         return bench_main(argv[1:])

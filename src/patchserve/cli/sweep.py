@@ -121,6 +121,9 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_in_process(args: argparse.Namespace, body: dict[str, Any], on_cell) -> SweepBody:
+    from patchserve.cli.main import require_server_extra
+
+    require_server_extra("patchserve sweep without --url")
     import torch
 
     from patchserve.engine import capture_run, prepare_sweep, run_sweep
