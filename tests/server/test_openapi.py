@@ -92,8 +92,11 @@ def enum_of(prop: dict, components: dict) -> list[str]:
     raise AssertionError(f"no enum in {prop}")
 
 
-def schemathesis_run(server: Server, max_examples: int, seed: int) -> tuple[int, str]:
-    """Run Schemathesis' CLI over every operation; (generated cases, output)."""
+def schemathesis_run(
+    server: Server, max_examples: int, seed: int, workdir: Path
+) -> tuple[int, str]:
+    """Run Schemathesis' CLI over every operation (its cache in ``workdir``, not the
+    checkout); (generated cases, output)."""
     done = subprocess.run(
         [
             str(Path(sys.executable).with_name("schemathesis")),
@@ -111,6 +114,7 @@ def schemathesis_run(server: Server, max_examples: int, seed: int) -> tuple[int,
         capture_output=True,
         text=True,
         timeout=1800,
+        cwd=workdir,
         env={"NO_COLOR": "1", "PATH": str(Path(sys.executable).parent)},
     )
     output = done.stdout + done.stderr
@@ -122,14 +126,14 @@ def schemathesis_run(server: Server, max_examples: int, seed: int) -> tuple[int,
     return generated, output
 
 
-def test_schemathesis_finds_no_nonconforming_answer(fuzzed):
-    generated, _ = schemathesis_run(fuzzed, max_examples=8, seed=1)
+def test_schemathesis_finds_no_nonconforming_answer(fuzzed, tmp_path):
+    generated, _ = schemathesis_run(fuzzed, max_examples=8, seed=1, workdir=tmp_path)
     assert generated > 1000  # coverage phase + fuzzing over all 15 operations
 
 
 @pytest.mark.long
-def test_schemathesis_long_run(fuzzed):
-    generated, _ = schemathesis_run(fuzzed, max_examples=300, seed=7)
+def test_schemathesis_long_run(fuzzed, tmp_path):
+    generated, _ = schemathesis_run(fuzzed, max_examples=300, seed=7, workdir=tmp_path)
     print(f"schemathesis: {generated} cases passed")  # -s shows the count
 
 
