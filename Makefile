@@ -21,6 +21,7 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks scripts examples
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 # The long checks too (a long Schemathesis run, ...): tests marked `long`.
@@ -30,6 +31,7 @@ test-long: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks scripts examples
 	$(PY) -m ruff format --check src tests benchmarks scripts examples
+	$(PY) -m mypy
 
 # Serves the bundled demo model (shipped in the package) on $(PORT).
 run: $(STAMP)

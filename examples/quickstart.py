@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         assert isinstance(result, SweepResult)
         summarise(result, args.top)
-        ax = result.heatmap(title=f"{result.hook}: recovered ({info['id']})")
+        ax = result.heatmap()  # fixed -1..1 scale; the title names answer, model, baselines
         args.out.parent.mkdir(parents=True, exist_ok=True)
         ax.figure.savefig(args.out, dpi=120)
         plt.close(ax.figure)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from patchserve.assets import default_model_path
 
@@ -68,3 +69,75 @@ def test_bad_arguments_fail_cleanly(tmp_path):
         timeout=120,
     )
     assert done.returncode != 0 and "bad layers" in done.stderr
+
+
+EXAMPLE = json.loads((default_model_path() / "examples.json").read_text())[0]
+
+
+def patchserve(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m patchserve ARGS`` (the package's own entry point)."""
+    return subprocess.run(
+        [sys.executable, "-m", "patchserve", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "250"},
+    )
+
+
+def study_args(*extra: str) -> list[str]:
+    return ["sweep", "--clean", EXAMPLE["clean"], "--corrupt", EXAMPLE["corrupt"], *extra]
+
+
+def test_version_module_entry_point_and_type_marker():
+    import patchserve as package
+
+    assert (Path(package.__file__).parent / "py.typed").is_file()  # PEP 561: typed package
+    done = patchserve("--version")
+    assert done.returncode == 0 and done.stdout.strip() == "patchserve 0.1.0"
+    help_text = patchserve("serve", "--help").stdout
+    assert "(default: 2048)" in help_text and "--max-prompt-tokens" in help_text
+
+
+def test_user_mistakes_are_one_line_and_exit_2(tmp_path):
+    no_tokenizer = tmp_path / "no-tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (no_tokenizer / name).write_bytes((default_model_path() / name).read_bytes())
+    unsupported = tmp_path / "unsupported"
+    unsupported.mkdir()
+    (unsupported / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"]}))
+    cases = [
+        (study_args("--layers", "9"), "layer 9 is out of range"),
+        (study_args("--layers", "-1"), "bad layers '-1'"),
+        (study_args("--hooks", "blocks.0.hook_resid_post"), "layers=[0]"),
+        (study_args("--url", "http://127.0.0.1:9"), "cannot reach http://127.0.0.1:9"),
+        (study_args("--model", str(no_tokenizer)), "has no tokenizer: it needs tokenizer.json"),
+        (study_args("--model", str(unsupported)), "MambaForCausalLM"),
+    ]
+    for args, words in cases:
+        done = patchserve(*args)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2, (args, done.stderr)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
+
+
+def test_kl_top_cells_are_the_lowest_and_warnings_are_printed(tmp_path):
+    out = tmp_path / "kl.json"
+    done = patchserve(*study_args("--metric", "kl", "--answer", "Gapon", "--json", str(out)))
+    assert done.returncode == 0, done.stderr
+    assert "top 5 cells (lowest kl first)" in done.stdout
+    listed = [float(line.split()[0]) for line in done.stdout.split("first):")[1].splitlines()[1:6]]
+    assert listed == sorted(listed)
+    body = json.loads(out.read_text())
+    assert listed[0] == round(body["argmax"]["value"], 4)
+    assert "warning: answer_token 'Gapon'" in done.stdout
+
+
+def test_two_hooks_go_into_one_figure(tmp_path):
+    import matplotlib.pyplot as plt
+
+    one, two = tmp_path / "one.png", tmp_path / "two.png"
+    assert patchserve(*study_args("--hooks", "mlp_out", "--out", str(one))).returncode == 0
+    assert patchserve(*study_args("--hooks", "attn_out,mlp_out", "--out", str(two))).returncode == 0
+    assert plt.imread(two).shape[0] > 1.6 * plt.imread(one).shape[0]  # two panels, stacked

@@ -14,9 +14,9 @@ import pytest
 from client_prompts import CLEAN
 
 from patchserve import CleanRun, PatchStudy
-from server.conftest import Server, server, server_checkpoint, start_server
+from server.conftest import Server, demo_server, server, server_checkpoint, start_server
 
-__all__ = ["Server", "server", "server_checkpoint", "start_server"]
+__all__ = ["Server", "demo_server", "server", "server_checkpoint", "start_server"]
 
 
 @pytest.fixture(scope="module")

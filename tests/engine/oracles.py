@@ -1,11 +1,13 @@
-"""Naive per-cell oracles for sweeps: one full forward per cell, no reuse at all."""
+"""Naive per-cell oracles for sweeps: one full forward of the readable reference model
+(``patchserve.models.reference``, which shares no code with the optimised runtime) per cell."""
 
 from __future__ import annotations
 
 import torch
 
 from patchserve.engine.metrics import Grader
-from patchserve.models import HookContext, Transformer, make_edit
+from patchserve.models import Transformer
+from patchserve.models.reference import reference_forward
 
 
 def naive_cell(
@@ -21,21 +23,23 @@ def naive_cell(
     alpha: float = 1.0,
     mask: torch.Tensor | None = None,
 ) -> float:
-    """The metric of one patched cell from a plain full forward of the runtime."""
-    edit = make_edit(
-        layer,
-        hook,
-        [0],
-        [position],
-        source[None],
-        alpha=alpha,
-        mask=None if mask is None else mask[None],
-        heads=None if head is None else [head],
-    )
-    ids = torch.tensor([corrupt_ids])
-    with torch.inference_mode():
-        logits = model(ids, hooks=HookContext.build([edit])).logits
-    return float(grader(logits[:, 0])[0])
+    """The metric of one patched cell: ``(1 - alpha*m) * h + alpha*m * s`` written at the
+    site in a plain reference forward of the whole prompt."""
+    weight = torch.full_like(source, alpha, dtype=torch.float32)
+    if mask is not None:
+        weight = weight * mask.float()
+
+    def write(at_layer: int, at_hook: str, x: torch.Tensor) -> torch.Tensor:
+        if (at_layer, at_hook) != (layer, hook):
+            return x
+        x = x.clone()
+        index = (0, position) if head is None else (0, position, head)
+        h = x[index]
+        x[index] = ((1 - weight) * h.float() + weight * source.float()).to(x.dtype)
+        return x
+
+    logits, _ = reference_forward(model, torch.tensor([corrupt_ids]), write)
+    return float(grader(logits[:, -1])[0])
 
 
 def reference_modules(ref, family: str) -> tuple[list, str, str]:

@@ -99,6 +99,14 @@ def server(server_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
     srv.stop()
 
 
+@pytest.fixture(scope="session")
+def demo_server() -> Iterator[Server]:
+    """A server on the bundled demo model (``patchserve serve`` with no --model)."""
+    srv = start_server(None)
+    yield srv
+    srv.stop()
+
+
 @pytest.fixture
 def client(server: Server) -> Iterator[httpx.Client]:
     with server.client() as c:

@@ -188,7 +188,7 @@ def test_numbers_that_reach_torch_are_finite_float32(small, path, template, para
 
 def test_positions_far_past_the_context_are_400s(small: Server):
     with small.client() as c:
-        for position in (10**12, 10**400, -1):
+        for position in (10**12, 10**400, -(10**12)):  # negative sweep positions count from the end
             patch = {**PATCH, "dest_position": position}
             r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "patch": [patch]})
             _assert_error(r, 400, "patch.0.dest_position")

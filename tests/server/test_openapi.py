@@ -92,8 +92,11 @@ def enum_of(prop: dict, components: dict) -> list[str]:
     raise AssertionError(f"no enum in {prop}")
 
 
-def schemathesis_run(server: Server, max_examples: int, seed: int) -> tuple[int, str]:
-    """Run Schemathesis' CLI over every operation; (generated cases, output)."""
+def schemathesis_run(
+    server: Server, max_examples: int, seed: int, workdir: Path
+) -> tuple[int, str]:
+    """Run Schemathesis' CLI over every operation (its cache in ``workdir``, not the
+    checkout); (generated cases, output)."""
     done = subprocess.run(
         [
             str(Path(sys.executable).with_name("schemathesis")),
@@ -111,6 +114,7 @@ def schemathesis_run(server: Server, max_examples: int, seed: int) -> tuple[int,
         capture_output=True,
         text=True,
         timeout=1800,
+        cwd=workdir,
         env={"NO_COLOR": "1", "PATH": str(Path(sys.executable).parent)},
     )
     output = done.stdout + done.stderr
@@ -122,12 +126,36 @@ def schemathesis_run(server: Server, max_examples: int, seed: int) -> tuple[int,
     return generated, output
 
 
-def test_schemathesis_finds_no_nonconforming_answer(fuzzed):
-    generated, _ = schemathesis_run(fuzzed, max_examples=8, seed=1)
+def test_schemathesis_finds_no_nonconforming_answer(fuzzed, tmp_path):
+    generated, _ = schemathesis_run(fuzzed, max_examples=8, seed=1, workdir=tmp_path)
     assert generated > 1000  # coverage phase + fuzzing over all 15 operations
 
 
 @pytest.mark.long
-def test_schemathesis_long_run(fuzzed):
-    generated, _ = schemathesis_run(fuzzed, max_examples=300, seed=7)
+def test_schemathesis_long_run(fuzzed, tmp_path):
+    generated, _ = schemathesis_run(fuzzed, max_examples=300, seed=7, workdir=tmp_path)
     print(f"schemathesis: {generated} cases passed")  # -s shows the count
+
+
+def test_docs_pages_load_everything_from_the_server(client):
+    for page in ("/docs", "/redoc"):
+        html = client.get(page)
+        assert html.status_code == 200 and "text/html" in html.headers["content-type"]
+        assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", html.text)
+        assert assets, page
+        for asset in assets:
+            assert not asset.startswith(("http://", "https://", "//")), (page, asset)
+            fetched = client.get(asset)
+            assert fetched.status_code == 200 and len(fetched.content) > 100, asset
+
+
+def test_every_route_and_request_field_is_described(client):
+    schema = client.get("/openapi.json").json()
+    for path, method, operation in operations(schema):
+        assert operation.get("description"), (method, path)
+    components = schema["components"]["schemas"]
+    for name, component in components.items():
+        if not name.endswith("Request") and name not in {"PatchEntry", "SteerEntry"}:
+            continue
+        for field, prop in component.get("properties", {}).items():
+            assert prop.get("description"), (name, field)

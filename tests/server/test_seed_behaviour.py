@@ -88,8 +88,10 @@ def test_alignment_carries_the_seed_fields(client):
         "unaligned_positions": list(range(prefix, len(corrupt_ids) - suffix)),
         "mode": "prefix_suffix",
         "shift": len(clean_ids) - len(corrupt_ids),
+        "differing_positions": list(range(prefix, len(corrupt_ids) - suffix)),
     }
     same = sweep(client, prompt=CORRUPT, clean_prompt=CLEAN, layers=[0]).json()["alignment"]
+    same_ids = client.post("/tokenize", json={"prompt": CORRUPT}).json()["tokens"]
     n = len(clean_ids)
     assert same == {
         "n_clean": n,
@@ -99,6 +101,7 @@ def test_alignment_carries_the_seed_fields(client):
         "unaligned_positions": [],
         "mode": "positional",
         "shift": 0,
+        "differing_positions": [i for i in range(n) if clean_ids[i] != same_ids[i]],
     }
 
 

@@ -10,7 +10,8 @@ def test_equal_lengths_pair_by_position_even_where_tokens_differ():
     a = align([1, 2, 3, 4], [1, 9, 3, 4])
     assert [a.source_position(i) for i in range(4)] == [0, 1, 2, 3]
     assert a.unpaired() == []
-    assert AlignmentSummary.of(a).mode == "positional"
+    assert AlignmentSummary.of(a, [1, 2, 3, 4], [1, 9, 3, 4]).mode == "positional"
+    assert AlignmentSummary.of(a, [1, 2, 3, 4], [1, 9, 3, 4]).differing_positions == [1]
 
 
 def test_longer_clean_pairs_prefix_by_identity_and_suffix_by_shift():
@@ -27,7 +28,8 @@ def test_shorter_clean_leaves_the_differing_middle_unpaired():
     corrupt = [1, 2, 3, 4, 5, 6]
     a = align(clean, corrupt)
     assert [a.source_position(i) for i in range(6)] == [0, 1, None, None, 2, 3]
-    summary = AlignmentSummary.of(a)
+    summary = AlignmentSummary.of(a, clean, corrupt)
+    assert summary.differing_positions == [2, 3]
     assert summary.unaligned_positions == [2, 3] and summary.mode == "prefix_suffix"
     assert (summary.prefix_len, summary.suffix_len, summary.shift) == (2, 2, -2)
 

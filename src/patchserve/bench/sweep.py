@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from patchserve.cli.help import HelpFormatter
 from patchserve.engine.flops import full_forward_flops
 from patchserve.engine.metrics import Grader
 from patchserve.engine.runs import capture_run
@@ -65,6 +66,7 @@ def build_checkpoint(family: str, layers: int, width: int, vocab: int, folder: P
     if (path / "config.json").exists():
         return path
     heads = max(1, width // 64)
+    config: tf.PretrainedConfig
     if family == "qwen3":
         config = tf.Qwen3Config(
             vocab_size=vocab,
@@ -389,8 +391,8 @@ def memory_report(args: argparse.Namespace) -> dict:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="patchserve bench",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(__doc__ or "").replace("``", "").replace("**", ""),
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--family", default="qwen3", choices=["qwen3", "gpt2"])
     p.add_argument("--model", help="benchmark this checkpoint folder instead of a random one")

@@ -1,4 +1,10 @@
-"""The ``patchserve`` command line."""
+"""The ``patchserve`` command line (also ``python -m patchserve``).
+
+A user's mistake — a bad argument, a checkpoint that cannot be loaded, a
+server that answers 4xx or cannot be reached — is one line ``error: ...`` on
+stderr and exit status 2, in-process and over HTTP alike; a traceback means a
+bug.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,46 @@ import argparse
 import json
 import sys
 
+from patchserve import __version__
+from patchserve.cli.errors import CommandError
+from patchserve.cli.help import HelpFormatter
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that are a user's mistake, not a bug (imported only when needed; the
+    runtime's only where it is installed)."""
+    import httpx
+
+    from patchserve.errors import StudyError
+    from patchserve.text.spans import SpanError
+
+    errors: list[type[BaseException]] = [CommandError, StudyError, SpanError, httpx.HTTPError]
+    if _has("torch") and _has("transformers"):
+        from patchserve.models import CheckpointError
+        from patchserve.text.tokenizer import TokenizerError
+
+        errors += [CheckpointError, TokenizerError]
+    return tuple(errors)
+
+
+def require_server_extra(what: str) -> None:
+    """One line saying what to install when the runtime/server dependencies are absent."""
+    missing = [name for name in ("torch", "transformers", "fastapi", "uvicorn") if not _has(name)]
+    if missing:
+        raise CommandError(
+            f"{what} needs the runtime and server ({', '.join(missing)} not installed): "
+            "pip install 'patchserve[serve]'"
+        )
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
 
 def _info(args: argparse.Namespace) -> int:
+    require_server_extra("patchserve info")
     from dataclasses import asdict
 
     from patchserve.models import load_model
@@ -20,6 +64,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    require_server_extra("patchserve serve")
     from pathlib import Path
 
     import torch
@@ -62,43 +107,65 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(args.bench_args)
 
 
+DTYPES = ["float32", "bfloat16", "float16"]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="patchserve", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="patchserve",
+        description="An activation-patching (causal tracing) server for transformer LMs.",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"patchserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="load a checkpoint and print its runtime config")
+    info = sub.add_parser(
+        "info", help="load a checkpoint and print its runtime config", formatter_class=HelpFormatter
+    )
     info.add_argument("--model", required=True, help="checkpoint folder or hub id")
-    info.add_argument("--device", default="cpu")
-    info.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    info.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
+    info.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype")
     info.set_defaults(func=_info)
 
-    serve = sub.add_parser("serve", help="start the HTTP server")
+    serve = sub.add_parser("serve", help="start the HTTP server", formatter_class=HelpFormatter)
     serve.add_argument("--model", help="checkpoint folder or hub id (default: the bundled demo)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--device", default="cpu")
-    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
+    serve.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype")
     serve.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 routes")
     serve.add_argument("--source-dir", help="persist kept runs here and reload them at start")
-    serve.add_argument("--source-cache-bytes", type=int, help="byte budget of resident runs")
-    serve.add_argument("--max-batch-tokens", type=int, default=4096)
-    serve.add_argument("--max-prompt-tokens", type=int, default=2048)
-    serve.add_argument("--max-cells", type=int, default=200_000)
-    serve.add_argument("--max-body-bytes", type=int, default=64 * 2**20)
     serve.add_argument(
-        "--max-prompts", type=int, default=2048, help="prompts in one completion request"
+        "--source-cache-bytes", type=int, help="byte budget of resident runs (default: 1/4 of RAM)"
+    )
+    serve.add_argument(
+        "--max-batch-tokens", type=int, default=4096, help="tokens per batch of a sweep"
+    )
+    serve.add_argument(
+        "--max-prompt-tokens", type=int, default=2048, help="longest prompt accepted (413 past it)"
+    )
+    serve.add_argument("--max-cells", type=int, default=200_000, help="largest grid accepted")
+    serve.add_argument(
+        "--max-body-bytes", type=int, default=64 * 2**20, help="largest request body (413 past it)"
+    )
+    serve.add_argument(
+        "--max-prompts", type=int, default=2048, help="prompts in one completion (413 past it)"
     )
     serve.add_argument("--served-model-name", help="model id in /v1/models (default: folder name)")
-    serve.add_argument("--threads", type=int, help="torch CPU threads")
+    serve.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     serve.add_argument(
         "--shutdown-grace",
         type=float,
         default=30.0,
         help="seconds requests in flight may still run after SIGTERM (then they are stopped)",
     )
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-level", default="info", help="uvicorn log level")
     serve.set_defaults(func=_serve)
 
-    sweep = sub.add_parser("sweep", help="run a patching study and print a heatmap table")
+    sweep = sub.add_parser(
+        "sweep",
+        help="run a patching study and print a heatmap table",
+        formatter_class=HelpFormatter,
+    )
     from patchserve.cli import sweep as sweep_cli
 
     sweep_cli.add_arguments(sweep)
@@ -117,11 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "bench":  # its own parser: every option passes through
+        try:
+            require_server_extra("patchserve bench")
+        except CommandError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         from patchserve.bench.sweep import main as bench_main
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except _user_errors() as exc:
+        message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

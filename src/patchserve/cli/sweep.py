@@ -9,17 +9,21 @@ cells are printed, and optionally a PNG heatmap and the JSON body are saved.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
+from patchserve.cli.errors import CommandError
+from patchserve.client.figures import scale_bounds
 from patchserve.text.spans import Span
-from patchserve.wire.hooks import LOWER_IS_BETTER
+from patchserve.wire.hooks import LOWER_IS_BETTER, METRICS
 from patchserve.wire.sweep import CellEvent, ErrorEvent, SummaryEvent, SweepBody
 
 
@@ -33,7 +37,7 @@ def _int_list(text: str, what: str) -> list[int]:
         elif part.isdigit():
             out.append(int(part))
         else:
-            raise argparse.ArgumentTypeError(f"bad {what} {part!r}")
+            raise CommandError(f"bad {what} {part!r}: use e.g. 3, 0,2,5 or 2-6 (inclusive)")
     return out
 
 
@@ -66,20 +70,32 @@ def parse_positions_arg(items: list[str] | None) -> Any:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clean", required=True, help="the clean prompt")
     p.add_argument("--corrupt", required=True, help="the corrupt prompt")
-    p.add_argument("--answer", help="answer token, with its leading space (default: clean top-1)")
+    p.add_argument(
+        "--answer", help="answer token, usually with its leading space (default: clean top-1)"
+    )
     p.add_argument("--foil", help="foil token for logit_diff / recovered")
-    p.add_argument("--layers", help="all | 3 | 0,2,5 | 2-6 | 0:12:2")
-    p.add_argument("--positions", nargs="*", help="ints, ranges 3-7, span:TEXT[@N]")
+    p.add_argument("--layers", default="all", help="all | 3 | 0,2,5 | 2-6 | 0:12:2")
+    p.add_argument(
+        "--positions", nargs="*", help="ints, ranges 3-7, span:TEXT[@N] (default: every token)"
+    )
     p.add_argument("--hooks", default="post_block", help="comma-separated hook names")
     p.add_argument("--heads", help="comma-separated heads for attn_head (default all)")
     p.add_argument(
-        "--metric", default="logprob", choices=["logprob", "prob", "logit_diff", "recovered", "kl"]
+        "--metric",
+        default="logprob",
+        choices=list(METRICS),
+        help="what to grade (kl: lower = more restored)",
     )
     p.add_argument("--url", help="a running patchserve server (else in-process)")
     p.add_argument("--api-key", help="API key for --url")
     p.add_argument("--model", help="checkpoint for the in-process run (default: bundled demo)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="torch device of the in-process run")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="weights' dtype",
+    )
     p.add_argument("--out", help="write a PNG heatmap here")
     p.add_argument("--json", help="write the response body here")
     p.add_argument("--top", type=int, default=5, help="how many top cells to list")
@@ -105,6 +121,9 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_in_process(args: argparse.Namespace, body: dict[str, Any], on_cell) -> SweepBody:
+    from patchserve.cli.main import require_server_extra
+
+    require_server_extra("patchserve sweep without --url")
     import torch
 
     from patchserve.engine import capture_run, prepare_sweep, run_sweep
@@ -156,32 +175,46 @@ def _run_in_process(args: argparse.Namespace, body: dict[str, Any], on_cell) -> 
 def _run_remote(args: argparse.Namespace, body: dict[str, Any], on_cell) -> SweepBody:
     import httpx
 
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    try:
+        return _stream_remote(args.url, headers, body, on_cell)
+    except httpx.TransportError as exc:
+        raise CommandError(f"cannot reach {args.url}: {exc}") from exc
+
+
+def _stream_remote(url: str, headers: dict[str, str], body: dict[str, Any], on_cell) -> SweepBody:
+    import httpx
+
     from patchserve.wire.errors import ErrorBody
     from patchserve.wire.sse import iter_events
 
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     with (
-        httpx.Client(base_url=args.url, timeout=None, headers=headers) as client,
+        httpx.Client(base_url=url, timeout=None, headers=headers) as client,
         client.stream("POST", "/v1/patch_sweep", json={**body, "stream": True}) as response,
     ):
         if response.status_code >= 400:
             error = ErrorBody.model_validate_json(response.read()).error
-            raise SystemExit(f"error {response.status_code}: {error.message}")
+            raise CommandError(f"{response.status_code}: {error.message}")
         for event in iter_events(response):
             if isinstance(event, CellEvent):
                 on_cell(event)
             elif isinstance(event, SummaryEvent):
                 return SweepBody.model_validate(event.model_dump(exclude={"type"}))
             elif isinstance(event, ErrorEvent):
-                raise SystemExit(f"error: {event.error.message}")
-    raise SystemExit("the server closed the stream before the summary")
+                raise CommandError(event.error.message)
+    raise CommandError("the server closed the stream before the summary")
 
 
-def _colour(value: float | None, low: float, high: float, centre: float) -> str:
+def _colour(value: float | None, low: float, centre: float, high: float) -> str:
+    """The cell's background on the figures' scale: red = more restored, blue = less
+    (``kl``, where ``centre`` is NaN: red by how low the value is)."""
     if value is None:
         return "grey30"
-    span = max(high - centre, centre - low, 1e-12)
-    t = max(-1.0, min(1.0, (value - centre) / span))
+    if math.isnan(centre):
+        t = max(0.0, min(1.0, (high - value) / max(high - low, 1e-12)))
+    else:
+        span = max(high - centre, centre - low, 1e-12)
+        t = max(-1.0, min(1.0, (value - centre) / span))
     level = int(55 + 200 * abs(t))
     return f"rgb({level},60,60)" if t > 0 else f"rgb(60,60,{level})"
 
@@ -197,7 +230,9 @@ def print_result(console: Console, result: SweepBody, top: int) -> None:
         console.width = max(console.width, 16 + 9 * len(result.positions))
     tokens = result.tokens or [str(p) for p in result.positions]
     labels = [tokens[p] if p < len(tokens) else str(p) for p in result.positions]
-    centre = 0.0 if result.metric == "recovered" else result.corrupt
+    every = [np.asarray(grid, dtype=float) for _, grid in _grids(result)]
+    data = np.concatenate([g.ravel() for g in every])
+    low, centre, high = scale_bounds(result.metric, data, result.clean, result.corrupt)
     cells: list[tuple[float, str, int, int, int | None]] = []
     for hook, grid in _grids(result):
         rows: list[tuple[str, list[Any], int, int | None]]
@@ -213,8 +248,6 @@ def print_result(console: Console, result: SweepBody, top: int) -> None:
                 (f"L{layer}", row, layer, None)
                 for layer, row in zip(result.layers, grid, strict=True)
             ]
-        values = [v for _, row, _, _ in rows for v in row if v is not None]
-        low, high = (min(values), max(values)) if values else (0.0, 0.0)
         table = Table(title=f"{hook} — {result.metric}", show_lines=False, pad_edge=False)
         table.add_column("layer", justify="right")
         for label in labels:
@@ -223,7 +256,7 @@ def print_result(console: Console, result: SweepBody, top: int) -> None:
             texts = []
             for p, value in zip(result.positions, row, strict=True):
                 shown = "  ·  " if value is None else f"{value:5.2f}"
-                texts.append(Text(shown, style=f"on {_colour(value, low, high, centre)}"))
+                texts.append(Text(shown, style=f"on {_colour(value, low, centre, high)}"))
                 if value is not None:
                     cells.append((value, hook, layer, p, head))
             table.add_row(name, *texts)
@@ -267,6 +300,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             result = _run_in_process(args, body, on_cell)
     print_result(console, result, args.top)
+    for message in result.warnings:
+        console.print(f"warning: {message}", style="yellow", markup=False, highlight=False)
     if args.json:
         Path(args.json).write_text(result.model_dump_json(indent=2))
         console.print(f"wrote {args.json}")
@@ -278,9 +313,9 @@ def run(args: argparse.Namespace) -> int:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        first = SweepResult.from_body(result.model_dump(mode="json"))
-        figure = first.heatmap().get_figure(root=True)
-        assert figure is not None
+        from patchserve.client.figures import heatmaps
+
+        figure = heatmaps(SweepResult.per_hook(result))  # every hook, on one shared scale
         figure.savefig(args.out, dpi=150, bbox_inches="tight")
         plt.close(figure)
         console.print(f"wrote {args.out}")

@@ -1,6 +1,6 @@
 """The Python client of a patchserve server: ``PatchStudy`` (sync) and ``AsyncPatchStudy``.
 
-``from patchserve import PatchStudy, Span`` is the usual entry point (SPEC §3).
+``from patchserve import PatchStudy, Span`` is the usual entry point (docs/api.md §3).
 The client needs httpx and numpy only; matplotlib and pandas are imported by
 ``SweepResult.heatmap()`` / ``to_pandas()`` when called, and torch only by the
 client-side per-cell path (``server_side=False``), which grades with the
@@ -17,6 +17,7 @@ from patchserve.client.errors import (
     InternalServerError,
     NotFoundError,
     PatchServeError,
+    PatchServeWarning,
     RequestTooLargeError,
 )
 from patchserve.client.results import CleanRun, SweepResult, ZoomResult
@@ -36,6 +37,7 @@ __all__ = [
     "InternalServerError",
     "NotFoundError",
     "PatchServeError",
+    "PatchServeWarning",
     "PatchStudy",
     "RequestTooLargeError",
     "Span",

@@ -1,7 +1,7 @@
 """Typed exceptions of the patchserve client (httpx/OpenAI style).
 
 Every 4xx/5xx answer of the server has the body
-``{"error": {"message", "type", "param", "code"}}`` (SPEC §2); the client raises
+``{"error": {"message", "type", "param", "code"}}`` (docs/api.md §2); the client raises
 the subclass of :class:`PatchServeError` that matches the status code, carrying
 the server's message verbatim. Problems the client detects itself before
 sending anything (a bad argument combination) are plain :class:`ValueError`.
@@ -15,6 +15,12 @@ import httpx
 from pydantic import ValidationError
 
 from patchserve.wire.errors import ErrorBody
+
+
+class PatchServeWarning(UserWarning):
+    """A study the server ran exactly but that is probably not what was meant (the sweep
+    body's ``warnings``): an improbable answer whose spelling variant is likely, identical
+    prompts, a span that occurs more than once."""
 
 
 class PatchServeError(Exception):

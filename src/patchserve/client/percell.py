@@ -25,18 +25,19 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from patchserve.client.errors import APIResponseError
+from patchserve.client.progress import OnCell, ProgressBar, with_progress
 from patchserve.client.results import SweepResult
 from patchserve.errors import InvalidArgument
 from patchserve.text.alignment import align
 from patchserve.text.spans import SpanError, expand_positions
-from patchserve.wire.axes import parse_heads, parse_hooks, parse_layers
+from patchserve.wire.axes import not_one_token, parse_heads, parse_hooks, parse_layers
 from patchserve.wire.completions import CompletionResponse
 from patchserve.wire.grids import assemble_grid
 from patchserve.wire.metrics import (
@@ -60,9 +61,6 @@ from patchserve.wire.sweep import (
 if TYPE_CHECKING:
     from patchserve.client.results import CleanRun
     from patchserve.client.study import AsyncPatchStudy
-
-
-OnCell = Callable[[dict[str, Any]], Any]
 
 
 class _Graded(NamedTuple):
@@ -109,6 +107,7 @@ class PerCellSweep:
         alpha: float,
         mask: Any,
         on_cell: OnCell | None,
+        progress: bool = False,
     ) -> None:
         self.study, self.run, self.hook = study, run, hook
         self.corrupt_prompt, self.layers_spec, self.positions_spec = (
@@ -117,7 +116,9 @@ class PerCellSweep:
             positions,
         )
         self.heads_spec, self.answer_token, self.foil_token = heads, answer_token, foil_token
-        self.metric, self.alpha, self.mask, self.on_cell = metric, float(alpha), mask, on_cell
+        self.metric, self.alpha, self.mask = metric, float(alpha), mask
+        self.bar = ProgressBar() if progress else None
+        self.on_cell = with_progress(on_cell, self.bar)
         self.requests = 0
 
     # -- helpers ----------------------------------------------------------------------
@@ -133,10 +134,12 @@ class PerCellSweep:
             raise ValueError(f"{param} must be a non-empty string or a token id")
         ids = (await self.study.tokenize(value, add_special_tokens=False))["tokens"]
         if len(ids) != 1:
-            raise ValueError(
-                f"{param} {value!r} must be exactly one token; it tokenizes to {len(ids)} "
-                f"tokens {ids}. Pass a token id, or include the leading space (e.g. ' Paris')"
-            )
+            spaced = None
+            if not value.startswith(" "):
+                spaced = (await self.study.tokenize(" " + value, add_special_tokens=False))[
+                    "tokens"
+                ]
+            raise ValueError(not_one_token(param, value, ids, spaced))
         return int(ids[0])
 
     async def _next_logprobs(
@@ -173,6 +176,13 @@ class PerCellSweep:
     # -- the sweep --------------------------------------------------------------------
 
     async def run_sweep(self) -> SweepResult:
+        try:
+            return await self._run_sweep()
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+
+    async def _run_sweep(self) -> SweepResult:
         started = time.perf_counter()
         study, run, hook = self.study, self.run, self.hook
         info = await study.model_info()
@@ -341,6 +351,7 @@ class PerCellSweep:
 
         seconds = time.perf_counter() - started
         answer_token = await study.detokenize([answer])
+        foil_token = None if foil is None else await study.detokenize([foil])
         return SweepResult.from_body(
             self._body(
                 info=info,
@@ -352,10 +363,11 @@ class PerCellSweep:
                 skipped=sorted(
                     skipped, key=lambda s: (layers.index(s.layer), positions.index(s.position))
                 ),
-                alignment=AlignmentSummary.of(alignment),
+                alignment=AlignmentSummary.of(alignment, run.token_ids, corrupt_ids),
                 tokens=tokens,
                 answer=answer,
                 answer_token=answer_token,
+                foil_token=foil_token,
                 foil=foil,
                 clean=clean_value,
                 corrupt=corrupt_value,
@@ -378,6 +390,7 @@ class PerCellSweep:
         tokens: list[str],
         answer: int,
         answer_token: str,
+        foil_token: str | None,
         foil: int | None,
         clean: float,
         corrupt: float,
@@ -400,6 +413,7 @@ class PerCellSweep:
             answer_token_id=answer,
             answer_token=answer_token,
             foil_token_id=foil,
+            foil_token=foil_token,
             grid=grid,
             argmax=best,
             clean=clean,

@@ -1,7 +1,7 @@
 """Result objects of the client: :class:`CleanRun`, :class:`SweepResult`, :class:`ZoomResult`.
 
 A :class:`SweepResult` holds every field of a ``POST /v1/patch_sweep`` response
-(SPEC §2) for one hook, plus the helpers a notebook wants: ``to_numpy()``,
+(docs/api.md §2) for one hook, plus the helpers a notebook wants: ``to_numpy()``,
 ``argmax_cell()``, ``top(k)``, ``heatmap()`` (matplotlib, imported on use) and
 ``to_pandas()`` (pandas, imported on use). Results of the client-side per-cell
 path (``server_side=False``) have the same shape, with ``server_side=False``.
@@ -103,8 +103,10 @@ class SweepResult:
     answer_token_id: int | None = None
     answer_token: str | None = None
     foil_token_id: int | None = None
+    foil_token: str | None = None
     hooks: list[str] = field(default_factory=list)
     model: str | None = None
+    warnings: list[str] = field(default_factory=list)
     server_side: bool = True
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -151,8 +153,10 @@ class SweepResult:
             answer_token_id=parsed.answer_token_id,
             answer_token=parsed.answer_token,
             foil_token_id=parsed.foil_token_id,
+            foil_token=parsed.foil_token,
             hooks=parsed.hooks,
             model=parsed.model,
+            warnings=parsed.warnings,
             server_side=server_side,
             raw=raw,
         )
@@ -251,78 +255,36 @@ class SweepResult:
         cmap: str | None = None,
         annotate: bool | None = None,
         colorbar: bool = True,
+        vmin: float | None = None,
+        vmax: float | None = None,
+        center: float | None = None,
     ) -> Axes:
         """Draw the grid with matplotlib and return the Axes.
 
-        Token strings on the x axis, layers on the y axis (layer 0 at the bottom),
-        a diverging colormap centred on the corrupt baseline (on 0 for
-        ``recovered``); red is "more restored" for every metric (also ``kl``, where
-        lower is better). Skipped cells are grey. ``attn_head`` grids show one
-        ``head`` (default: the best head of each cell). ``annotate`` writes the
-        values in the cells (default: when there are at most 150 cells).
+        Token strings on the x axis (corrupted tokens starred, in red), layers on
+        the y axis (layer 0 at the bottom), skipped cells grey with a legend entry.
+        The colour scale is fixed, not stretched to the data: ``recovered`` −1…1;
+        ``kl`` 0…max with the dark end "more restored"; other metrics diverge
+        around the corrupt baseline wide enough to hold the clean one.
+        ``vmin``/``vmax``/``center`` override it. ``attn_head`` grids show one
+        column per (position, head), labelled, or one ``head``. ``annotate``
+        writes the values in the cells (default: at most 150 cells). Several hooks
+        on one scale: :func:`patchserve.client.figures.heatmaps`.
         """
-        import matplotlib.pyplot as plt
-        from matplotlib.colors import CenteredNorm
+        from patchserve.client.figures import heatmap
 
-        values = self.to_numpy()
-        if values.ndim == 3:
-            if head is not None:
-                assert self.heads is not None
-                values = values[:, :, self.heads.index(head)]
-            else:
-                with np.errstate(all="ignore"):
-                    reduce = np.nanmin if self.lower_is_better else np.nanmax
-                    all_nan = np.isnan(values).all(axis=2)
-                    filled = np.where(
-                        np.isnan(values), np.inf if self.lower_is_better else -np.inf, values
-                    )
-                    values = np.where(all_nan, np.nan, reduce(filled, axis=2))
-        if ax is None:
-            width = min(2.0 + 0.45 * max(len(self.positions), 4), 24.0)
-            height = min(1.6 + 0.45 * max(len(self.layers), 3), 16.0)
-            _, ax = plt.subplots(figsize=(width, height), layout="constrained")
-        center = self.center
-        finite = values[~np.isnan(values)]
-        half = float(np.max(np.abs(finite - center))) if finite.size else 1.0
-        norm = CenteredNorm(vcenter=center, halfrange=half if half > 0 else 1e-6)
-        name = cmap or ("RdBu" if self.lower_is_better else "RdBu_r")
-        colormap = plt.get_cmap(name).with_extremes(bad="#d0d0d0")
-        image = ax.imshow(
-            np.ma.masked_invalid(values),
-            cmap=colormap,
-            norm=norm,
-            aspect="auto",
-            origin="lower",
-            interpolation="nearest",
+        return heatmap(
+            self,
+            ax,
+            head=head,
+            title=title,
+            cmap=cmap,
+            annotate=annotate,
+            colorbar=colorbar,
+            vmin=vmin,
+            vmax=vmax,
+            center=center,
         )
-        ax.set_xticks(range(len(self.positions)), self.token_labels(), rotation=60, ha="right")
-        ax.set_yticks(range(len(self.layers)), [str(layer) for layer in self.layers])
-        ax.set_xlabel("position (token)")
-        ax.set_ylabel("layer")
-        head_note = f", head {head}" if head is not None else ""
-        ax.set_title(title or f"{self.hook}{head_note}: {self.metric}")
-        if annotate is None:
-            annotate = values.size <= 150
-        if annotate:
-            for (i, j), v in np.ndenumerate(values):
-                if not math.isnan(v):
-                    dark = abs(float(norm(v)) - 0.5) > 0.3
-                    ax.text(
-                        j,
-                        i,
-                        f"{v:.2f}",
-                        ha="center",
-                        va="center",
-                        fontsize=7,
-                        color="white" if dark else "black",
-                    )
-        if colorbar:
-            bar = ax.figure.colorbar(image, ax=ax)
-            label = self.metric
-            if self.metric != "recovered" and self.corrupt is not None:
-                label += f" (centre: corrupt = {self.corrupt:.3g})"
-            bar.set_label(label)
-        return ax
 
     # -- pandas -------------------------------------------------------------------------
 

@@ -26,12 +26,14 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import inspect
 import math
 import os
 import threading
 import uuid
+import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -44,14 +46,16 @@ from patchserve.client.errors import (
     APIConnectionError,
     APIResponseError,
     NotFoundError,
+    PatchServeWarning,
     from_error_body,
     from_response,
 )
 from patchserve.client.percell import OnCell, PerCellSweep
+from patchserve.client.progress import ProgressBar, in_notebook, with_progress
 from patchserve.client.results import CleanRun, SweepResult, ZoomResult
 from patchserve.text.spans import Span, incremental_char_offsets, resolve_span
 from patchserve.wire.base import WireModel
-from patchserve.wire.hooks import HOOKS, LOWER_IS_BETTER
+from patchserve.wire.hooks import HOOKS, LOWER_IS_BETTER, from_transformer_lens, hook_suggestion
 from patchserve.wire.info import (
     DetokenizeResponse,
     Health,
@@ -104,6 +108,24 @@ def _positions_json(positions: Positions) -> Any:
         else:
             out.append(int(item))
     return out
+
+
+def _our_hook(name: str) -> str:
+    """A hook name; TransformerLens names without a block (``hook_resid_post``,
+    ``resid_post``) are mapped, ones with a block say what to write instead."""
+    if name in HOOKS:
+        return name
+    found = from_transformer_lens(name)
+    if found is None:
+        return name  # the server's 400 lists the hooks
+    hook, layer = found
+    if layer is not None:
+        raise ValueError(hook_suggestion(name))
+    return hook
+
+
+def _names(hooks: str | Sequence[str]) -> list[str]:
+    return [hooks] if isinstance(hooks, str) else list(hooks)
 
 
 def _token_fields(name: str, value: Token) -> dict[str, Any]:
@@ -359,20 +381,30 @@ class AsyncPatchStudy:
     # -- sweeps -----------------------------------------------------------------------
 
     async def _sweep(
-        self, body: dict[str, Any], on_cell: OnCell | None
+        self, body: dict[str, Any], on_cell: OnCell | None, progress: bool | None
     ) -> SweepResult | dict[str, SweepResult]:
-        out = (
-            await self._stream_sweep(body, on_cell)
-            if on_cell is not None
-            else await self._request("POST", "/v1/patch_sweep", SweepBody, json=body)
-        )
-        if len(out.hooks) > 1:
+        """One server-side sweep; ``{hook: result}`` when the body used ``hooks``."""
+        bar = ProgressBar() if (in_notebook() if progress is None else progress) else None
+        on_cell = with_progress(on_cell, bar)
+        try:
+            out = (
+                await self._stream_sweep(body, on_cell)
+                if on_cell is not None
+                else await self._request("POST", "/v1/patch_sweep", SweepBody, json=body)
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        for message in out.warnings:
+            warnings.warn(message, PatchServeWarning, stacklevel=3)
+        if "hooks" in body:
             return SweepResult.per_hook(out)
         return SweepResult.from_body(out)
 
     async def sweep_layers_positions(
         self,
         corrupt_prompt: str,
+        *,
         clean: CleanRun | str | None = None,
         clean_prompt: str | None = None,
         run: str | None = None,
@@ -385,8 +417,8 @@ class AsyncPatchStudy:
         hooks: Sequence[str] | None = None,
         server_side: bool = True,
         on_cell: OnCell | None = None,
+        progress: bool | None = None,
         keep_source: bool = False,
-        *,
         hook: str | None = None,
         heads: Sequence[int] | str | None = None,
         mask: Sequence[int] | Mapping[str, Any] | None = None,
@@ -394,16 +426,24 @@ class AsyncPatchStudy:
     ) -> SweepResult | dict[str, SweepResult]:
         """Patch the clean run into ``corrupt_prompt`` over a layers × positions grid.
 
-        The source is ``clean`` (a :class:`CleanRun` or a run name), ``run`` (a
-        run name) or, with neither, ``clean_prompt``: then the server captures it
-        in the same call under a fresh name (``result.auto_captured``,
+        Everything after the prompt is keyword-only (as in the seed's client). The
+        source is ``clean`` (a :class:`CleanRun` or a run name), ``run`` (a run
+        name) or, with neither, ``clean_prompt``: then the server captures it in
+        the same call under a fresh name (``result.auto_captured``,
         ``result.captured_source_run``) and drops it afterwards unless
-        ``keep_source``. ``positions`` mixes ints and :class:`Span` markers.
-        ``answer_token``/``foil_token`` are strings (exactly one token) or ids.
-        ``hooks`` sweeps several hooks (returns ``{hook: SweepResult}`` when it
-        has more than one); otherwise ``hook`` (default: the study's).
+        ``keep_source``. ``positions`` mixes ints (negative ones count from the
+        end) and :class:`Span` markers. ``answer_token``/``foil_token`` are
+        strings (exactly one token) or ids.
+
+        ``hook`` (default: the study's) returns one :class:`SweepResult`;
+        ``hooks`` always returns ``{hook: SweepResult}``, even for one hook.
+        Hook names are patchserve's or TransformerLens' (``resid_post``,
+        ``hook_resid_post``: mapped; see the README's table).
         ``on_cell(event)`` streams: it gets every ``{"type": "cell", ...}`` event
-        as it is graded (it may be a coroutine function).
+        as it is graded (it may be a coroutine function). ``progress`` shows a
+        ``tqdm`` bar fed by the stream (default: on in a Jupyter notebook).
+        The server's ``warnings`` (an improbable answer, identical prompts, ...)
+        are raised as :class:`PatchServeWarning`.
 
         ``server_side=False`` runs the grid from the client instead, one
         ``/v1/completions`` patch request per cell (see
@@ -411,7 +451,8 @@ class AsyncPatchStudy:
         ``run``) and takes one hook.
         """
         source = _source_name(clean, run)
-        hook = hook or self.hook
+        hook = _our_hook(hook or self.hook)
+        hooks = None if hooks is None else [_our_hook(h) for h in _names(hooks)]
         if not server_side:
             if hooks is not None:
                 raise ValueError(
@@ -448,6 +489,7 @@ class AsyncPatchStudy:
                 alpha=alpha,
                 mask=mask,
                 on_cell=on_cell,
+                progress=in_notebook() if progress is None else progress,
             ).run_sweep()
 
         body: dict[str, Any] = {
@@ -466,7 +508,7 @@ class AsyncPatchStudy:
         if clean_prompt is not None:
             body["clean_prompt"] = clean_prompt
         if hooks is not None:
-            body["hooks"] = [hooks] if isinstance(hooks, str) else list(hooks)
+            body["hooks"] = hooks
         else:
             body["hook"] = hook
         if heads is not None:
@@ -477,15 +519,15 @@ class AsyncPatchStudy:
             body["clean_baseline"] = clean_baseline
         body.update(_token_fields("answer_token", answer_token))
         body.update(_token_fields("foil_token", foil_token))
-        return await self._sweep(body, on_cell)
+        return await self._sweep(body, on_cell, progress)
 
     async def zoom(
         self,
         corrupt_prompt: str,
+        *,
         clean: CleanRun | str | None = None,
         clean_prompt: str | None = None,
         run: str | None = None,
-        *,
         answer_token: Token = None,
         foil_token: Token = None,
         metric: str = "logprob",
@@ -496,6 +538,7 @@ class AsyncPatchStudy:
         alpha: float = 1.0,
         server_side: bool = True,
         on_cell: OnCell | None = None,
+        progress: bool | None = None,
         keep_source: bool = False,
     ) -> ZoomResult:
         """Coarse-to-fine: sweep every ``stride``-th layer, then refine the best block.
@@ -508,7 +551,7 @@ class AsyncPatchStudy:
         once (at ``hook``, all layers) for both sweeps and dropped afterwards
         unless ``keep_source``.
         """
-        hook = hook or self.hook
+        hook = _our_hook(hook or self.hook)
         n = (await self.model_info())["num_layers"]
         stride = stride or max(1, round(math.sqrt(n)))
         if stride < 1 or top_positions < 1:
@@ -531,6 +574,7 @@ class AsyncPatchStudy:
             alpha=alpha,
             server_side=server_side,
             on_cell=on_cell,
+            progress=progress,
             hook=hook,
         )
         try:
@@ -568,9 +612,9 @@ class AsyncPatchStudy:
     async def ablation_sweep(
         self,
         prompt: str,
+        *,
         source: str | np.ndarray | Sequence[float] = "zeros",
         mask: Sequence[int] | np.ndarray | Mapping[str, Any] | None = None,
-        *,
         hook: str | None = None,
         hooks: Sequence[str] | None = None,
         layers: Layers = "all",
@@ -582,8 +626,12 @@ class AsyncPatchStudy:
         alpha: float = 1.0,
         clean_baseline: float | None = None,
         on_cell: OnCell | None = None,
+        progress: bool | None = None,
     ) -> SweepResult | dict[str, SweepResult]:
         """A vector-sourced sweep: write ``source`` into ``prompt`` at every cell.
+
+        Like :meth:`sweep_layers_positions`: keyword-only after the prompt, ``hooks``
+        returns ``{hook: SweepResult}``, ``progress`` shows a bar.
 
         ``source`` is a registered module name (``"zeros"`` is built in) or one
         vector of the hook's width (sent as ``source_inline`` of ``patch_vectors``).
@@ -618,16 +666,16 @@ class AsyncPatchStudy:
                 raise ValueError("the source vector and the mask must have the same width")
             body["patch_vectors"] = pack_vectors(np.stack(rows))
         if hooks is not None:
-            body["hooks"] = list(hooks)
+            body["hooks"] = [_our_hook(h) for h in _names(hooks)]
         else:
-            body["hook"] = hook or self.hook
+            body["hook"] = _our_hook(hook or self.hook)
         if heads is not None:
             body["heads"] = heads if isinstance(heads, str) else list(heads)
         if clean_baseline is not None:
             body["clean_baseline"] = clean_baseline
         body.update(_token_fields("answer_token", answer_token))
         body.update(_token_fields("foil_token", foil_token))
-        return await self._sweep(body, on_cell)
+        return await self._sweep(body, on_cell, progress)
 
 
 def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
@@ -682,7 +730,10 @@ class PatchStudy:
     def _call(self, coro: Awaitable[T]) -> T:
         if self._closed:
             raise RuntimeError("this PatchStudy is closed")
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
+        future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(
+            coro,  # type: ignore[arg-type]
+            self._loop,
+        )
         try:
             return future.result()
         except BaseException:

@@ -1,4 +1,4 @@
-"""Text generation with interventions: the engine behind ``/v1/completions`` (SPEC §2).
+"""Text generation with interventions: the engine behind ``/v1/completions`` (docs/api.md §2).
 
 :func:`generate` prefills the prompt once (keeping its keys and values), then
 decodes one token per pass on top of that cache; the prompt is never
@@ -241,7 +241,8 @@ def _check_steer(model: Transformer, steer: SteerVector) -> None:
             f"steering scale must be a finite number, got {steer.scale!r}", "steer"
         )
     if steer.hook == "attn_head":
-        if not _is_int(steer.head) or not 0 <= steer.head < cfg.num_heads:
+        head = steer.head
+        if head is None or not _is_int(head) or not 0 <= head < cfg.num_heads:
             raise InvalidArgument(
                 f"attn_head steering needs a head in 0..{cfg.num_heads - 1}, got {steer.head!r}",
                 "steer",
@@ -450,8 +451,8 @@ def _step(
         values, ids = torch.topk(lp, k)
         step.top = list(zip(ids.tolist(), values.tolist(), strict=True))
     if requested:
-        values = lp[torch.tensor(list(requested), dtype=torch.long)].tolist()
-        step.requested = dict(zip(requested, values, strict=True))
+        chosen = lp[torch.tensor(list(requested), dtype=torch.long)].tolist()
+        step.requested = dict(zip(requested, chosen, strict=True))
     return step
 
 

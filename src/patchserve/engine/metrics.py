@@ -1,4 +1,4 @@
-"""Grading last-position logits on the model's device (SPEC §1 *Metrics*).
+"""Grading last-position logits on the model's device (docs/api.md §1 *Metrics*).
 
 The metrics themselves are defined once, in :mod:`patchserve.wire.metrics`
 (numpy, shared with the client); this module extracts their raw quantities
@@ -42,16 +42,20 @@ class Grader(Grading):
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """``[n]`` float64 metric values of ``[n, vocab]`` logits (on the CPU)."""
         logits = logits.double()
-        logp = torch.log_softmax(logits, dim=-1)
         diff = None if self.foil is None else logits[:, self.answer] - logits[:, self.foil]
-        kl = None
-        if self.metric == "kl":
-            assert self.clean_logprobs is not None
-            p_clean = self.clean_logprobs.to(logits.device)
-            terms = torch.exp(p_clean) * (p_clean - logp)
-            kl = torch.where(torch.isinf(p_clean), torch.zeros_like(terms), terms).sum(-1)
+        answer_logprob = kl = None
+        if self.metric in ("logprob", "prob", "kl") or (
+            self.metric == "recovered" and diff is None
+        ):
+            logp = torch.log_softmax(logits, dim=-1)  # the full vocabulary: only when needed
+            answer_logprob = logp[:, self.answer]
+            if self.metric == "kl":
+                assert self.clean_logprobs is not None
+                p_clean = self.clean_logprobs.to(logits.device)
+                terms = torch.exp(p_clean) * (p_clean - logp)
+                kl = torch.where(torch.isinf(p_clean), torch.zeros_like(terms), terms).sum(-1)
         values = self.score(
-            _numpy(logp[:, self.answer]),
+            None if answer_logprob is None else _numpy(answer_logprob),
             None if diff is None else _numpy(diff),
             None if kl is None else _numpy(kl),
         )

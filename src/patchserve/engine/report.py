@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from patchserve.engine.diagnostics import improbable_answer_warning
 from patchserve.engine.generate import ReportedTokens, TokenStep
 from patchserve.engine.runs import CapturedRun
 from patchserve.engine.sweep import Cell, SweepOutcome, SweepSpec
@@ -119,6 +120,9 @@ def sweep_body(
         ),
     )
     stats = outcome.stats
+    warnings = list(outcome.warnings)
+    if clean_logits is not None:
+        warnings += improbable_answer_warning(tokenizer, clean_logits, outcome.answer)
     return SweepBody(
         model=model_name,
         hook=first,
@@ -130,6 +134,7 @@ def sweep_body(
         answer_token_id=outcome.answer,
         answer_token=tokenizer.decode([outcome.answer]),
         foil_token_id=outcome.foil,
+        foil_token=None if outcome.foil is None else tokenizer.decode([outcome.foil]),
         grid=outcome.grids[first],
         argmax=_argmax(outcome.argmax[first]),
         hook_grids=[
@@ -142,7 +147,10 @@ def sweep_body(
         corrupt=outcome.corrupt,
         noise_floor=outcome.noise_floor,
         skipped=[_skipped(cell) for cell in outcome.skipped],
-        alignment=None if outcome.alignment is None else AlignmentSummary.of(outcome.alignment),
+        alignment=None
+        if outcome.alignment is None or source_run is None
+        else AlignmentSummary.of(outcome.alignment, source_run.token_ids, outcome.corrupt_ids),
+        warnings=warnings,
         tokens=tokens,
         timing=Timing(
             seconds=float(stats["seconds"]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from patchserve.engine.errors import InvalidArgument
 from patchserve.text.tokenizer import Tokenizer
+from patchserve.wire.axes import not_one_token
 
 
 def resolve_token(
@@ -29,9 +30,6 @@ def resolve_token(
         raise InvalidArgument(f"{param} must be a non-empty string", param)
     ids = tokenizer.encode(text, add_special_tokens=False).ids
     if len(ids) != 1:
-        raise InvalidArgument(
-            f"{param} {text!r} must be exactly one token; it tokenizes to {len(ids)} tokens "
-            f"{ids}. Pass {param}_id, or include the leading space (e.g. ' Paris')",
-            param,
-        )
+        spaced = None if text.startswith(" ") else tokenizer.encode(" " + text, False).ids
+        raise InvalidArgument(not_one_token(param, text, ids, spaced), param)
     return ids[0]

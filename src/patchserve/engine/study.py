@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from patchserve.engine.diagnostics import span_warnings
 from patchserve.engine.errors import InvalidArgument
 from patchserve.engine.metrics import check_metric
 from patchserve.engine.request import resolve_token
@@ -194,6 +195,7 @@ def prepare_sweep(
         masks=_check_masks(masks, hook_list, model),
         clean_baseline=clean_baseline,
         max_batch_tokens=max_batch_tokens,
+        warnings=span_warnings(prompt, positions),
     )
     if max_cells is not None and spec.num_cells > max_cells:
         raise InvalidArgument(

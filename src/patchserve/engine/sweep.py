@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from patchserve.cancel import cancel_scope, raise_if_cancelled
+from patchserve.engine.diagnostics import identical_prompts_warning
 from patchserve.engine.errors import Cancelled, InvalidArgument, SweepCancelled
 from patchserve.engine.flops import suffix_flops, unembed_flops
 from patchserve.engine.metrics import Grader, raw_score
@@ -71,7 +72,7 @@ class SweepSpec:
     hooks: list[str]
     layers: list[int]
     positions: list[int]
-    source: Source
+    source: Source | None  # None until a caller that captures the run sets it
     metric: str = "logprob"
     answer: int | None = None
     foil: int | None = None
@@ -80,6 +81,7 @@ class SweepSpec:
     masks: dict[str, torch.Tensor] | None = None  # hook -> [width] in [0, 1]
     clean_baseline: float | None = None  # m_clean for 'recovered' without clean logits
     max_batch_tokens: int = DEFAULT_BATCH_TOKENS
+    warnings: list[str] = field(default_factory=list)  # found while preparing the sweep
 
     @property
     def num_cells(self) -> int:
@@ -117,7 +119,9 @@ class SweepOutcome:
     skipped: list[Cell]
     alignment: Alignment | None
     corrupt_logits: torch.Tensor
+    corrupt_ids: list[int] = field(default_factory=list)
     stats: dict[str, float | int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -210,7 +214,7 @@ class SweepRunner:
         source = self.spec.source
         if isinstance(source, VectorSource):
             return source.vector(hook, layer)
-        assert alignment is not None
+        assert alignment is not None and source is not None
         src = alignment.source_position(position)
         if src is None:
             return None
@@ -298,8 +302,17 @@ class SweepRunner:
             skipped=skipped,
             alignment=alignment,
             corrupt_logits=corrupt.logits.float().cpu(),
+            corrupt_ids=list(spec.corrupt_ids),
             stats=dict(self.stats),
+            warnings=self._warnings(),
         )
+
+    def _warnings(self) -> list[str]:
+        spec, source = self.spec, self.spec.source
+        out = list(spec.warnings)
+        if isinstance(source, CapturedRun):
+            out += identical_prompts_warning(source.token_ids, spec.corrupt_ids)
+        return out  # every cell skipped cannot happen: no alignable position is a 400
 
     def _plan(
         self, corrupt: _Corrupt, alignment: Alignment | None, baseline: float
@@ -447,7 +460,7 @@ class SweepRunner:
             rows,
             offsets,
             torch.stack(patched),
-            heads=heads if hook == "attn_head" else None,
+            heads=[h for h in heads if h is not None] if hook == "attn_head" else None,
         )
         with self.gate():
             out = model(

@@ -177,7 +177,9 @@ def _attend_explicit(
     scores = scores * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    mask = masks.new if prefix is None else torch.cat((masks.prefix, masks.new), dim=-1)
+    mask = masks.new
+    if prefix is not None and masks.prefix is not None and masks.new is not None:
+        mask = torch.cat((masks.prefix, masks.new), dim=-1)
     if mask is None:
         mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
     scores = scores.masked_fill(~mask[:, :, None] if mask.dim() == 4 else ~mask, float("-inf"))

@@ -1,6 +1,6 @@
 """Hook sites of a decoder block and the interventions applied at them.
 
-Every block exposes the same named activations (SPEC §1). In TransformerLens
+Every block exposes the same named activations (docs/api.md §1). In TransformerLens
 vocabulary: ``pre_attn`` = ``resid_pre``, ``attn_out`` = ``attn_out``,
 ``post_attn`` = ``resid_mid``, ``mlp_in`` = ``ln2.hook_normalized``,
 ``mlp_out`` = ``mlp_out``, ``post_block`` = ``resid_post`` and ``attn_head`` =

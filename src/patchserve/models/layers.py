@@ -115,7 +115,9 @@ class Rotary(nn.Module):
         """Recompute the frequencies in float32 (after a meta-device build or a dtype cast)."""
         self.inv_freq = rope_inv_freq(self.rope).to(device)
 
-    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    def tables(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``positions`` [*tokens] → cos, sin [*tokens, 1, rotary_dim] (broadcast over heads)."""
         freqs = positions.float()[..., None] * self.inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)

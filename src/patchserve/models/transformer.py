@@ -297,7 +297,7 @@ class PassState:
         slots = torch.arange(kpos.shape[1], device=device)
         real = slots[None, :] < group.lengths[:, None]  # [b, t]
         new = (kpos[:, None, :] <= qpos[:, :, None]) & real[:, None, :]  # causal by position
-        if window_binds:
+        if window is not None and window_binds:
             new = new & (qpos[:, :, None] - kpos[:, None, :] < window)
         if not narrow:
             # A padded query slot sees itself only, so its (unused) output stays finite
@@ -309,7 +309,7 @@ class PassState:
             j = torch.arange(plen, device=device)
             limit = group.prefix_lengths if group.prefix_lengths is not None else group.offsets
             prefix = (j[None, None, :] < limit[:, None, None]).expand(-1, qpos.shape[1], -1)
-            if window_binds:
+            if window is not None and window_binds:
                 prefix = prefix & (qpos[:, :, None] - j[None, None, :] < window)
             prefix = prefix[:, None]
         return AttentionMasks(new[:, None], prefix, causal_only=False)
@@ -335,8 +335,8 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         ropes = sorted({r for r in cfg.rope if r is not None}, key=repr)
-        self.rotary_modules = nn.ModuleList(Rotary(r) for r in ropes)
-        self._rotaries = dict(zip(ropes, self.rotary_modules, strict=True))
+        self._rotaries = {r: Rotary(r) for r in ropes}
+        self.rotary_modules = nn.ModuleList(self._rotaries.values())  # registered as submodules
 
     @property
     def device(self) -> torch.device:

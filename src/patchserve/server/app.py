@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
+from patchserve import __version__
 from patchserve.server.errors import install_error_handlers, without_validation_422
 from patchserve.server.middleware import ApiKeyAndMetrics, BodyLimit
 from patchserve.server.routes import completions, info, sources, steering, sweep, text
@@ -11,9 +13,10 @@ from patchserve.server.state import ServerState
 
 
 def create_app(state: ServerState) -> FastAPI:
-    app = FastAPI(
+    # FastAPIOffline: /docs and /redoc load their scripts from the package, not a CDN.
+    app = FastAPIOffline(
         title="patchserve",
-        version="0.1.0",
+        version=__version__,
         description="Activation patching (causal tracing) for transformer language models.",
     )
     app.state.patchserve = state

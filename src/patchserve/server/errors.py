@@ -30,6 +30,7 @@ from patchserve.errors import (
     TooLarge,
 )
 from patchserve.wire.errors import ErrorBody, error_body
+from patchserve.wire.hooks import hook_suggestion
 
 log = logging.getLogger("patchserve.server")
 
@@ -104,7 +105,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if kind == "literal_error" and param is not None:
         noun = next((p for p in reversed(loc) if not p.isdigit()), param).removesuffix("s")
         expected = first.get("ctx", {}).get("expected", "")
-        return f"unknown {noun} {first.get('input')!r}; expected one of {expected}", param
+        given = first.get("input")
+        suggestion = hook_suggestion(given) if noun == "hook" and isinstance(given, str) else None
+        hint = f" ({suggestion})" if suggestion else ""
+        return f"unknown {noun} {given!r}; expected one of {expected}{hint}", param
     more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
     return f"{param}: {message}{more}" if param else f"{message}{more}", param
 

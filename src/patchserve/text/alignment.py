@@ -43,6 +43,19 @@ class Alignment:
         return list(range(self.prefix, self.corrupt_length - self.suffix))
 
 
+def differing_positions(
+    alignment: Alignment, clean_ids: Sequence[int], corrupt_ids: Sequence[int]
+) -> list[int]:
+    """Corrupt positions whose token differs from its clean partner, or that have none:
+    where the corruption is (a figure marks them)."""
+    out = []
+    for dest, token in enumerate(corrupt_ids):
+        src = alignment.source_position(dest)
+        if src is None or clean_ids[src] != token:
+            out.append(dest)
+    return out
+
+
 def align(clean_ids: Sequence[int], corrupt_ids: Sequence[int]) -> Alignment:
     nc, nd = len(clean_ids), len(corrupt_ids)
     if nc == nd:

@@ -48,6 +48,17 @@ def incremental_char_offsets(
     return offsets
 
 
+def count_occurrences(prompt: str, text: str) -> int:
+    """How many (possibly overlapping) matches of ``text`` the prompt holds."""
+    if not text:
+        return 0
+    count, start = 0, prompt.find(text)
+    while start >= 0:
+        count += 1
+        start = prompt.find(text, start + 1)
+    return count
+
+
 def find_occurrence(prompt: str, text: str, occurrence: int) -> tuple[int, int]:
     """Character range of the ``occurrence``-th (0-based) match of ``text`` in ``prompt``."""
     if not text:
@@ -111,14 +122,21 @@ def expand_positions(
     offsets: Offsets,
     special: Sequence[bool],
 ) -> list[int]:
-    """Ints and spans, expanded in order, duplicates removed; ints range-checked."""
+    """Ints and spans, expanded in order, duplicates removed; ints range-checked.
+
+    A negative int counts from the end, as in Python and TransformerLens (``-1``
+    is the last token).
+    """
     n = len(offsets)
     out: list[int] = []
     for item in items:
         if isinstance(item, int) and not isinstance(item, bool):
-            if not 0 <= item < n:
-                raise SpanError(f"position {item} is out of range for a prompt of {n} tokens")
-            out.append(item)
+            if not -n <= item < n:
+                raise SpanError(
+                    f"position {item} is out of range for a prompt of {n} tokens "
+                    f"(0 to {n - 1}, or -{n} to -1 from the end)"
+                )
+            out.append(item % n)
         else:
             out.extend(resolve_span(prompt, offsets, special, parse_span(item)))
     return dedup_positions(out)

@@ -20,12 +20,27 @@ class Encoding:
     special: list[bool]  # whether each token is a special token (BOS, ...)
 
 
+#: Files any one of which makes a folder's tokenizer loadable.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+class TokenizerError(ValueError):
+    """A checkpoint whose tokenizer cannot be loaded; the message says which file is missing."""
+
+
 class Tokenizer:
     def __init__(self, hf: PreTrainedTokenizerBase) -> None:
         self.hf = hf
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> Tokenizer:
+        path = Path(folder)
+        if path.is_dir() and not any((path / name).exists() for name in TOKENIZER_FILES):
+            raise TokenizerError(
+                f"{path} has no tokenizer: it needs tokenizer.json (a fast tokenizer; "
+                f"or {' / '.join(TOKENIZER_FILES[1:])}). Save one next to the weights with "
+                f"AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained({str(path)!r})"
+            )
         return cls(AutoTokenizer.from_pretrained(str(folder)))
 
     @property
@@ -54,8 +69,8 @@ class Tokenizer:
         return Encoding(ids=ids, offsets=offsets, special=special)  # type: ignore[arg-type]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+        return str(self.hf.decode(ids, skip_special_tokens=skip_special_tokens))
 
     def token_strings(self, ids: list[int]) -> list[str]:
         """Each token decoded on its own (readable axis labels, not raw BPE symbols)."""
-        return [self.hf.decode([i]) for i in ids]
+        return [str(self.hf.decode([i])) for i in ids]

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from patchserve.errors import InvalidArgument
-from patchserve.wire.hooks import HOOKS
+from patchserve.wire.hooks import HOOKS, hook_suggestion
 
 
 def parse_layers(spec: Any, num_layers: int, param: str = "layers") -> list[int]:
@@ -58,8 +58,10 @@ def parse_hooks(hook: Any, hooks: Any) -> list[str]:
         raise InvalidArgument("hooks must be a non-empty list of hook names", "hooks")
     for name in chosen:
         if name not in HOOKS:
+            suggestion = hook_suggestion(name) if isinstance(name, str) else None
+            hint = f" ({suggestion})" if suggestion else ""
             raise InvalidArgument(
-                f"unknown hook {name!r}; expected one of {', '.join(HOOKS)}",
+                f"unknown hook {name!r}; expected one of {', '.join(HOOKS)}{hint}",
                 "hooks" if hooks is not None else "hook",
             )
     return list(dict.fromkeys(chosen))
@@ -77,3 +79,15 @@ def parse_heads(spec: Any, num_heads: int) -> list[int]:
                 )
         return list(dict.fromkeys(spec))
     raise InvalidArgument("heads must be 'all' or a non-empty list of head indices", "heads")
+
+
+def not_one_token(param: str, text: str, ids: list[int], spaced_ids: list[int] | None) -> str:
+    """Why ``text`` cannot be an answer or foil, and what would be: ``spaced_ids`` are the ids
+    of ``" " + text`` (None when ``text`` already starts with a space)."""
+    message = f"{param} {text!r} must be exactly one token; it tokenizes to {len(ids)} tokens {ids}"
+    if spaced_ids is not None and len(spaced_ids) == 1:
+        return f"{message}. Did you mean {' ' + text!r} (one token, id {spaced_ids[0]})?"
+    return (
+        f"{message}, and is not one token with a leading space either: pass {param}_id, or "
+        "grade a token that is one in this model's vocabulary (see /tokenize)"
+    )

@@ -1,4 +1,4 @@
-"""What each metric means (SPEC §1 *Metrics*), in numpy: the one definition the server's
+"""What each metric means (docs/api.md §1 *Metrics*), in numpy: the one definition the server's
 engine and the client's per-cell cross-check both grade with.
 
 A side hands :meth:`Grading.score` the raw quantities of its rows — log
@@ -87,24 +87,24 @@ class Grading:
         """Whether ``kl`` can be graded (a side with the clean distribution says so)."""
         return False
 
-    def raw(self, answer_logprob: np.ndarray, logit_diff: np.ndarray | None) -> np.ndarray:
+    def raw(self, answer_logprob: np.ndarray | None, logit_diff: np.ndarray | None) -> np.ndarray:
         """``m`` of ``recovered``: the logit difference with a foil, else log p(answer)."""
-        if self.foil is not None:
-            assert logit_diff is not None
-            return np.asarray(logit_diff, dtype=np.float64)
-        return np.asarray(answer_logprob, dtype=np.float64)
+        chosen = logit_diff if self.foil is not None else answer_logprob
+        assert chosen is not None
+        return np.asarray(chosen, dtype=np.float64)
 
     def score(
         self,
-        answer_logprob: np.ndarray,
+        answer_logprob: np.ndarray | None,
         logit_diff: np.ndarray | None = None,
         kl: np.ndarray | None = None,
     ) -> np.ndarray:
-        """``[n]`` float64 metric values from the rows' raw quantities."""
-        if self.metric == "logprob":
-            return np.asarray(answer_logprob, dtype=np.float64)
-        if self.metric == "prob":
-            return np.exp(np.asarray(answer_logprob, dtype=np.float64))
+        """``[n]`` float64 metric values from the rows' raw quantities (each side passes
+        those the metric needs: log p(answer), the logit difference, the KL)."""
+        if self.metric in ("logprob", "prob"):
+            assert answer_logprob is not None
+            values = np.asarray(answer_logprob, dtype=np.float64)
+            return values if self.metric == "logprob" else np.exp(values)
         if self.metric == "logit_diff":
             assert logit_diff is not None
             return np.asarray(logit_diff, dtype=np.float64)

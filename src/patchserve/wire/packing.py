@@ -1,4 +1,4 @@
-"""Packed vectors: ``{"dtype", "shape": [rows, width], "data": base64}`` (SPEC §1).
+"""Packed vectors: ``{"dtype", "shape": [rows, width], "data": base64}`` (docs/api.md §1).
 
 Little-endian, C-contiguous bytes. ``bfloat16`` is handled with numpy alone
 (the top 16 bits of a float32, rounded to nearest even), so the client needs

@@ -1,4 +1,4 @@
-"""The one Server-Sent Events codec of a sweep stream (SPEC §2 *Streaming*).
+"""The one Server-Sent Events codec of a sweep stream (docs/api.md §2 *Streaming*).
 
 Each event is one ``data: JSON`` line and a blank line; the stream ends with
 ``data: [DONE]`` (the OpenAI convention). The server encodes with

@@ -1,4 +1,4 @@
-"""``POST /v1/patch_sweep``: the response body and the Server-Sent Events of a stream (SPEC §2).
+"""``POST /v1/patch_sweep``: the response body and the stream's Server-Sent Events (docs/api.md §2).
 
 A grid is ``grid[i][j]`` for layer ``layers[i]`` and position ``positions[j]``
 (``attn_head``: ``grid[i][j][k]`` for ``heads[k]``); ``null`` marks a skipped
@@ -8,11 +8,12 @@ plus ``"type": "summary"``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
 from pydantic import Field, TypeAdapter
 
-from patchserve.text.alignment import Alignment
+from patchserve.text.alignment import Alignment, differing_positions
 from patchserve.wire.base import WireModel, omitted_if_none
 from patchserve.wire.errors import ErrorDetail
 from patchserve.wire.requests import HookName, MetricName
@@ -56,10 +57,18 @@ class AlignmentSummary(WireModel):
     unaligned_positions: list[int]
     mode: Literal["positional", "prefix_suffix"]
     shift: int
+    differing_positions: list[int] = Field(
+        default_factory=list,
+        description="corrupt positions whose token differs from its clean partner, or that "
+        "have none: where the corruption is",
+    )
 
     @classmethod
-    def of(cls, alignment: Alignment) -> AlignmentSummary:
+    def of(
+        cls, alignment: Alignment, clean_ids: Sequence[int], corrupt_ids: Sequence[int]
+    ) -> AlignmentSummary:
         return cls(
+            differing_positions=differing_positions(alignment, clean_ids, corrupt_ids),
             n_clean=alignment.clean_length,
             n_corrupt=alignment.corrupt_length,
             prefix_len=alignment.prefix,
@@ -108,6 +117,7 @@ class SweepBody(WireModel):
     answer_token_id: int
     answer_token: str
     foil_token_id: int | None = None
+    foil_token: str | None = None
     grid: Grid
     argmax: Argmax | None
     hook_grids: list[HookGrid] | None = None
@@ -122,6 +132,12 @@ class SweepBody(WireModel):
     )
     skipped: list[SkippedCell]
     alignment: AlignmentSummary | None
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="results that are valid but probably not what was meant (an improbable "
+        "answer whose spelling variant is likely, identical prompts, a span that occurs more "
+        "than once; a sweep whose every cell would be skipped is a 400 instead)",
+    )
     tokens: list[str]
     timing: Timing
     auto_captured: bool

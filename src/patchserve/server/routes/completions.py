@@ -256,6 +256,8 @@ COMPLETION_ERRORS = error_responses(400, 401, 404, 409, 413, 500, 503, 507)
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=COMPLETION_ERRORS)
 async def completions(req: CompletionRequest, request: Request) -> CompletionResponse:
+    """OpenAI-compatible completions with patches, steering vectors, captures and exact
+    logprobs of chosen ids."""
     state: ServerState = request.app.state.patchserve
     state.check_model(req.model)
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
@@ -304,6 +306,8 @@ async def completions(req: CompletionRequest, request: Request) -> CompletionRes
     "/v1/chat/completions", response_model=ChatCompletionResponse, responses=COMPLETION_ERRORS
 )
 async def chat_completions(req: ChatCompletionRequest, request: Request) -> ChatCompletionResponse:
+    """OpenAI-compatible chat completions (the model's chat template) with the same
+    interventions."""
     state: ServerState = request.app.state.patchserve
     state.check_model(req.model)
     if not req.messages:

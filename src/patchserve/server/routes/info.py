@@ -14,6 +14,7 @@ router = APIRouter()
 
 @router.get("/v1/models", response_model=ModelList, responses=error_responses(401, 500))
 async def models(request: Request) -> ModelList:
+    """The served model: its name and shape (layers, heads, widths, vocabulary)."""
     state: ServerState = request.app.state.patchserve
     cfg = state.model.cfg
     card = ModelCard(
@@ -36,6 +37,7 @@ async def models(request: Request) -> ModelList:
 
 @router.get("/health", response_model=Health, responses=error_responses(500))
 async def health(request: Request) -> Health:
+    """Liveness (open even with --api-key)."""
     state: ServerState = request.app.state.patchserve
     return Health(model=state.model_name)
 
@@ -49,6 +51,7 @@ async def health(request: Request) -> Health:
     },
 )
 async def metrics(request: Request) -> Response:
+    """Prometheus metrics: requests, sweeps, cells, stored runs."""
     state: ServerState = request.app.state.patchserve
     state.refresh_gauges()
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -52,6 +52,7 @@ def capture_hooks(state: ServerState, spec: dict[str, Any] | None) -> dict[str, 
     responses=error_responses(400, 401, 404, 409, 413, 500, 503, 507),
 )
 async def create_source(req: PatchSourceRequest, request: Request) -> RunManifest:
+    """Capture and store a clean run; answers its manifest and the clean next-token top-k."""
     state = _state(request)
     state.check_model(req.model)
     name = check_run_name(req.run) if req.run is not None else state.store.fresh_name("run")
@@ -108,6 +109,7 @@ async def create_source(req: PatchSourceRequest, request: Request) -> RunManifes
 
 @router.get("/v1/patch_source", response_model=RunList, responses=error_responses(401, 500))
 async def list_sources(request: Request) -> RunList:
+    """Every stored run's manifest."""
     store = _state(request).store
     data = await _state(request).run_blocking(
         lambda: [m for name in store.names() if (m := store.manifest(name)) is not None]
@@ -127,6 +129,8 @@ async def get_source(
     hook: HookName | None = None,
     layer: int | None = None,
 ) -> RunManifest:
+    """A stored run's manifest; ``?include=activations&hook=..&layer=..`` adds one site's
+    activations, packed like ``patch_vectors``."""
     state = _state(request)
     check_run_name(run)
     return await state.run_blocking(lambda: _describe(state, run, include, hook, layer))
@@ -168,6 +172,7 @@ def _describe(
     responses=error_responses(400, 401, 404, 500),
 )
 async def drop_source(run: str, request: Request) -> RunDropped:
+    """Delete a stored run (a sweep holding it finishes with what it holds)."""
     state = _state(request)
     check_run_name(run)
     if not await state.run_blocking(lambda: state.store.drop(run)):

@@ -24,6 +24,7 @@ NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789
     responses=error_responses(400, 401, 409, 413, 500),
 )
 async def register(req: RegisterModuleRequest, request: Request) -> ModuleRegistered:
+    """Register named vectors ``{hook: {layer: vector}}`` for ablation sweeps and steering."""
     state: ServerState = request.app.state.patchserve
     cfg = state.model.cfg
     if not req.name or len(req.name) > 128 or set(req.name) - NAME_CHARS:
@@ -70,6 +71,7 @@ async def register(req: RegisterModuleRequest, request: Request) -> ModuleRegist
 
 @router.get("/v1/steering/modules", response_model=ModuleList, responses=error_responses(401, 500))
 async def listing(request: Request) -> ModuleList:
+    """The registered modules (``zeros`` is built in)."""
     state: ServerState = request.app.state.patchserve
     return ModuleList(data=state.modules.listing())
 
@@ -80,6 +82,7 @@ async def listing(request: Request) -> ModuleList:
     responses=error_responses(400, 401, 404, 500),
 )
 async def drop(name: str, request: Request) -> ModuleDeleted:
+    """Delete a registered module."""
     state: ServerState = request.app.state.patchserve
     if not state.modules.drop(name):
         raise NotFound(f"unknown module {name!r}", "name")

@@ -1,4 +1,4 @@
-"""``POST /v1/patch_sweep``: one call, one study (SPEC §2)."""
+"""``POST /v1/patch_sweep``: one call, one study (docs/api.md §2)."""
 
 from __future__ import annotations
 
@@ -247,6 +247,8 @@ STREAM_CONTENT = {"text/event-stream": {"schema": {"type": "string"}}}
     },
 )
 async def patch_sweep(req: PatchSweepRequest, request: Request) -> Any:
+    """One call, one study: capture the clean run if needed, patch it into the corrupt
+    prompt over hooks × layers × positions, grade every cell; JSON or Server-Sent Events."""
     state: ServerState = request.app.state.patchserve
     state.check_model(req.model)
     # every validation error is a JSON 4xx, stream or not; a source run may be read from disk

@@ -16,6 +16,7 @@ ERRORS = error_responses(400, 404, 413, 500)
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
 async def tokenize(req: TokenizeRequest, request: Request) -> TokenizeResponse:
+    """Token ids, strings and character offsets of a prompt, as the sweeps see it."""
     state: ServerState = request.app.state.patchserve
     state.check_model(req.model)
     enc = state.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
@@ -31,6 +32,7 @@ async def tokenize(req: TokenizeRequest, request: Request) -> TokenizeResponse:
 
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
 async def detokenize(req: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    """Text of token ids."""
     state: ServerState = request.app.state.patchserve
     state.check_model(req.model)
     state.check_token_count(len(req.tokens), "tokens")
