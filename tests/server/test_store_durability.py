@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import Server, start_server
+from patchserve.client.errors import InsufficientStorageError, from_error_body
 from patchserve.engine.runs import CapturedRun
 from patchserve.server.runfiles import CRASH_ENV, QUARANTINE, SAVE_STEPS
 from patchserve.server.store import RunStore
@@ -155,6 +156,7 @@ def test_a_full_disk_is_a_507_and_the_store_holds_what_it_held(
                 assert r.status_code == 507, r.text
                 error = r.json()["error"]
                 assert error["type"] == "insufficient_storage" and "nothing" in error["message"]
+                assert isinstance(from_error_body(r.json(), 507), InsufficientStorageError)
             assert _listed(srv) == {"small": prompt}
             assert c.get("/v1/patch_source/small").json() == before
             assert c.get("/v1/patch_source/big").status_code == 404
