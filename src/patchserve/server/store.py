@@ -47,6 +47,11 @@ from patchserve.wire.runs import RunManifest
 log = logging.getLogger("patchserve.store")
 
 
+def _reason(exc: Exception) -> str:
+    """What went wrong, without the server's paths (those go to the log only)."""
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+
+
 class RunStore:
     def __init__(self, budget_bytes: int, source_dir: Path | None = None) -> None:
         self.budget = budget_bytes
@@ -72,8 +77,8 @@ class RunStore:
         except (OSError, SafetensorError) as exc:
             log.error("could not save run %r: %s", run.name, exc)
             raise InsufficientStorage(
-                f"could not save run {run.name!r} to the server's run folder ({exc}); "
-                "nothing was changed",
+                f"could not save run {run.name!r} to the server's run folder "
+                f"({_reason(exc)}); nothing was changed",
                 "run",
             ) from exc
 
@@ -83,7 +88,7 @@ class RunStore:
         except OSError as exc:
             log.error("could not rename the saved run %r into place: %s", name, exc)
             raise InsufficientStorage(
-                f"could not save run {name!r} ({exc}); nothing was changed", "run"
+                f"could not save run {name!r} ({_reason(exc)}); nothing was changed", "run"
             ) from exc
 
     def _forget_bad_file(self, name: str, manifest: dict[str, Any], reason: str) -> None:
