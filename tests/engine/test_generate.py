@@ -21,16 +21,16 @@ import torch
 from checkpoints import build_checkpoint, load_reference
 from models.helpers import PROMPT, loaded, tokenizer
 from patchserve.engine.errors import InvalidArgument
-from patchserve.engine.generate import (
+from patchserve.engine.generation import (
     GenerationRequest,
     GenerationResult,
     SteerVector,
-    _sample,
     apply_chat_template,
     generate,
+    sample,
 )
-from patchserve.engine.report import completion_logprobs
 from patchserve.models import HookContext, SiteEdit, Transformer, make_edit
+from patchserve.server.openai import completion_logprobs
 from patchserve.text.tokenizer import Tokenizer
 
 EOS = 1
@@ -320,16 +320,16 @@ def test_seeded_sampling_is_reproducible(checkpoint_root):
 def test_sampler_follows_the_distribution():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     gen = torch.Generator().manual_seed(0)
-    draws = torch.tensor([_sample(logits, 1.0, 1.0, gen) for _ in range(4000)])
+    draws = torch.tensor([sample(logits, 1.0, 1.0, gen) for _ in range(4000)])
     freq = torch.bincount(draws, minlength=4).float() / 4000
     assert (freq - torch.tensor([0.5, 0.3, 0.15, 0.05])).abs().max() < 0.03
-    nucleus = {_sample(logits, 1.0, 0.7, gen) for _ in range(300)}
+    nucleus = {sample(logits, 1.0, 0.7, gen) for _ in range(300)}
     assert nucleus == {0, 1}  # 0.5 < 0.7 <= 0.8: the two likeliest tokens
-    assert {_sample(logits, 1.0, 0.45, gen) for _ in range(100)} == {0}
-    assert {_sample(logits, 1.0, 0.9, gen) for _ in range(300)} == {0, 1, 2}
-    hot = torch.tensor([_sample(logits, 0.25, 1.0, gen) for _ in range(1000)])
+    assert {sample(logits, 1.0, 0.45, gen) for _ in range(100)} == {0}
+    assert {sample(logits, 1.0, 0.9, gen) for _ in range(300)} == {0, 1, 2}
+    hot = torch.tensor([sample(logits, 0.25, 1.0, gen) for _ in range(1000)])
     assert (hot == 0).float().mean() > 0.75  # low temperature sharpens
-    assert _sample(torch.tensor([1.0, 3.0, 3.0]), 0, 1.0, gen) == 1
+    assert sample(torch.tensor([1.0, 3.0, 3.0]), 0, 1.0, gen) == 1
 
 
 # ---------------------------------------------------------------------------- stopping

@@ -120,7 +120,7 @@ def test_chat_completion_uses_the_template(client, server):
     ).json()
     choice = body["choices"][0]
     assert choice["message"]["role"] == "assistant" and body["object"] == "chat.completion"
-    from patchserve.engine.generate import apply_chat_template
+    from patchserve.engine.generation import apply_chat_template
 
     assert body["usage"]["prompt_tokens"] == len(apply_chat_template(tok, messages))
     assert len(choice["token_ids"]) <= 2

@@ -1,5 +1,4 @@
-"""The engine's outcomes in their wire shape: a sweep's body, its stream's events and
-baselines' top-k; a generation's reported tokens as OpenAI ``logprobs`` objects.
+"""A sweep's outcome in its wire shape: the body, the stream's events, baselines' top-k.
 
 The server's routes and the command line's in-process path both build their
 answers here, so the two can never drift.
@@ -10,16 +9,9 @@ from __future__ import annotations
 import torch
 
 from patchserve.engine.diagnostics import improbable_answer_warning
-from patchserve.engine.generate import ReportedTokens, TokenStep
 from patchserve.engine.runs import CapturedRun
 from patchserve.engine.sweep import Cell, SweepOutcome, SweepSpec
 from patchserve.text.tokenizer import Tokenizer
-from patchserve.wire.completions import (
-    ChatLogprobs,
-    ChatTokenLogprob,
-    ChatTopLogprob,
-    CompletionLogprobs,
-)
 from patchserve.wire.sweep import (
     AlignmentSummary,
     Argmax,
@@ -164,36 +156,3 @@ def sweep_body(
         source_run=source_run.name if source_run is not None else None,
         baselines=baselines,
     )
-
-
-def _listed(tokenizer: Tokenizer, step: TokenStep) -> dict[str, float]:
-    """A step's ``top_logprobs``: the requested ids if any (as the seed), else the top-k;
-    as vLLM does, the chosen token is always listed too."""
-    listed = step.requested.items() if step.requested else step.top
-    top: dict[str, float] = {}
-    for i, value in listed:
-        top.setdefault(tokenizer.decode([i]), value)
-    top.setdefault(tokenizer.decode([step.token]), step.logprob)
-    return top
-
-
-def completion_logprobs(tokenizer: Tokenizer, reported: ReportedTokens) -> CompletionLogprobs:
-    """The legacy completions ``logprobs`` object of the reported tokens."""
-    steps = reported.steps
-    return CompletionLogprobs(
-        tokens=[tokenizer.decode([i]) for i in reported.token_ids],
-        token_logprobs=[None if step is None else step.logprob for step in steps],
-        top_logprobs=[None if step is None else _listed(tokenizer, step) for step in steps],
-        text_offset=reported.text_offset,
-    )
-
-
-def chat_logprobs(tokenizer: Tokenizer, reported: ReportedTokens) -> ChatLogprobs:
-    content = []
-    for i, step in zip(reported.token_ids, reported.steps, strict=True):
-        assert step is not None  # chat reports generated tokens only
-        tops = [ChatTopLogprob(token=t, logprob=v) for t, v in _listed(tokenizer, step).items()]
-        content.append(
-            ChatTokenLogprob(token=tokenizer.decode([i]), logprob=step.logprob, top_logprobs=tops)
-        )
-    return ChatLogprobs(content=content)

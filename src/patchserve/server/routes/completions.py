@@ -3,7 +3,7 @@
 Patch entries become runtime edits at absolute positions (positions past the
 prompt address generated tokens and apply on the step that computes them),
 ``steer`` entries additive vectors at every position, ``capture`` a stored
-run of the prompt. The generation itself is ``engine.generate``.
+run of the prompt. The generation itself is ``engine.generation``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from fastapi import APIRouter, Request
 
 from patchserve.engine import InvalidArgument, capture_run, check_run_name
-from patchserve.engine.generate import (
+from patchserve.engine.generation import (
     GenerationRequest,
     GenerationResult,
     SteerVector,
@@ -24,11 +24,11 @@ from patchserve.engine.generate import (
     generate,
     validate_request,
 )
-from patchserve.engine.report import chat_logprobs, completion_logprobs
 from patchserve.errors import Conflict
 from patchserve.models import INJECTABLE_HOOKS, make_edit
 from patchserve.models.hooks import SiteEdit
 from patchserve.server.errors import error_responses
+from patchserve.server.openai import chat_logprobs, completion_logprobs
 from patchserve.server.routes.sources import capture_hooks
 from patchserve.server.state import ServerState
 from patchserve.server.vectors import mask_vector, table_row, unpack_table

@@ -1,0 +1,32 @@
+"""Text generation with interventions: the engine behind ``/v1/completions`` (docs/api.md §2).
+
+``types`` (requests and reports), ``validation`` (every check, before model
+work), ``interventions`` (patches and steering per pass), ``cache`` (the
+growing key/value cache), ``sampling``, ``text`` (detokenisation, stop
+strings, chat templates) and ``loop`` (:func:`generate`). OpenAI's shapes are
+the server's business (``patchserve.server.openai``).
+"""
+
+from patchserve.engine.generation.loop import generate
+from patchserve.engine.generation.sampling import sample
+from patchserve.engine.generation.text import apply_chat_template
+from patchserve.engine.generation.types import (
+    GenerationRequest,
+    GenerationResult,
+    ReportedTokens,
+    SteerVector,
+    TokenStep,
+)
+from patchserve.engine.generation.validation import validate_request
+
+__all__ = [
+    "GenerationRequest",
+    "GenerationResult",
+    "ReportedTokens",
+    "SteerVector",
+    "TokenStep",
+    "apply_chat_template",
+    "generate",
+    "sample",
+    "validate_request",
+]

@@ -1,0 +1,88 @@
+"""Patches and steering vectors of a generation, split into the passes that compute their
+positions (the prompt pass, then one decoding pass per token)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from patchserve.engine.generation.types import GenerationRequest
+from patchserve.models.hooks import HookContext, SiteEdit, make_edit
+
+
+def _select(edit: SiteEdit, index: list[int]) -> SiteEdit:
+    idx = torch.tensor(index, dtype=torch.long, device=edit.rows.device)
+    return dataclasses.replace(
+        edit,
+        rows=edit.rows[idx],
+        positions=edit.positions[idx],
+        source=edit.source[idx],
+        alpha=edit.alpha[idx],
+        mask=None if edit.mask is None else edit.mask[idx],
+        heads=None if edit.heads is None else edit.heads[idx],
+    )
+
+
+def _to_device(edit: SiteEdit, device: torch.device) -> SiteEdit:
+    def move(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device)
+
+    return dataclasses.replace(
+        edit,
+        rows=edit.rows.to(device),
+        positions=edit.positions.to(device),
+        source=edit.source.to(device),
+        alpha=edit.alpha.to(device),
+        mask=move(edit.mask),
+        heads=move(edit.heads),
+    )
+
+
+class Interventions:
+    """The edits and steering of every pass, split by the positions each pass computes."""
+
+    def __init__(self, request: GenerationRequest, prompt_len: int, device: torch.device) -> None:
+        self.prompt_len = prompt_len
+        self.device = device
+        self.prompt_edits: list[SiteEdit] = []
+        self.step_edits: dict[int, list[SiteEdit]] = {}
+        for edit in request.edits:
+            edit = _to_device(edit, device)
+            positions = edit.positions.tolist()
+            inside = [i for i, p in enumerate(positions) if p < prompt_len]
+            if inside:
+                whole = len(inside) == len(positions)
+                self.prompt_edits.append(edit if whole else _select(edit, inside))
+            later: dict[int, list[int]] = {}
+            for i, p in enumerate(positions):
+                if p >= prompt_len:
+                    later.setdefault(p, []).append(i)
+            for p, index in later.items():
+                self.step_edits.setdefault(p, []).append(_select(edit, index))
+        self.steer = [
+            (s, s.vector.to(device=device, dtype=torch.float32))
+            for s in request.steer
+            if s.scale != 0  # an exact no-op
+        ]
+
+    def context(self, start: int, count: int) -> HookContext:
+        """The hooks of the pass computing positions ``start .. start + count - 1``."""
+        edits = list(self.prompt_edits if start == 0 else self.step_edits.get(start, ()))
+        positions = torch.arange(start, start + count, device=self.device)
+        rows = torch.zeros(count, dtype=torch.long, device=self.device)
+        for steer, vector in self.steer:
+            heads = None if steer.head is None else [steer.head] * count
+            edits.append(
+                make_edit(
+                    steer.layer,
+                    steer.hook,
+                    rows,
+                    positions,
+                    vector,
+                    alpha=float(steer.scale),
+                    heads=heads,
+                    kind="add",
+                )
+            )
+        return HookContext.build(edits)
