@@ -14,6 +14,7 @@ signal (both uvicorn's own behaviour), so a supervisor sees why it ended.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from types import FrameType
 
@@ -55,6 +56,6 @@ def serve(
         host=host,
         port=port,
         log_level=log_level,
-        timeout_graceful_shutdown=grace_s + 5,  # a backstop: the work stops at grace_s
+        timeout_graceful_shutdown=math.ceil(grace_s) + 5,  # a backstop: work stops at grace_s
     )
     GracefulServer(config, state, grace_s).run()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -59,6 +60,7 @@ def find_lone_surrogate(value: Any, where: str = "") -> tuple[str, str] | None:
     (``patch.0.source_run``) and how to name it in a message."""
     if isinstance(value, str):
         return (where, where or "the body") if _SURROGATE.search(value) else None
+    items: Iterable[tuple[Any, Any]]
     if isinstance(value, dict):
         items = value.items()
     elif isinstance(value, list):
