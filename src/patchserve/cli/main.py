@@ -71,6 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from patchserve.server.app import create_app
     from patchserve.server.config import ServerConfig
+    from patchserve.server.logs import configure as configure_logging
     from patchserve.server.shutdown import serve
     from patchserve.server.state import ServerState
 
@@ -90,6 +91,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_prompts=args.max_prompts,
         served_model_name=args.served_model_name,
     )
+    configure_logging(args.log_level)
     state = ServerState.from_config(config)
     print(
         f"patchserve: serving {state.model_name} ({state.loaded.config.architecture}, "
@@ -158,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds requests in flight may still run after SIGTERM (then they are stopped)",
     )
-    serve.add_argument("--log-level", default="info", help="uvicorn log level")
+    serve.add_argument("--log-level", default="info", help="log level of the server and of uvicorn")
     serve.set_defaults(func=_serve)
 
     sweep = sub.add_parser(

@@ -7,6 +7,7 @@ from fastapi_offline import FastAPIOffline
 
 from patchserve import __version__
 from patchserve.server.errors import install_error_handlers, without_validation_422
+from patchserve.server.logs import RequestIds
 from patchserve.server.middleware import ApiKeyAndMetrics, BodyLimit
 from patchserve.server.routes import completions, info, sources, steering, sweep, text
 from patchserve.server.state import ServerState
@@ -26,6 +27,7 @@ def create_app(state: ServerState) -> FastAPI:
     # The last added runs first: the key is checked before a byte of the body is read.
     app.add_middleware(BodyLimit, limit=state.config.max_body_bytes)
     app.add_middleware(ApiKeyAndMetrics, api_key=state.config.api_key, metrics=state.metrics)
+    app.add_middleware(RequestIds)  # outermost: every log line of the request carries its id
 
     def openapi() -> dict:
         if app.openapi_schema is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack
 from typing import Any, TypeVar
@@ -36,6 +37,7 @@ from patchserve.wire.requests import LayerRange, PatchSweepRequest
 from patchserve.wire.sweep import ErrorEvent, StartEvent, SummaryEvent, SweepBody
 
 router = APIRouter()
+log = logging.getLogger("patchserve.server")
 T = TypeVar("T")
 
 
@@ -229,6 +231,14 @@ class SweepJob:
         metrics.sweeps.inc()
         metrics.cells.inc(outcome.stats["cells"])
         metrics.cells_per_second.set(outcome.stats["cells_per_second"])
+        log.info(
+            "sweep %s %s: %d cells in %.3f s (%d computed)",
+            ",".join(outcome.hooks),
+            outcome.metric,
+            outcome.stats["cells"],
+            outcome.stats["seconds"],
+            outcome.stats["computed"],
+        )
 
 
 STREAM_CONTENT = {"text/event-stream": {"schema": {"type": "string"}}}
