@@ -106,7 +106,7 @@ class Tab:
 
 @contextmanager
 def new_tab(browser: Browser, server: Server) -> Iterator[Tab]:
-    context = browser.new_context(viewport={"width": 1400, "height": 900}, accept_downloads=True)
+    context = browser.new_context(viewport={"width": 1600, "height": 860}, accept_downloads=True)
     page = context.new_page()
     tab = Tab(page, server)
     page.on("request", lambda request: tab.requests.append(request.url))
@@ -222,7 +222,11 @@ def test_a_sweep_from_the_form_fills_every_heatmap_with_the_apis_values(
     png = Path(download.value.path()).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 
-    page.mouse.move(0, 0)
+    # Hover: the subject's cell at layer 0 shows its exact value.
+    page.hover("[data-testid=heatmap-post_block] rect.cell[data-layer='0'][data-position='4']")
+    tip = page.locator("#tooltip")
+    assert f"recovered = {post[0, 4, None]:.4f}" in tip.inner_text()
+    assert 'position 4 " Kurbul"' in tip.inner_text()
     shot = tmp_path / "dashboard.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 50_000

@@ -341,8 +341,12 @@ function hover(event, map, cell) {
   const value = cell.state === "value" ? fmt(cell.value, 4) : cell.state === "skipped" ? `skipped${cell.reason ? `: ${cell.reason}` : ""}` : "pending";
   tip.innerHTML = `<b>${esc(map.hook)}</b> · layer ${cell.layer} · position ${cell.position} ${esc(JSON.stringify(token))}${cell.head != null ? ` · head ${cell.head}` : ""}<br>${esc(metricOf())} = <b>${esc(value)}</b>`;
   tip.hidden = false;
-  tip.style.left = `${event.clientX + 14}px`;
-  tip.style.top = `${event.clientY + 14}px`;
+  // Beside the pointer, flipped to its left / above near the window's edges.
+  const { width, height } = tip.getBoundingClientRect();
+  const left = event.clientX + 14 + width > window.innerWidth ? event.clientX - 14 - width : event.clientX + 14;
+  const top = event.clientY + 14 + height > window.innerHeight ? event.clientY - 14 - height : event.clientY + 14;
+  tip.style.left = `${Math.max(4, left)}px`;
+  tip.style.top = `${Math.max(4, top)}px`;
 }
 
 // ---------------------------------------------------------------- running and cancelling

@@ -137,7 +137,7 @@ export class Heatmap {
   }
 
   draw() {
-    const cw = this.heads ? Math.max(22, Math.min(40, 640 / this.columns.length)) : this.columns.length > 24 ? 30 : 52;
+    const cw = this.heads ? Math.max(22, Math.min(40, 640 / this.columns.length)) : this.columns.length > 24 ? 30 : 48;
     const ch = this.layers.length > 16 ? 18 : 30;
     this.cw = cw;
     this.ch = ch;
