@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -310,9 +313,9 @@ def test_cancel_stops_the_servers_work(tab: Tab) -> None:
     )
     server = psutil.Process(tab.server.process.pid)
     before = cpu_seconds(server)
-    time.sleep(0.5)
-    busy = cpu_seconds(server) - before
-    assert busy > 0.2, f"the server was not working on the sweep ({busy:.2f} s CPU in 0.5 s)"
+    time.sleep(0.8)
+    busy = cpu_seconds(server) - before  # ~0.8 s alone; less on a shared machine
+    assert busy > 0.1, f"the server was not working on the sweep ({busy:.2f} s CPU in 0.8 s)"
     tab.testid("cancel").click()
     cancelled = time.monotonic()
     tab.page.wait_for_selector("[data-testid=summary][data-state=cancelled]", timeout=5_000)
@@ -374,3 +377,44 @@ def test_api_key_is_asked_once_and_kept_for_the_session(browser: Browser) -> Non
             assert tab.errors == [] and tab.foreign_requests() == []
     finally:
         server.stop()
+
+
+def test_unaligned_positions_are_hatched_skipped_cells(tab: Tab) -> None:
+    corrupt = "The old capital city of Kurbul is"  # 9 tokens against the clean 6
+    tab.open("?corrupt=The+old+capital+city+of+Kurbul+is&hooks=post_block&metric=recovered")
+    tab.wait_done()
+    body = {
+        "prompt": corrupt, "clean_prompt": CLEAN, "answer_token": " Gapon",
+        "foil_token": " Rimler", "metric": "recovered", "hooks": ["post_block"],
+    }  # fmt: skip
+    answer = api_grids(tab.server, body)
+    assert len(answer["skipped"]) == 4 * 6
+    assert tab.filled("post_block") == (4 * 9, 4 * 9)
+    assert_same(tab.cells("post_block"), grid_cells(answer, "post_block"))
+    fills = tab.page.eval_on_selector_all(
+        "[data-testid=heatmap-post_block] rect.cell[data-state=skipped]",
+        "els => els.map(e => e.getAttribute('fill'))",
+    )
+    assert fills == ["url(#hatch-post_block)"] * (4 * 6)
+    assert "skipped (no aligned clean token)" in tab.testid("legend").inner_text()
+    assert "24 cells" in tab.testid("summary").inner_text()
+
+
+def test_the_page_and_its_files_are_in_the_wheel(tmp_path: Path) -> None:
+    """`pip install patchserve` serves the page: the files are package data."""
+    tree = tmp_path / "src"
+    shutil.copytree(REPO / "src", tree / "src", ignore=shutil.ignore_patterns("*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, tree / name)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         "--no-index", str(tree), "-w", str(tmp_path / "dist")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (wheel,) = (tmp_path / "dist").glob("patchserve-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    page = REPO / "src" / "patchserve" / "dashboard"
+    shipped = {f"patchserve/dashboard/{f.name}" for f in page.iterdir()}
+    assert shipped >= {"patchserve/dashboard/index.html", "patchserve/dashboard/app.js"}
+    assert shipped <= names and "patchserve/server/routes/dashboard.py" in names

@@ -135,7 +135,13 @@ function showHeadsField() {
 function showError(error) {
   const box = $("error");
   box.replaceChildren();
-  const detail = error instanceof ApiError ? error.detail : { message: error.message, type: error instanceof InputError ? "invalid_input" : error.name, param: error.param ?? null };
+  const detail = error instanceof ApiError
+    ? error.detail
+    : {
+        message: error.message,
+        type: error instanceof InputError ? "invalid_input" : error.name,
+        param: error.param ?? null,
+      };
   const head = document.createElement("strong");
   head.textContent = error instanceof ApiError ? `Server error ${error.status}` : error instanceof InputError ? "Invalid input" : "Error";
   const message = document.createElement("span");
@@ -174,15 +180,14 @@ function metricOf() {
   return study?.start?.metric ?? study?.body?.metric;
 }
 
-/** The raw baselines in the metric's own units, or nulls where they are not (kl, prob+foil). */
+/**
+ * The baselines on the colour scale: the summary's clean and corrupt are in the metric's
+ * own units (for `recovered` they are the raw logit difference / log p, and its scale is
+ * fixed anyway).
+ */
 function baselinesInUnits(summary) {
-  if (!summary) return { clean: null, corrupt: null };
-  const { metric } = summary;
-  const foil = summary.foil_token_id != null;
-  if (metric === "logit_diff" || (metric === "logprob" && !foil)) return { clean: summary.clean, corrupt: summary.corrupt };
-  if (metric === "prob" && !foil) return { clean: summary.clean == null ? null : Math.exp(summary.clean), corrupt: Math.exp(summary.corrupt) };
-  if (metric === "kl") return { clean: null, corrupt: summary.corrupt };
-  return { clean: null, corrupt: null };
+  if (!summary || summary.metric === "recovered") return { clean: null, corrupt: null };
+  return { clean: summary.clean, corrupt: summary.corrupt };
 }
 
 function currentScale() {
@@ -279,7 +284,11 @@ function onSummary(body) {
     }));
     map.markCorrupted(body.alignment?.differing_positions ?? []);
     map.markArgmax(argmax);
-    if (argmax) map.note(`best L${argmax.layer} · ${tokenLabel(body.tokens[argmax.position] ?? "")}${argmax.head != null ? ` · h${argmax.head}` : ""} = ${fmt(argmax.value)}`);
+    if (argmax) {
+      const token = tokenLabel(body.tokens[argmax.position] ?? "");
+      const head = argmax.head != null ? ` · h${argmax.head}` : "";
+      map.note(`best L${argmax.layer} · ${token}${head} = ${fmt(argmax.value)}`);
+    }
   }
   $("figure-title").innerHTML = figureTitle(study.params, study.start, body);
   repaint();
@@ -304,12 +313,17 @@ function showSummary(b) {
   const h = document.createElement("h2");
   h.textContent = "Summary";
   const dl = document.createElement("dl");
-  const unit = b.foil_token_id != null ? "logit diff" : "log p";
-  row(dl, "answer", `${JSON.stringify(b.answer_token)} (id ${b.answer_token_id})${b.foil_token != null ? ` vs foil ${JSON.stringify(b.foil_token)} (id ${b.foil_token_id})` : ""}`);
+  const unit = b.metric !== "recovered" ? b.metric : b.foil_token_id != null ? "logit diff" : "log p";
+  const foil = b.foil_token != null ? ` vs foil ${JSON.stringify(b.foil_token)} (id ${b.foil_token_id})` : "";
+  row(dl, "answer", `${JSON.stringify(b.answer_token)} (id ${b.answer_token_id})${foil}`);
   row(dl, "clean", b.clean == null ? "— (no clean run graded)" : `${fmt(b.clean, 4)} (${unit})`, "summary-clean");
   row(dl, "corrupt", `${fmt(b.corrupt, 4)} (${unit})`, "summary-corrupt");
   row(dl, "noise floor", `${fmt(b.noise_floor, 4)} (${b.metric})`, "summary-noise");
-  const where = (am) => `${fmt(am.value, 4)} at layer ${am.layer}, position ${am.position} ${JSON.stringify(b.tokens[am.position] ?? "")}${am.head != null ? `, head ${am.head}` : ""}`;
+  const where = (am) => {
+    const head = am.head != null ? `, head ${am.head}` : "";
+    const token = JSON.stringify(b.tokens[am.position] ?? "");
+    return `${fmt(am.value, 4)} at layer ${am.layer}, position ${am.position} ${token}${head}`;
+  };
   const grids = b.hook_grids ?? [{ hook: b.hook, argmax: b.argmax }];
   const best = document.createElement("div");
   for (const g of grids) {
@@ -321,7 +335,13 @@ function showSummary(b) {
   row(dl, "warnings", b.warnings.length ? b.warnings.join("; ") : "none", "summary-warnings");
   row(dl, "skipped", b.skipped.length ? `${b.skipped.length} cells (${[...new Set(b.skipped.map((s) => s.reason))].join("; ")})` : "none", "summary-skipped");
   const a = b.alignment;
-  row(dl, "alignment", a ? `${a.mode}, clean ${a.n_clean} / corrupt ${a.n_corrupt} tokens, prefix ${a.prefix_len}, suffix ${a.suffix_len}, corrupted positions [${a.differing_positions.join(", ")}]${a.unaligned_positions.length ? `, unaligned [${a.unaligned_positions.join(", ")}]` : ""}` : "— (vector source)", "summary-alignment");
+  let aligned = "— (vector source)";
+  if (a) {
+    const unaligned = a.unaligned_positions.length ? `, unaligned [${a.unaligned_positions.join(", ")}]` : "";
+    aligned = `${a.mode}, clean ${a.n_clean} / corrupt ${a.n_corrupt} tokens, prefix ${a.prefix_len}, `
+      + `suffix ${a.suffix_len}, corrupted positions [${a.differing_positions.join(", ")}]${unaligned}`;
+  }
+  row(dl, "alignment", aligned, "summary-alignment");
   const t = b.timing;
   row(dl, "timing", `${t.seconds.toFixed(3)} s, ${t.cells} cells (${t.cells_computed} computed, ${t.cells_free} free), ${t.cells_per_second.toFixed(0)} cells/s`, "summary-timing");
   row(dl, "source", b.auto_captured ? `clean prompt captured as ${b.captured_source_run}${study.body.keep_source ? " (kept)" : " (dropped)"}` : `stored run ${b.source_run}`);
@@ -339,7 +359,9 @@ function hover(event, map, cell) {
   }
   const token = map.tokens[cell.position] ?? "";
   const value = cell.state === "value" ? fmt(cell.value, 4) : cell.state === "skipped" ? `skipped${cell.reason ? `: ${cell.reason}` : ""}` : "pending";
-  tip.innerHTML = `<b>${esc(map.hook)}</b> · layer ${cell.layer} · position ${cell.position} ${esc(JSON.stringify(token))}${cell.head != null ? ` · head ${cell.head}` : ""}<br>${esc(metricOf())} = <b>${esc(value)}</b>`;
+  const head = cell.head != null ? ` · head ${cell.head}` : "";
+  tip.innerHTML = `<b>${esc(map.hook)}</b> · layer ${cell.layer} · position ${cell.position} `
+    + `${esc(JSON.stringify(token))}${head}<br>${esc(metricOf())} = <b>${esc(value)}</b>`;
   tip.hidden = false;
   // Beside the pointer, flipped to its left / above near the window's edges.
   const { width, height } = tip.getBoundingClientRect();
@@ -524,7 +546,13 @@ async function refreshRuns() {
       name.textContent = run.run;
       const info = document.createElement("span");
       info.className = "run-info";
-      info.textContent = `${JSON.stringify(run.prompt)} · ${run.num_tokens} tokens · ${Object.keys(run.hooks).length} hooks · ${(run.bytes / 1024).toFixed(0)} KiB · ${new Date(run.created * 1000).toLocaleTimeString()}`;
+      info.textContent = [
+        JSON.stringify(run.prompt),
+        `${run.num_tokens} tokens`,
+        `${Object.keys(run.hooks).length} hooks`,
+        `${(run.bytes / 1024).toFixed(0)} KiB`,
+        new Date(run.created * 1000).toLocaleTimeString(),
+      ].join(" · ");
       const use = document.createElement("button");
       use.type = "button";
       use.className = "small";
@@ -602,7 +630,10 @@ function figureSVG() {
   });
   const height = y + rowH;
   const head = `<text x="12" y="18" font-size="13" font-family="${FONT}" fill="#1d2733">${esc(title)}</text>`;
-  return { text: `<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${height}" viewBox="0 0 ${width} ${height}"><rect width="100%" height="100%" fill="#fff"/>${head}${inner.join("")}</svg>`, width, height };
+  const text = `<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${height}" `
+    + `viewBox="0 0 ${width} ${height}"><rect width="100%" height="100%" fill="#fff"/>`
+    + `${head}${inner.join("")}</svg>`;
+  return { text, width, height };
 }
 
 async function exportPNG() {
@@ -626,7 +657,10 @@ function exportJSON() {
     : {
         request: study.body,
         start: study.start,
-        partial: [...study.maps.values()].flatMap((m) => [...m.cells.values()].filter((c) => c.state !== "pending").map((c) => ({ hook: m.hook, layer: c.layer, position: c.position, head: c.head ?? undefined, value: c.value }))),
+        // A cancelled sweep: the cells it received.
+        partial: [...study.maps.values()].flatMap((m) => [...m.cells.values()]
+          .filter((c) => c.state !== "pending")
+          .map((c) => ({ hook: m.hook, layer: c.layer, position: c.position, head: c.head ?? undefined, value: c.value }))),
       };
   download(new Blob([JSON.stringify(out, null, 2)], { type: "application/json" }), `${stem()}.json`);
 }

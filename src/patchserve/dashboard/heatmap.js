@@ -165,7 +165,10 @@ export class Heatmap {
       const t = el("text", { x: left - 8, y: y + ch / 2 + 4, "font-size": 11, fill: "#3a4452", "text-anchor": "end" }, svg);
       t.textContent = `L${layer}`;
     });
-    const ylab = el("text", { x: 12, y: top + plotH / 2, "font-size": 11, fill: "#5b6675", "text-anchor": "middle", transform: `rotate(-90 12 ${top + plotH / 2})` }, svg);
+    const mid = top + plotH / 2;
+    const ylab = el("text", {
+      x: 12, y: mid, "font-size": 11, fill: "#5b6675", "text-anchor": "middle", transform: `rotate(-90 12 ${mid})`,
+    }, svg);
     ylab.textContent = "layer";
 
     this.xLabels = [];
@@ -178,7 +181,11 @@ export class Heatmap {
           "data-layer": layer, "data-position": col.position, "data-state": "pending",
         }, svg);
         if (col.head != null) rect.setAttribute("data-head", col.head);
-        const text = this.showText ? el("text", { x: x + cw / 2, y: y + ch / 2 + 4, "font-size": 11, "text-anchor": "middle", "pointer-events": "none", fill: "#222" }, svg) : null;
+        const text = this.showText
+          ? el("text", {
+            x: x + cw / 2, y: y + ch / 2 + 4, "font-size": 11, "text-anchor": "middle", "pointer-events": "none", fill: "#222",
+          }, svg)
+          : null;
         const cell = { rect, text, value: null, state: "pending", layer, position: col.position, head: col.head };
         this.cells.set(this.key(layer, col.position, col.head), cell);
         rect.addEventListener("mousemove", (e) => this.onHover?.(e, this, cell));
@@ -207,7 +214,10 @@ export class Heatmap {
         const cx = left + c * cw + cw / 2;
         const rotate = cw < 44;
         const t = el("text", rotate
-          ? { x: cx + 3, y: axisY + 10, "font-size": 11, fill: "#1d2733", "text-anchor": "end", transform: `rotate(-55 ${cx + 3} ${axisY + 10})` }
+          ? {
+            x: cx + 3, y: axisY + 10, "font-size": 11, fill: "#1d2733", "text-anchor": "end",
+            transform: `rotate(-55 ${cx + 3} ${axisY + 10})`,
+          }
           : { x: cx, y: axisY + 16, "font-size": 11, fill: "#1d2733", "text-anchor": "middle" }, svg);
         this.xLabels.push({ position: col.position, node: t });
         if (!rotate) {
@@ -298,12 +308,22 @@ export class Heatmap {
 
   note(text) {
     this.titleNote.textContent = text;
+    // A narrow grid widens its SVG to hold the title.
+    const title = this.titleNote.parentNode;
+    const need = Math.ceil(Number(title.getAttribute("x")) + title.getComputedTextLength() + 12);
+    const width = Number(this.svg.getAttribute("width"));
+    if (need > width) {
+      const height = this.svg.getAttribute("height");
+      this.svg.setAttribute("width", need);
+      this.svg.setAttribute("viewBox", `0 0 ${need} ${height}`);
+      this.svg.querySelector("rect").setAttribute("width", need);
+    }
   }
 }
 
 /** The colour bar of a study, with the baselines, skipped cells and corrupted tokens. */
 export function legend(metric, scale, { clean = null, corrupt = null, skipped = false, corrupted = false } = {}) {
-  const width = 560;
+  const width = 580;
   const height = 86;
   const svg = el("svg", { xmlns: SVG, width, height, viewBox: `0 0 ${width} ${height}`, "font-family": FONT, class: "legend-svg" });
   el("rect", { width, height, fill: "#fff" }, svg);
@@ -336,13 +356,14 @@ export function legend(metric, scale, { clean = null, corrupt = null, skipped = 
   }
   const marks = metric === "recovered" ? [] : [["corrupt", corrupt], ["clean", clean]];
   for (const [name, v] of marks) {
-    if (v == null || metric === "kl" || metric === "prob") continue; // baselines are in log p / logit units
+    if (v == null) continue;
     const x = at(v);
     el("path", { d: `M${x - 4},${y0 - 6} L${x + 4},${y0 - 6} L${x},${y0} Z`, fill: "#1d2733" }, svg);
-    const t = el("text", { x, y: y0 + 42, "font-size": 10, fill: "#1d2733", "text-anchor": "middle" }, svg);
+    const anchor = x < x0 + 40 ? "start" : x > x0 + barW - 40 ? "end" : "middle";
+    const t = el("text", { x, y: y0 + 42, "font-size": 10, fill: "#1d2733", "text-anchor": anchor }, svg);
     t.textContent = `${name} ${fmt(v, 2)}`;
   }
-  let x = x0 + barW + 26;
+  let x = x0 + barW + 40;
   el("rect", { x, y: y0, width: 14, height: 14, fill: `url(#hatch-legend)`, stroke: "#9aa4b1", "stroke-width": 0.5 }, svg);
   const s = el("text", { x: x + 20, y: y0 + 11, "font-size": 11, fill: skipped ? "#1d2733" : "#7a8594" }, svg);
   s.textContent = "skipped (no aligned clean token)";
