@@ -608,7 +608,7 @@ function figureSVG() {
   let width = 0;
   const inner = [];
   const serializer = new XMLSerializer();
-  const perRow = parts.length > 2 ? 2 : 1;
+  const perRow = Math.min(3, parts.length - 1); // heatmaps side by side, the legend below
   let x = 0;
   let rowH = 0;
   parts.forEach((svg, i) => {
@@ -629,6 +629,7 @@ function figureSVG() {
     width = Math.max(width, x);
   });
   const height = y + rowH;
+  width = Math.max(width, Math.ceil(title.length * 7.2) + 24); // the title's line (13 px)
   const head = `<text x="12" y="18" font-size="13" font-family="${FONT}" fill="#1d2733">${esc(title)}</text>`;
   const text = `<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${height}" `
     + `viewBox="0 0 ${width} ${height}"><rect width="100%" height="100%" fill="#fff"/>`
