@@ -253,12 +253,12 @@ def test_a_sweep_from_the_form_fills_every_heatmap_with_the_apis_values(
 
 def test_attn_head_columns_are_positions_by_heads(tab: Tab) -> None:
     tab.open("?corrupt=The+capital+of+Kurbul+is&hooks=attn_head,post_block&layers=0-1"
-             "&positions=4,-1&heads=all&metric=logit_diff")  # fmt: skip
+             "&positions=%22Kurbul%22,-1&heads=all&metric=logit_diff")  # fmt: skip
     tab.wait_done()
     body = {
         "prompt": CORRUPT, "clean_prompt": CLEAN, "answer_token": " Gapon",
         "foil_token": " Rimler", "metric": "logit_diff", "hooks": ["attn_head", "post_block"],
-        "layers": [0, 1], "positions": [4, -1], "heads": "all",
+        "layers": [0, 1], "positions": [{"span": "Kurbul"}, -1], "heads": "all",
     }  # fmt: skip
     answer = api_grids(tab.server, body)
     assert answer["heads"] == [0, 1, 2, 3]
@@ -418,3 +418,24 @@ def test_the_page_and_its_files_are_in_the_wheel(tmp_path: Path) -> None:
     shipped = {f"patchserve/dashboard/{f.name}" for f in page.iterdir()}
     assert shipped >= {"patchserve/dashboard/index.html", "patchserve/dashboard/app.js"}
     assert shipped <= names and "patchserve/server/routes/dashboard.py" in names
+
+
+def test_clicking_token_chips_picks_positions(tab: Tab) -> None:
+    tab.open()
+    chip = tab.page.locator("[data-testid=chip]")
+    chip.nth(5).wait_for()
+    positions = tab.testid("positions")
+    assert positions.input_value() == "all"
+    chip.nth(5).click()
+    assert positions.input_value() == "5"
+    chip.nth(4).click()
+    assert positions.input_value() == "4, 5"
+    assert tab.page.eval_on_selector_all(
+        ".chip.chosen", "els => els.map(e => e.dataset.position)"
+    ) == ["4", "5"]
+    chip.nth(5).click()
+    assert positions.input_value() == "4"
+    # Edited, the prompt is tokenized again by the server (" not" is " n" + "ot" here).
+    tab.testid("corrupt").fill("The capital of Kurbul is not")
+    tab.page.wait_for_function("document.querySelectorAll('[data-testid=chip]').length === 8")
+    assert chip.nth(7).text_content() == "7ot"
