@@ -10,6 +10,7 @@ to the test's temporary folder; with ``PATCHSERVE_DOCS_IMAGES=1`` the main one a
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -24,10 +25,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import numpy as np
 import psutil
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
+from patchserve.client.figures import scale_bounds
 from server.conftest import Server, start_server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -439,3 +442,47 @@ def test_clicking_token_chips_picks_positions(tab: Tab) -> None:
     tab.testid("corrupt").fill("The capital of Kurbul is not")
     tab.page.wait_for_function("document.querySelectorAll('[data-testid=chip]').length === 8")
     assert chip.nth(7).text_content() == "7ot"
+
+
+SSE_READER = """async () => {
+  const { sseData } = await import('/dashboard/api.js');
+  const enc = new TextEncoder();
+  const e = enc.encode('data: "caf\\u00e9"\\n\\n');  // a two-byte character split in two
+  const cut = e.indexOf(0xc3) + 1;
+  const chunks = [enc.encode('data: {"a"'), enc.encode(': 1}\\r'), enc.encode('\\n\\r\\n: note\\n'),
+    enc.encode('data: one\\ndata:two\\n\\n'), e.slice(0, cut), e.slice(cut),
+    enc.encode('data: [DONE]\\n\\n')];
+  const body = new ReadableStream({ start(c) { chunks.forEach((x) => c.enqueue(x)); c.close(); } });
+  const out = [];
+  for await (const d of sseData(new Response(body))) out.push(d);
+  return out;
+}"""
+
+SCALES = """async (cases) => {
+  const { scaleBounds } = await import('/dashboard/heatmap.js');
+  return cases.map(([m, v, clean, corrupt]) => {
+    const s = scaleBounds(m, v, clean, corrupt);
+    return [s.low, Number.isNaN(s.mid) ? null : s.mid, s.high];
+  });
+}"""
+
+
+def test_the_pages_stream_reader_and_colour_scale_match_the_python_ones(tab: Tab) -> None:
+    tab.open()
+    # The hand-written SSE framing: chunks split anywhere, CRLF, comments, multi-line data.
+    assert tab.page.evaluate(SSE_READER) == ['{"a": 1}', "one\ntwo", '"café"', "[DONE]"]
+    cases = [
+        ("recovered", [0.2, 1.4, -0.3], 20.5, -20.1),
+        ("kl", [3.4, 0.0, 11.3], 0.0, 20.07),
+        ("kl", [25.0, 1.0], 0.0, 20.07),
+        ("logit_diff", [2.3, -19.6, 12.4], 20.57, -20.07),
+        ("logprob", [-3.4, -0.01], -0.0005, -20.07),
+        ("prob", [0.03, 0.5], 0.9995, 1.9e-9),
+        ("logit_diff", [1.0, 2.0], None, 1.5),
+    ]
+    page = tab.page.evaluate(SCALES, [list(c) for c in cases])
+    for (metric, values, clean, corrupt), got in zip(cases, page, strict=True):
+        low, mid, high = scale_bounds(metric, np.array(values), clean, corrupt)
+        assert got[0] == pytest.approx(low) and got[2] == pytest.approx(high), metric
+        assert (got[1] is None) == math.isnan(mid)
+        assert got[1] is None or got[1] == pytest.approx(mid)
