@@ -254,14 +254,14 @@ def test_a_sweep_from_the_form_fills_every_heatmap_with_the_apis_values(
     assert tab.requests and tab.foreign_requests() == []
 
 
-def test_attn_head_columns_are_positions_by_heads(tab: Tab) -> None:
+def test_attn_head_columns_are_positions_by_heads_at_half_alpha(tab: Tab) -> None:
     tab.open("?corrupt=The+capital+of+Kurbul+is&hooks=attn_head,post_block&layers=0-1"
-             "&positions=%22Kurbul%22,-1&heads=all&metric=logit_diff")  # fmt: skip
+             "&positions=%22Kurbul%22,-1&heads=all&metric=logit_diff&alpha=0.5")  # fmt: skip
     tab.wait_done()
     body = {
         "prompt": CORRUPT, "clean_prompt": CLEAN, "answer_token": " Gapon",
         "foil_token": " Rimler", "metric": "logit_diff", "hooks": ["attn_head", "post_block"],
-        "layers": [0, 1], "positions": [{"span": "Kurbul"}, -1], "heads": "all",
+        "layers": [0, 1], "positions": [{"span": "Kurbul"}, -1], "heads": "all", "alpha": 0.5,
     }  # fmt: skip
     answer = api_grids(tab.server, body)
     assert answer["heads"] == [0, 1, 2, 3]
