@@ -9,7 +9,7 @@ from patchserve import __version__
 from patchserve.server.errors import install_error_handlers, without_validation_422
 from patchserve.server.logs import RequestIds
 from patchserve.server.middleware import ApiKeyAndMetrics, BodyLimit
-from patchserve.server.routes import completions, info, sources, steering, sweep, text
+from patchserve.server.routes import completions, dashboard, info, sources, steering, sweep, text
 from patchserve.server.state import ServerState
 
 
@@ -22,8 +22,10 @@ def create_app(state: ServerState) -> FastAPI:
     )
     app.state.patchserve = state
     install_error_handlers(app)
-    for module in (sweep, sources, completions, steering, text, info):
+    for module in (sweep, sources, completions, steering, text, info, dashboard):
         app.include_router(module.router)
+    # The dashboard (GET /) and its scripts: outside /v1, so they load without an API key.
+    app.mount(dashboard.STATIC_PREFIX, dashboard.static_files(), name="dashboard")
     # The last added runs first: the key is checked before a byte of the body is read.
     app.add_middleware(BodyLimit, limit=state.config.max_body_bytes)
     app.add_middleware(ApiKeyAndMetrics, api_key=state.config.api_key, metrics=state.metrics)
