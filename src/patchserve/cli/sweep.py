@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -121,55 +122,32 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_in_process(args: argparse.Namespace, body: dict[str, Any], on_cell) -> SweepBody:
+    """The study on a model loaded here, through the same study service as the server."""
     from patchserve.cli.main import require_server_extra
 
     require_server_extra("patchserve sweep without --url")
     import torch
 
-    from patchserve.engine import capture_run, prepare_sweep, run_sweep
-    from patchserve.engine.report import cell_event, sweep_body
-    from patchserve.models import INJECTABLE_HOOKS, load_model
+    from patchserve.engine.report import cell_event
+    from patchserve.engine.service import Study, StudyResources
+    from patchserve.models import load_model
     from patchserve.text.tokenizer import Tokenizer
+    from patchserve.wire.errors import validation_message
+    from patchserve.wire.requests import PatchSweepRequest
 
     if args.model is None:
         from patchserve.assets import default_model_path
 
         args.model = str(default_model_path())
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    model, tok = loaded.model, Tokenizer.from_folder(loaded.path)
     torch.set_grad_enabled(False)
-    clean_ids = tok.encode(body["clean_prompt"]).ids
-    spec, tokens = prepare_sweep(
-        model,
-        tok,
-        prompt=body["prompt"],
-        source=None,
-        clean_ids=clean_ids,
-        hooks=body["hooks"],
-        layers=body["layers"],
-        positions=body["positions"],
-        heads=body.get("heads"),
-        answer_token=body.get("answer_token"),
-        foil_token=body.get("foil_token"),
-        metric=body["metric"],
-    )
-    hooks = {hook: sorted(set(spec.layers)) for hook in INJECTABLE_HOOKS}
-    run = capture_run(model, "cli", body["clean_prompt"], clean_ids, hooks)
-    spec.source = run
-    outcome = run_sweep(
-        model, spec, on_cell=lambda cell, done, total: on_cell(cell_event(cell, done, total))
-    )
-    return sweep_body(
-        outcome,
-        model_name=loaded.path.name,
-        tokenizer=tok,
-        tokens=tokens,
-        source_run=run,
-        hooks_given=True,
-        auto_captured=True,
-        captured_source_run=run.name,
-        top_k=20,
-    )
+    resources = StudyResources(loaded.model, Tokenizer.from_folder(loaded.path), loaded.path.name)
+    try:
+        request = PatchSweepRequest.model_validate(body)
+    except ValidationError as exc:
+        raise CommandError(validation_message(exc.errors())[0]) from exc
+    study = Study(resources, request)
+    return study.run(lambda cell, done, total: on_cell(cell_event(cell, done, total)))
 
 
 def _run_remote(args: argparse.Namespace, body: dict[str, Any], on_cell) -> SweepBody:

@@ -29,8 +29,7 @@ from patchserve.errors import (
     StudyError,
     TooLarge,
 )
-from patchserve.wire.errors import ErrorBody, error_body
-from patchserve.wire.hooks import hook_suggestion
+from patchserve.wire.errors import ErrorBody, error_body, validation_message
 
 log = logging.getLogger("patchserve.server")
 
@@ -43,8 +42,6 @@ STATUS: tuple[tuple[type[StudyError], int], ...] = (
 )
 
 CLIENT_CLOSED = 499  # nginx's code for a client that left: counted in /metrics, never read
-
-TYPE_TAGS = {"int", "float", "str", "bool", "list", "dict", "none", "literal"}
 
 _DESCRIPTIONS = {
     400: "Invalid request (the error names the field in `param`)",
@@ -74,43 +71,7 @@ def error_response(message: str, code: int, param: str | None = None, kind: str 
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errors: list[dict[str, Any]] = list(exc.errors())
-    if not errors:
-        return "invalid request", None
-    first = errors[0]
-    loc: list[str] = []
-    for part in first.get("loc", ()):
-        if part == "body":
-            continue
-        text = str(part)
-        # pydantic names union members in the location ("alpha.int"); stop at the first one.
-        if text in TYPE_TAGS or "[" in text or "-" in text:
-            break
-        loc.append(text)
-    param = ".".join(loc) or None
-    message = first.get("msg", "invalid value")
-    kind = first.get("type")
-    if kind == "json_invalid":
-        return "request body is not valid JSON", None
-    if kind == "lone_surrogate":
-        return message, first["ctx"]["param"] or None
-    if kind == "model_attributes_type" and param is None:
-        return "the request body must be a JSON object (Content-Type: application/json)", None
-    if kind == "missing":
-        if param is None:
-            return "the request needs a JSON body", None
-        return f"missing required field {param}", param
-    if kind == "extra_forbidden":
-        return f"unknown field {param}", param
-    if kind == "literal_error" and param is not None:
-        noun = next((p for p in reversed(loc) if not p.isdigit()), param).removesuffix("s")
-        expected = first.get("ctx", {}).get("expected", "")
-        given = first.get("input")
-        suggestion = hook_suggestion(given) if noun == "hook" and isinstance(given, str) else None
-        hint = f" ({suggestion})" if suggestion else ""
-        return f"unknown {noun} {given!r}; expected one of {expected}{hint}", param
-    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-    return f"{param}: {message}{more}" if param else f"{message}{more}", param
+    return validation_message(list(exc.errors()))
 
 
 def install_error_handlers(app: FastAPI) -> None:

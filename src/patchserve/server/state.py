@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -15,6 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.types import Receive
 
 from patchserve.cancel import cancel_scope
+from patchserve.engine.service import StudyResources
+from patchserve.engine.sweep import SweepOutcome
 from patchserve.errors import InvalidArgument, NotFound, TooLarge
 from patchserve.models import LoadedModel, Transformer, load_model
 from patchserve.server.config import ServerConfig, default_cache_bytes
@@ -24,6 +27,7 @@ from patchserve.server.store import RunStore
 from patchserve.text.tokenizer import Encoding, Tokenizer
 
 T = TypeVar("T")
+log = logging.getLogger("patchserve.server")
 
 
 @dataclass
@@ -128,6 +132,35 @@ class ServerState:
     def gated(self, fn: Callable[[], T]) -> T:
         with self.gate.turn(), torch.inference_mode():
             return fn()
+
+    def study_resources(self) -> StudyResources:
+        """What the study service needs of this server: model, store, vectors, gate, limits."""
+        return StudyResources(
+            model=self.model,
+            tokenizer=self.tokenizer,
+            model_name=self.model_name,
+            runs=self.store,
+            vectors=self.modules,
+            encode=self.encode,
+            gate=self.gate.turn,
+            max_batch_tokens=self.config.max_batch_tokens,
+            max_cells=self.config.max_cells,
+            on_store_change=self.refresh_gauges,
+        )
+
+    def record_sweep(self, outcome: SweepOutcome) -> None:
+        """A finished sweep in the metrics and the log."""
+        self.metrics.sweeps.inc()
+        self.metrics.cells.inc(outcome.stats["cells"])
+        self.metrics.cells_per_second.set(outcome.stats["cells_per_second"])
+        log.info(
+            "sweep %s %s: %d cells in %.3f s (%d computed)",
+            ",".join(outcome.hooks),
+            outcome.metric,
+            outcome.stats["cells"],
+            outcome.stats["seconds"],
+            outcome.stats["computed"],
+        )
 
     def refresh_gauges(self) -> None:
         self.metrics.store_bytes.set(self.store.nbytes())

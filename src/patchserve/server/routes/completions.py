@@ -24,6 +24,7 @@ from patchserve.engine.generation import (
     generate,
     validate_request,
 )
+from patchserve.engine.vectors import mask_vector, table_row, unpack_table
 from patchserve.errors import Conflict
 from patchserve.models import INJECTABLE_HOOKS, make_edit
 from patchserve.models.hooks import SiteEdit
@@ -31,7 +32,6 @@ from patchserve.server.errors import error_responses
 from patchserve.server.openai import chat_logprobs, completion_logprobs
 from patchserve.server.routes.sources import capture_hooks
 from patchserve.server.state import ServerState
-from patchserve.server.vectors import mask_vector, table_row, unpack_table
 from patchserve.wire.completions import (
     AssistantMessage,
     ChatChoice,

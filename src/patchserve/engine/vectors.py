@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from patchserve.engine import InvalidArgument
+from patchserve.engine.errors import InvalidArgument
 from patchserve.wire.packing import PackingError, unpack_vectors
 
 
