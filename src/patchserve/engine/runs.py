@@ -12,17 +12,22 @@ from patchserve.engine.errors import InvalidArgument
 from patchserve.models import HOOKS, HookContext, Transformer
 from patchserve.wire.runs import RunManifest
 
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-def check_run_name(name: str, param: str = "run") -> str:
-    if not isinstance(name, str) or not RUN_NAME.match(name) or ".." in name:
+def check_name(name: str, param: str = "run", what: str = "run") -> str:
+    """The one rule for the names a request gives (runs, vector modules): safe as a file name."""
+    if not isinstance(name, str) or not NAME.match(name) or ".." in name:
         raise InvalidArgument(
-            f"invalid run name {name!r}: use 1-128 characters from A-Z a-z 0-9 . _ -, "
+            f"invalid {what} name {name!r}: use 1-128 characters from A-Z a-z 0-9 . _ -, "
             "starting with a letter or digit",
             param,
         )
     return name
+
+
+def check_run_name(name: str, param: str = "run") -> str:
+    return check_name(name, param, "run")
 
 
 @dataclass

@@ -34,7 +34,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from patchserve.engine.runs import RUN_NAME, CapturedRun
+from patchserve.engine.runs import NAME, CapturedRun
 
 log = logging.getLogger("patchserve.store")
 
@@ -197,7 +197,7 @@ def scan_folder(folder: Path) -> dict[str, dict[str, Any]]:
     runs = {}
     for path in sorted(folder.glob(f"*{SUFFIX}")):
         name = path.name.removesuffix(SUFFIX)
-        if not RUN_NAME.match(name):
+        if not NAME.match(name):
             continue  # not a file this server wrote
         try:
             runs[name] = read_manifest(path)

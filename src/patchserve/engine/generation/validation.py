@@ -10,7 +10,8 @@ import torch
 
 from patchserve.engine.errors import InvalidArgument
 from patchserve.engine.generation.types import GenerationRequest, SteerVector
-from patchserve.models.hooks import HOOKS, SiteEdit
+from patchserve.engine.sites import check_site
+from patchserve.models.hooks import SiteEdit
 from patchserve.models.transformer import Transformer
 
 MAX_LOGPROBS = 20
@@ -89,15 +90,11 @@ def validate_request(model: Transformer, request: GenerationRequest) -> None:
         _check_steer(model, steer)
 
 
-def _check_layer(model: Transformer, layer: Any, param: str) -> None:
-    n = model.cfg.num_layers
-    if not _is_int(layer) or not 0 <= layer < n:
-        raise InvalidArgument(f"layer {layer!r} is out of range: the model has {n} layers", param)
-
-
 def _check_edit(model: Transformer, edit: SiteEdit) -> None:
     cfg = model.cfg
-    _check_layer(model, edit.layer, "patch")
+    heads = [None] if edit.heads is None else edit.heads.tolist()
+    for head in heads:  # one site check per patched head
+        check_site(cfg, edit.layer, edit.hook, head, "patch")
     if bool((edit.rows != 0).any()):
         raise InvalidArgument("generation runs one sequence: patch rows must be 0", "patch")
     if bool((edit.positions < 0).any()):
@@ -114,13 +111,7 @@ def _check_edit(model: Transformer, edit: SiteEdit) -> None:
 
 
 def _check_steer(model: Transformer, steer: SteerVector) -> None:
-    cfg = model.cfg
-    _check_layer(model, steer.layer, "steer")
-    if steer.hook not in HOOKS:
-        raise InvalidArgument(
-            f"unknown steering hook {steer.hook!r}; expected one of {', '.join(HOOKS)}", "steer"
-        )
-    width = cfg.hook_width(steer.hook)
+    width = check_site(model.cfg, steer.layer, steer.hook, steer.head, "steer")
     if not isinstance(steer.vector, torch.Tensor) or tuple(steer.vector.shape) != (width,):
         shape = list(steer.vector.shape) if isinstance(steer.vector, torch.Tensor) else None
         raise InvalidArgument(
@@ -130,12 +121,3 @@ def _check_steer(model: Transformer, steer: SteerVector) -> None:
         raise InvalidArgument(
             f"steering scale must be a finite number, got {steer.scale!r}", "steer"
         )
-    if steer.hook == "attn_head":
-        head = steer.head
-        if head is None or not _is_int(head) or not 0 <= head < cfg.num_heads:
-            raise InvalidArgument(
-                f"attn_head steering needs a head in 0..{cfg.num_heads - 1}, got {steer.head!r}",
-                "steer",
-            )
-    elif steer.head is not None:
-        raise InvalidArgument("a steering head is given only for the attn_head hook", "steer")

@@ -24,9 +24,10 @@ from patchserve.engine.generation import (
     generate,
     validate_request,
 )
+from patchserve.engine.sites import check_site
 from patchserve.engine.vectors import mask_vector, table_row, unpack_table
 from patchserve.errors import Conflict
-from patchserve.models import INJECTABLE_HOOKS, make_edit
+from patchserve.models import make_edit
 from patchserve.models.hooks import SiteEdit
 from patchserve.server.errors import error_responses
 from patchserve.server.openai import chat_logprobs, completion_logprobs
@@ -55,19 +56,6 @@ def _inline(table: np.ndarray | None, row: int, width: int, param: str) -> torch
     return torch.from_numpy(table_row(table, row, width, param).copy())
 
 
-def _check_site(state: ServerState, layer: int, hook: str, head: int | None, param: str) -> int:
-    cfg = state.model.cfg
-    if hook not in INJECTABLE_HOOKS:
-        raise InvalidArgument(f"unknown hook {hook!r}", param)
-    if not 0 <= layer < cfg.num_layers:
-        raise InvalidArgument(f"layer {layer} is out of range (0-{cfg.num_layers - 1})", param)
-    if (hook == "attn_head") != (head is not None):
-        raise InvalidArgument("head is required for attn_head and only for it", param)
-    if head is not None and not 0 <= head < cfg.num_heads:
-        raise InvalidArgument(f"head {head} is out of range (0-{cfg.num_heads - 1})", param)
-    return cfg.hook_width(hook)
-
-
 def _module_or_inline(
     state: ServerState,
     module: str | None,
@@ -89,7 +77,7 @@ def _module_or_inline(
 
 def _edit(state: ServerState, entry: PatchEntry, table: np.ndarray | None, i: int) -> SiteEdit:
     param = f"patch.{i}"
-    width = _check_site(state, entry.layer, entry.hook, entry.head, param)
+    width = check_site(state.model.cfg, entry.layer, entry.hook, entry.head, param)
     sources = [
         entry.source_run is not None,
         entry.source_module is not None,
@@ -150,7 +138,7 @@ def _edit(state: ServerState, entry: PatchEntry, table: np.ndarray | None, i: in
 
 def _steer(state: ServerState, entry: SteerEntry, table: np.ndarray | None, i: int) -> SteerVector:
     param = f"steer.{i}"
-    width = _check_site(state, entry.layer, entry.hook, entry.head, param)
+    width = check_site(state.model.cfg, entry.layer, entry.hook, entry.head, param)
     if (entry.source_module is None) == (entry.source_inline is None):
         raise InvalidArgument("a steer entry needs one of source_module and source_inline", param)
     like = state.model.embed_tokens.weight

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from fastapi import APIRouter, Request
 
+from patchserve.engine.runs import check_name
+from patchserve.engine.sites import check_layer
 from patchserve.errors import InvalidArgument, NotFound
 from patchserve.models import INJECTABLE_HOOKS
 from patchserve.server.errors import error_responses
@@ -15,7 +17,6 @@ from patchserve.wire.packing import PackingError, unpack_vectors
 from patchserve.wire.requests import PackedVectors, RegisterModuleRequest
 
 router = APIRouter()
-NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
 @router.post(
@@ -27,8 +28,7 @@ async def register(req: RegisterModuleRequest, request: Request) -> ModuleRegist
     """Register named vectors ``{hook: {layer: vector}}`` for ablation sweeps and steering."""
     state: ServerState = request.app.state.patchserve
     cfg = state.model.cfg
-    if not req.name or len(req.name) > 128 or set(req.name) - NAME_CHARS:
-        raise InvalidArgument("module name must be 1-128 characters from A-Z a-z 0-9 . _ -", "name")
+    check_name(req.name, "name", "module")
     if not req.vectors:
         raise InvalidArgument("vectors is empty", "vectors")
     vectors = {}
@@ -40,10 +40,7 @@ async def register(req: RegisterModuleRequest, request: Request) -> ModuleRegist
                 layer = int(layer_key)
             except ValueError:
                 raise InvalidArgument(f"layer {layer_key!r} is not an integer", "vectors") from None
-            if not 0 <= layer < cfg.num_layers:
-                raise InvalidArgument(
-                    f"layer {layer} is out of range (0-{cfg.num_layers - 1})", "vectors"
-                )
+            check_layer(cfg, layer, "vectors")
             if isinstance(entry.vector, PackedVectors):
                 try:
                     array = unpack_vectors(entry.vector.model_dump())
