@@ -122,10 +122,13 @@ class SweepBody(WireModel):
     argmax: Argmax | None
     hook_grids: list[HookGrid] | None = None
     clean: float | None = Field(
-        description="raw metric of the clean run (logprob, or logit difference with a foil, "
-        "also for metric 'recovered'); null when no clean run was graded"
+        description="the clean run's value in the metric's units; for 'recovered' the raw "
+        "baseline m_clean (log p(answer), or the logit difference with a foil), as the seed "
+        "reports it; null when no clean run was graded"
     )
-    corrupt: float = Field(description="raw metric of the unpatched corrupt run (as 'clean')")
+    corrupt: float = Field(
+        description="the unpatched corrupt run's value, likewise (for 'recovered': m_corrupt)"
+    )
     noise_floor: float = Field(
         description="|corrupt metric through the sweep path - solo corrupt metric|, in the "
         "metric's units"
