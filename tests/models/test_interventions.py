@@ -268,7 +268,7 @@ def test_packed_rows_equal_padded_rows(family_checkpoint):
 
 
 def test_resume_with_reused_attention_equals_full_forward(family_checkpoint):
-    from patchserve.models.transformer import Reuse
+    from patchserve.models.state import Reuse
 
     model = loaded(family_checkpoint).model
     n = model.cfg.num_layers

@@ -45,7 +45,7 @@ from patchserve.engine.metrics import Grader, raw_score
 from patchserve.engine.runs import CapturedRun
 from patchserve.models import HookContext, Transformer, make_edit
 from patchserve.models.hooks import blend
-from patchserve.models.transformer import KVCache, Reuse
+from patchserve.models.state import KVCache, Reuse
 from patchserve.text.alignment import Alignment, align
 from patchserve.wire.grids import assemble_grid
 from patchserve.wire.sweep import UNALIGNED

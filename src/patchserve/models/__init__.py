@@ -4,7 +4,8 @@ from patchserve.models.config import CheckpointError, ModelConfig
 from patchserve.models.hooks import HOOKS, INJECTABLE_HOOKS, HookContext, SiteEdit, make_edit
 from patchserve.models.loading import LoadedModel, load_model
 from patchserve.models.registry import SUPPORTED_ARCHITECTURES
-from patchserve.models.transformer import ForwardResult, KVCache, Transformer
+from patchserve.models.state import KVCache
+from patchserve.models.transformer import ForwardResult, Transformer
 
 __all__ = [
     "HOOKS",

@@ -21,7 +21,7 @@ from patchserve.models.config import ModelConfig
 from patchserve.models.layers import RMSNorm, apply_rotary
 
 if TYPE_CHECKING:
-    from patchserve.models.transformer import PassState
+    from patchserve.models.state import PassState
 
 
 @dataclass

@@ -21,7 +21,7 @@ from patchserve.models.config import ModelConfig
 from patchserve.models.layers import MLP, make_norm
 
 if TYPE_CHECKING:
-    from patchserve.models.transformer import PassState, Reuse
+    from patchserve.models.state import PassState, Reuse
 
 
 class DecoderBlock(nn.Module):

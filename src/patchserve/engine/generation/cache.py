@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from patchserve.models.transformer import KVCache
+from patchserve.models.state import KVCache
 
 
 class KVBuffer:

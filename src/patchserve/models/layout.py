@@ -1,0 +1,145 @@
+"""Where a pass's tokens sit: rows packed back to back (no padding in any projection or
+MLP) or padded, their absolute positions, and the attention groups of similar-length rows
+that attention pads locally; narrowing to the rows' last tokens for the final block."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionGroup:
+    """Rows attended together: padded to their longest row, reading prefix keys ``< limit``.
+
+    ``tokens`` is the group's slice of a packed pass (None for a padded pass,
+    which is one group of every row).
+    """
+
+    rows: slice
+    tokens: slice | None
+    offsets: torch.Tensor  # [rows]
+    lengths: torch.Tensor  # [rows]
+    prefix_lengths: torch.Tensor | None  # [rows]
+    prefix_limit: int
+    tmax: int
+    row_of: torch.Tensor | None = None  # packed: group-local row of each token
+    local_of: torch.Tensor | None = None  # packed: index of each token within its row
+
+    @property
+    def grid(self) -> torch.Tensor:
+        """Absolute position of every padded slot, ``[rows, tmax]``."""
+        return self.offsets[:, None] + torch.arange(self.tmax, device=self.offsets.device)[None]
+
+    @property
+    def padded(self) -> bool:
+        return bool((self.lengths < self.tmax).any())
+
+    def pad(self, t: torch.Tensor) -> torch.Tensor:
+        if self.tokens is None:
+            return t
+        out = t.new_zeros(self.lengths.shape[0], self.tmax, *t.shape[1:])
+        return out.index_put_((self.row_of, self.local_of), t[self.tokens])
+
+    def unpad(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.tokens is None else t[self.row_of, self.local_of]
+
+
+# A packed group closes when a row is this much shorter than its first row and the
+# group already holds this many padded query slots (so short tails stay together).
+GROUP_SHRINK = 0.7
+GROUP_MIN_SLOTS = 256
+
+
+class Layout:
+    """Where the tokens of one pass live.
+
+    *Padded*: ``[batch, tmax, ...]``, row ``b`` real for its first
+    ``lengths[b]`` tokens. *Packed*: ``[N, ...]``, the rows' real tokens back to
+    back (no padding, so every projection and MLP runs on real tokens only).
+    Attention runs per :class:`AttentionGroup`: packed rows of similar length
+    (callers order rows longest first) are padded together, so the attention
+    of short rows does not pay for the longest row.
+    """
+
+    def __init__(
+        self,
+        offsets: torch.Tensor,
+        lengths: torch.Tensor,
+        tmax: int,
+        packed: bool,
+        prefix_lengths: torch.Tensor | None = None,
+        prefix_total: int = 0,
+    ) -> None:
+        self.offsets, self.lengths, self.tmax, self.packed = offsets, lengths, tmax, packed
+        self.batch = offsets.shape[0]
+        device = offsets.device
+        if packed:
+            self.starts = torch.cumsum(lengths, 0) - lengths
+            row_of = torch.repeat_interleave(torch.arange(self.batch, device=device), lengths)
+            self.positions = offsets[row_of] + (
+                torch.arange(int(lengths.sum()), device=device) - self.starts[row_of]
+            )
+            self.groups = self._packed_groups(prefix_lengths)
+        else:
+            self.positions = offsets[:, None] + torch.arange(tmax, device=device)[None]
+            self.groups = [
+                AttentionGroup(
+                    slice(0, self.batch), None, offsets, lengths, prefix_lengths, prefix_total, tmax
+                )
+            ]
+
+    def _packed_groups(self, prefix_lengths: torch.Tensor | None) -> list[AttentionGroup]:
+        lengths = self.lengths.tolist()
+        bounds, first = [0], 0
+        for r in range(1, len(lengths)):
+            slots = (r - first) * lengths[first]
+            if lengths[r] < GROUP_SHRINK * lengths[first] and slots >= GROUP_MIN_SLOTS:
+                bounds.append(r)
+                first = r
+        bounds.append(len(lengths))
+        starts = self.starts.tolist()
+        groups = []
+        for a, b in itertools.pairwise(bounds):
+            lens = self.lengths[a:b]
+            row_of = torch.repeat_interleave(torch.arange(b - a, device=lens.device), lens)
+            local_of = torch.cat([torch.arange(n, device=lens.device) for n in lengths[a:b]])
+            plens = prefix_lengths[a:b] if prefix_lengths is not None else None
+            groups.append(
+                AttentionGroup(
+                    rows=slice(a, b),
+                    tokens=slice(starts[a], starts[b - 1] + lengths[b - 1]),
+                    offsets=self.offsets[a:b],
+                    lengths=lens,
+                    prefix_lengths=plens,
+                    prefix_limit=int(plens.max()) if plens is not None else 0,
+                    tmax=max(lengths[a:b]),
+                    row_of=row_of,
+                    local_of=local_of,
+                )
+            )
+        return groups
+
+    def locate(
+        self, rows: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        safe = rows.clamp(0, self.batch - 1)
+        local = positions - self.offsets[safe]
+        keep = (rows < self.batch) & (local >= 0) & (local < self.lengths[safe])
+        rows, local = rows[keep], local[keep]
+        if self.packed:
+            return keep, (self.starts[rows] + local,)
+        return keep, (rows, local)
+
+    def narrow(self) -> Layout:
+        """The packed layout of the rows' last tokens."""
+        ones = torch.ones_like(self.lengths)
+        return Layout(self.offsets + self.lengths - 1, ones, 1, packed=True)
+
+    def last(self, x: torch.Tensor) -> torch.Tensor:
+        """The last real token of each row: ``[batch, 1, ...]``."""
+        if self.packed:
+            return x[self.starts + self.lengths - 1][:, None]
+        return x[torch.arange(self.batch, device=x.device), self.lengths - 1][:, None]

@@ -1,0 +1,155 @@
+"""The state of one forward pass: the key/value cache it reads and fills, what a resumed
+block reuses, and the per-pass tables (layout, masks, rope) that every block shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from patchserve.models.attention import AttentionMasks
+from patchserve.models.config import RopeConfig
+from patchserve.models.hooks import HookContext
+from patchserve.models.layers import Rotary
+from patchserve.models.layout import AttentionGroup, Layout
+
+
+@dataclass
+class KVCache:
+    """Rotated keys and values per layer, ``[batch, kv_heads, tokens, head_dim]``.
+
+    Layers that a pass did not compute (it started above them) hold ``None``.
+    """
+
+    keys: list[torch.Tensor | None]
+    values: list[torch.Tensor | None]
+
+    @property
+    def length(self) -> int:
+        for k in self.keys:
+            if k is not None:
+                return k.shape[2]
+        return 0
+
+    @property
+    def batch(self) -> int:
+        for k in self.keys:
+            if k is not None:
+                return k.shape[0]
+        return 0
+
+    def extend(self, other: KVCache) -> KVCache:
+        """This cache followed by ``other`` along the token axis (a decoding step)."""
+        keys, values = [], []
+        for k0, v0, k1, v1 in zip(self.keys, self.values, other.keys, other.values, strict=True):
+            keys.append(k1 if k0 is None else k0 if k1 is None else torch.cat((k0, k1), 2))
+            values.append(v1 if v0 is None else v0 if v1 is None else torch.cat((v0, v1), 2))
+        return KVCache(keys, values)
+
+    def nbytes(self) -> int:
+        tensors = [t for t in self.keys + self.values if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class Reuse:
+    """Activations a resumed first block may take instead of recomputing attention."""
+
+    attn_out: torch.Tensor | None = None
+    attn_head: torch.Tensor | None = None
+
+
+@dataclass
+class PassState:
+    """What the blocks of one forward pass share: layout, masks, rotary tables, caches, hooks.
+
+    ``narrow_layer``: the block from whose attention on only the rows' last
+    tokens are computed (the pass's final block when only last-token logits
+    are read and nothing there is captured); its keys and values still cover
+    every token.
+    """
+
+    hooks: HookContext
+    layout: Layout
+    prefix: KVCache | None
+    rotaries: dict[RopeConfig, Rotary]
+    dtype: torch.dtype
+    keep_cache: bool
+    narrow_layer: int | None = None
+    new_keys: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _tables: dict[tuple[RopeConfig, bool], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict
+    )
+    _masks: dict[tuple[int, int | None, bool], AttentionMasks] = field(default_factory=dict)
+
+    def narrows(self, layer: int) -> bool:
+        return layer == self.narrow_layer
+
+    def narrowed(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as the rows' last tokens ``[rows, ...]`` on the narrowed block, else as is."""
+        return self.layout.last(x)[:, 0] if layer == self.narrow_layer else x
+
+    def rope_tables(
+        self, rope: RopeConfig | None, narrow: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if rope is None:
+            return None
+        key = (rope, narrow)
+        if key not in self._tables:
+            layout = self.layout
+            positions = layout.offsets + layout.lengths - 1 if narrow else layout.positions
+            self._tables[key] = self.rotaries[rope].tables(positions, self.dtype)
+        return self._tables[key]
+
+    def keep_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.keep_cache:
+            self.new_keys[layer] = (k, v)
+
+    def prefix_kv(
+        self, layer: int, limit: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.prefix is None:
+            return None
+        k, v = self.prefix.keys[layer], self.prefix.values[layer]
+        if k is None or v is None:
+            raise ValueError(f"the prefix cache has no keys for layer {layer}")
+        if limit is not None and limit < k.shape[2]:
+            k, v = k[:, :, :limit], v[:, :, :limit]
+        return k, v
+
+    def masks(self, group_index: int, window: int | None, narrow: bool = False) -> AttentionMasks:
+        key = (group_index, window, narrow)
+        if key not in self._masks:
+            group = self.layout.groups[group_index]
+            self._masks[key] = self._build_masks(group, window, narrow)
+        return self._masks[key]
+
+    def _build_masks(
+        self, group: AttentionGroup, window: int | None, narrow: bool
+    ) -> AttentionMasks:
+        kpos = group.grid  # [b, t_k]
+        qpos = (group.offsets + group.lengths - 1)[:, None] if narrow else kpos
+        device = kpos.device
+        plen = min(group.prefix_limit, self.prefix.length) if self.prefix is not None else 0
+        window_binds = window is not None and int(kpos.max()) >= window
+        if plen == 0 and not group.padded and not window_binds and not narrow:
+            return AttentionMasks(None, None, causal_only=True)
+        slots = torch.arange(kpos.shape[1], device=device)
+        real = slots[None, :] < group.lengths[:, None]  # [b, t]
+        new = (kpos[:, None, :] <= qpos[:, :, None]) & real[:, None, :]  # causal by position
+        if window is not None and window_binds:
+            new = new & (qpos[:, :, None] - kpos[:, None, :] < window)
+        if not narrow:
+            # A padded query slot sees itself only, so its (unused) output stays finite
+            # and never poisons a real query through a masked-out NaN value.
+            eye = slots[None, :, None] == slots[None, None, :]
+            new = new | (eye & ~real[:, :, None])
+        prefix = None
+        if plen:
+            j = torch.arange(plen, device=device)
+            limit = group.prefix_lengths if group.prefix_lengths is not None else group.offsets
+            prefix = (j[None, None, :] < limit[:, None, None]).expand(-1, qpos.shape[1], -1)
+            if window is not None and window_binds:
+                prefix = prefix & (qpos[:, :, None] - j[None, None, :] < window)
+            prefix = prefix[:, None]
+        return AttentionMasks(new[:, None], prefix, causal_only=False)
