@@ -45,6 +45,7 @@ from patchserve.wire.metrics import (
     check_metric,
     kl_divergence,
     log_softmax,
+    recovered_raw,
 )
 from patchserve.wire.sweep import (
     UNALIGNED,
@@ -264,9 +265,8 @@ class PerCellSweep:
             )
 
         def raw(lp: dict[int, float]) -> float:
-            """``m`` of ``recovered``: the logit difference with a foil, else log p(answer)."""
             a, d, _ = scores(lp)
-            return d if d is not None else a
+            return float(recovered_raw(a, d))
 
         try:
             grading = _ClientGrading(

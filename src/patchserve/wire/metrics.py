@@ -12,6 +12,7 @@ restored") is here, once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -49,6 +50,14 @@ def kl_divergence(clean_logprobs: np.ndarray, logprobs: np.ndarray) -> np.ndarra
     with np.errstate(invalid="ignore"):
         terms = np.exp(p) * (p - np.asarray(logprobs, dtype=np.float64))
     return np.where(np.isneginf(p), 0.0, terms).sum(-1)
+
+
+def recovered_raw(answer_logprob: Any, logit_diff: Any) -> np.ndarray:
+    """``m`` of ``recovered`` (before normalising): the logit difference when there is a foil
+    (``logit_diff`` given), else log p(answer)."""
+    chosen = logit_diff if logit_diff is not None else answer_logprob
+    assert chosen is not None
+    return np.asarray(chosen, dtype=np.float64)
 
 
 @dataclass
@@ -89,9 +98,7 @@ class Grading:
 
     def raw(self, answer_logprob: np.ndarray | None, logit_diff: np.ndarray | None) -> np.ndarray:
         """``m`` of ``recovered``: the logit difference with a foil, else log p(answer)."""
-        chosen = logit_diff if self.foil is not None else answer_logprob
-        assert chosen is not None
-        return np.asarray(chosen, dtype=np.float64)
+        return recovered_raw(answer_logprob, logit_diff if self.foil is not None else None)
 
     def score(
         self,

@@ -10,15 +10,11 @@ import torch
 
 from patchserve.engine.errors import InvalidArgument
 from patchserve.engine.generation.types import GenerationRequest, SteerVector
-from patchserve.engine.sites import check_site
+from patchserve.engine.sites import check_site, is_int
 from patchserve.models.hooks import SiteEdit
 from patchserve.models.transformer import Transformer
 
 MAX_LOGPROBS = 20
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
@@ -29,7 +25,7 @@ def _check_ids(ids: Any, vocab: int, param: str) -> None:
     if isinstance(ids, str | bytes) or not isinstance(ids, Sequence):
         raise InvalidArgument(f"{param} must be a list of token ids", param)
     for i in ids:
-        if not _is_int(i):
+        if not is_int(i):
             raise InvalidArgument(f"{param} must hold integer token ids, got {i!r}", param)
         if not 0 <= i < vocab:
             raise InvalidArgument(
@@ -45,7 +41,7 @@ def validate_request(model: Transformer, request: GenerationRequest) -> None:
     if len(request.prompt_ids) == 0:
         raise InvalidArgument("the prompt is empty: it must hold at least one token", "prompt")
     m = request.max_tokens
-    if not _is_int(m) or m < 0:
+    if not is_int(m) or m < 0:
         raise InvalidArgument(f"max_tokens must be an integer >= 0, got {m!r}", "max_tokens")
     context = cfg.max_position_embeddings
     t = len(request.prompt_ids)
@@ -67,10 +63,10 @@ def validate_request(model: Transformer, request: GenerationRequest) -> None:
     top_p = request.top_p
     if not _is_number(top_p) or not 0 < top_p <= 1:
         raise InvalidArgument(f"top_p must be in (0, 1], got {top_p!r}", "top_p")
-    if request.seed is not None and not _is_int(request.seed):
+    if request.seed is not None and not is_int(request.seed):
         raise InvalidArgument(f"seed must be an integer, got {request.seed!r}", "seed")
     k = request.logprobs
-    if k is not None and (not _is_int(k) or not 0 <= k <= MAX_LOGPROBS):
+    if k is not None and (not is_int(k) or not 0 <= k <= MAX_LOGPROBS):
         raise InvalidArgument(
             f"logprobs must be an integer in 0..{MAX_LOGPROBS}, got {k!r}", "logprobs"
         )
