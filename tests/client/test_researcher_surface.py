@@ -222,3 +222,16 @@ def test_kl_is_drawn_from_zero_with_the_restored_end_dark(demo):
     cmap = ax.images[0].get_cmap()
     assert sum(cmap(0.0)[:3]) < sum(cmap(1.0)[:3])  # 0 (fully restored) is the dark end
     plt.close(ax.figure)
+
+
+def test_one_scale_for_two_studies_with_different_baselines_is_refused(demo):
+    first = sweep(demo, metric="logprob", layers=[0])
+    other = demo.sweep_layers_positions(
+        EXAMPLES[1]["corrupt"], clean_prompt=EXAMPLES[1]["clean"], metric="logprob", layers=[0]
+    )
+    assert first.corrupt != other.corrupt
+    with pytest.raises(ValueError, match="different corrupt baselines"):
+        heatmaps([first, other])
+    figure = heatmaps([first, other], center=-5.0)  # an explicit centre is the user's choice
+    assert figure.axes[0].images[0].norm.vcenter == -5.0
+    plt.close(figure)

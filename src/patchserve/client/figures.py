@@ -11,7 +11,9 @@ extremes:
   wide enough to hold the clean baseline, so noise on a random model is pale.
 
 ``vmin``/``vmax``/``center`` override any of it. Several results drawn
-together (:func:`heatmaps`) share one scale and one colour bar. Titles name
+together (:func:`heatmaps`) share one scale and one colour bar; results whose
+corrupt baselines differ are refused unless ``center`` is given (one centre
+cannot mean "no change" for both). Titles name
 the hook, metric, answer (and foil), model and both baselines; skipped cells
 are grey with a legend entry; corrupted tokens are starred and red on the
 axis; ``attn_head`` grids show every head as its own labelled column.
@@ -90,6 +92,15 @@ def colour_scale(
     metric = metrics.pop()
     data = np.concatenate([_finite(r.to_numpy()).ravel() for r in results] + [np.zeros(0)])
     first = results[0]
+    centred = metric not in ("recovered", *LOWER_IS_BETTER) and center is None
+    baselines = {r.corrupt for r in results}
+    if centred and len(baselines) > 1 and np.ptp([b or 0.0 for b in baselines]) > 1e-9:
+        # white must mean "no change" in every panel: one centre cannot serve two baselines
+        raise ValueError(
+            f"these {metric} results have different corrupt baselines "
+            f"({', '.join(f'{b:.4g}' for b in sorted(b or 0.0 for b in baselines))}); pass "
+            "center= for one shared scale, or draw them separately"
+        )
     low, mid, high = scale_bounds(metric, data, first.clean, first.corrupt)
     if metric == "recovered":
         name, label = "RdBu_r", "recovered (1 = clean, 0 = corrupt)"
