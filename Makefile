@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PORT ?= 8000
 
-.PHONY: install test test-long lint run bench clean
+.PHONY: install test test-long lint run bench clean chromium
 
 # torch is installed first and pinned: on these machines `torch==2.13.0` is the
 # CPU build served from local disk; an unpinned torch would pull a multi-GB CUDA
@@ -19,13 +19,20 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# The dashboard's browser tests drive Debian's Chromium (never a downloaded browser).
+chromium:
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	  $$SUDO apt-get update && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
+
+test: $(STAMP) chromium
 	$(PY) -m ruff check src tests benchmarks scripts examples
 	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 # The long checks too (a long Schemathesis run, ...): tests marked `long`.
-test-long: $(STAMP)
+test-long: $(STAMP) chromium
 	$(PY) -m pytest -q --long
 
 lint: $(STAMP)
