@@ -74,8 +74,8 @@ def reference(
     with torch.inference_mode():
         for _ in range(n):
             hooks = HookContext.build([*edits, *steer_edits(steer, len(ids))])
-            logits = model(torch.tensor([ids]), hooks=hooks).logits
-            ids.append(int(torch.argmax(logits[0, -1])))
+            logits = model.prefill(torch.tensor([ids]), hooks).logits
+            ids.append(int(torch.argmax(logits[0])))
     return ids[len(prompt) :]
 
 
@@ -94,7 +94,7 @@ def forced(
     ids = [*prompt, *tokens[:-1]]
     hooks = HookContext.build([*edits, *steer_edits(steer, len(ids))])
     with torch.inference_mode():
-        logits = model(torch.tensor([ids]), hooks=hooks, logits_at="all").logits[0]
+        logits = model(torch.tensor([ids]), hooks)[0]
     return torch.log_softmax(logits[len(prompt) - 1 :].float(), -1)
 
 
@@ -284,7 +284,7 @@ def test_echo_includes_the_prompt(checkpoint_root):
     assert lp["tokens"][:t0] == [tok.decode([i]) for i in prompt]
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
     with torch.inference_mode():
-        full = torch.log_softmax(model(torch.tensor([prompt]), logits_at="all").logits[0], -1)
+        full = torch.log_softmax(model(torch.tensor([prompt]))[0], -1)
     for i in range(1, t0):
         assert abs(lp["token_logprobs"][i] - float(full[i - 1, prompt[i]])) < 1e-5
         assert len(lp["top_logprobs"][i]) in (2, 3)

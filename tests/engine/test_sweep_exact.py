@@ -197,7 +197,7 @@ def test_zero_ablation_matches_naive_forward(family_checkpoint):
     outcome = run_sweep(model, spec)
     ids = torch.tensor([spec.corrupt_ids])
     with torch.inference_mode():
-        ref_logits = model(ids).logits[0, -1]
+        ref_logits = model.prefill(ids).logits[0]
     grader = Grader("kl", outcome.answer, clean_logprobs=torch.log_softmax(ref_logits.double(), -1))
     for i, layer in enumerate(spec.layers):
         for j, pos in enumerate(spec.positions):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from models.helpers import OTHER, PROMPT, ids_of, loaded, tokenizer
-from patchserve.models import HookContext, make_edit
+from patchserve.models import HookContext, ResumeRows, Reuse, make_edit
 from patchserve.models.hooks import HOOKS, RESIDUAL_HOOKS, blend
 
 
@@ -13,23 +15,34 @@ def _all_sites(n: int) -> list[tuple[int, str]]:
     return [(i, h) for i in range(n) for h in HOOKS]
 
 
-def _run(model, ids, edits=(), capture=(), **kw):
+@dataclass
+class _Out:
+    logits: torch.Tensor  # [batch, tokens, vocab]
+    captured: dict
+
+
+def _run(model, ids, edits=(), capture=()):
+    ctx = HookContext.build(edits, capture)
     with torch.inference_mode():
-        return model(ids, hooks=HookContext.build(edits, capture), **kw)
+        return _Out(model(ids, ctx), ctx.captured)
+
+
+def _positions(starts, width):
+    return torch.tensor(starts)[:, None] + torch.arange(width)[None]
 
 
 def test_alpha_zero_is_a_bitwise_noop(family_checkpoint):
     model = loaded(family_checkpoint).model
     ids = ids_of(family_checkpoint)
     t = ids.shape[1]
-    base = _run(model, ids, logits_at="all").logits
+    base = _run(model, ids).logits
     gen = torch.Generator().manual_seed(0)
     for hook in HOOKS:
         width = model.cfg.hook_width(hook)
         source = torch.randn(t, width, generator=gen) * 100
         heads = [1] * t if hook == "attn_head" else None
         edit = make_edit(1, hook, [0] * t, range(t), source, alpha=0.0, heads=heads)
-        assert torch.equal(_run(model, ids, [edit], logits_at="all").logits, base), hook
+        assert torch.equal(_run(model, ids, [edit]).logits, base), hook
 
 
 def test_patching_a_run_with_its_own_activations_is_bitwise_identical(family_checkpoint):
@@ -37,7 +50,7 @@ def test_patching_a_run_with_its_own_activations_is_bitwise_identical(family_che
     n = model.cfg.num_layers
     ids = ids_of(family_checkpoint)
     t = ids.shape[1]
-    base = _run(model, ids, capture=_all_sites(n), logits_at="all")
+    base = _run(model, ids, capture=_all_sites(n))
     for layer in range(n):
         for hook in HOOKS:
             own = base.captured[layer, hook][0]
@@ -45,7 +58,7 @@ def test_patching_a_run_with_its_own_activations_is_bitwise_identical(family_che
                 edit = make_edit(layer, hook, [0] * t, range(t), own[:, 2], heads=[2] * t)
             else:
                 edit = make_edit(layer, hook, [0] * t, range(t), own)
-            assert torch.equal(_run(model, ids, [edit], logits_at="all").logits, base.logits)
+            assert torch.equal(_run(model, ids, [edit]).logits, base.logits)
 
 
 def test_replacing_layer0_residual_reproduces_the_clean_run(family_checkpoint):
@@ -53,9 +66,9 @@ def test_replacing_layer0_residual_reproduces_the_clean_run(family_checkpoint):
     clean, corrupt = ids_of(family_checkpoint, PROMPT), ids_of(family_checkpoint, OTHER)
     assert clean.shape == corrupt.shape and not torch.equal(clean, corrupt)
     t = clean.shape[1]
-    clean_run = _run(model, clean, capture=[(0, "pre_attn")], logits_at="all")
+    clean_run = _run(model, clean, capture=[(0, "pre_attn")])
     edit = make_edit(0, "pre_attn", [0] * t, range(t), clean_run.captured[0, "pre_attn"][0])
-    patched = _run(model, corrupt, [edit], logits_at="all").logits
+    patched = _run(model, corrupt, [edit]).logits
     assert torch.equal(patched, clean_run.logits)
 
 
@@ -63,14 +76,14 @@ def test_patch_follows_the_interpolation_formula_with_masks(family_checkpoint):
     model = loaded(family_checkpoint).model
     ids = ids_of(family_checkpoint)
     d = model.cfg.hidden_size
-    base = _run(model, ids, capture=[(1, "mlp_out")], logits_at=None).captured[1, "mlp_out"]
+    base = _run(model, ids, capture=[(1, "mlp_out")]).captured[1, "mlp_out"]
     gen = torch.Generator().manual_seed(1)
     source = torch.randn(2, d, generator=gen)
     mask = (torch.rand(2, d, generator=gen) > 0.5).float()
     mask[1] = torch.rand(d, generator=gen)  # a soft mask
     alpha = torch.tensor([0.25, 0.8])
     edit = make_edit(1, "mlp_out", [0, 0], [3, 5], source, alpha=alpha, mask=mask)
-    got = _run(model, ids, [edit], capture=[(1, "mlp_out")], logits_at=None).captured[1, "mlp_out"]
+    got = _run(model, ids, [edit], capture=[(1, "mlp_out")]).captured[1, "mlp_out"]
     for i, pos in enumerate((3, 5)):
         w = alpha[i] * mask[i]
         expected = (1 - w) * base[0, pos] + w * source[i]
@@ -94,8 +107,8 @@ def test_head_patch_touches_only_that_head(family_checkpoint):
     source = torch.full((cfg.head_dim,), 0.5)
     edit = make_edit(0, "attn_head", [0], [4], source, heads=[cfg.num_heads - 1])
     site = [(0, "attn_head")]
-    base = _run(model, ids, capture=site, logits_at=None).captured[0, "attn_head"]
-    got = _run(model, ids, [edit], capture=site, logits_at=None).captured[0, "attn_head"]
+    base = _run(model, ids, capture=site).captured[0, "attn_head"]
+    got = _run(model, ids, [edit], capture=site).captured[0, "attn_head"]
     assert torch.equal(got[0, 4, -1], source)
     changed = (got != base).any(dim=-1)
     assert changed.sum().item() == 1 and changed[0, 4, -1]
@@ -106,9 +119,9 @@ def test_steering_adds_a_scaled_vector(family_checkpoint):
     ids = ids_of(family_checkpoint)
     vec = torch.linspace(-1, 1, model.cfg.hidden_size)
     site = [(1, "post_block")]
-    base = _run(model, ids, capture=site, logits_at=None).captured[1, "post_block"]
+    base = _run(model, ids, capture=site).captured[1, "post_block"]
     edit = make_edit(1, "post_block", [0, 0], [2, 6], vec, alpha=3.0, kind="add")
-    got = _run(model, ids, [edit], capture=site, logits_at=None).captured[1, "post_block"]
+    got = _run(model, ids, [edit], capture=site).captured[1, "post_block"]
     assert torch.allclose(got[0, 2], base[0, 2] + 3.0 * vec, atol=1e-6)
     assert torch.allclose(got[0, 6], base[0, 6] + 3.0 * vec, atol=1e-6)
     assert torch.equal(got[0, 3], base[0, 3])
@@ -118,12 +131,12 @@ def test_edits_address_rows_independently(family_checkpoint):
     model = loaded(family_checkpoint).model
     clean, corrupt = ids_of(family_checkpoint, PROMPT), ids_of(family_checkpoint, OTHER)
     t = clean.shape[1]
-    clean_run = _run(model, clean, capture=[(1, "post_attn")], logits_at="all")
+    clean_run = _run(model, clean, capture=[(1, "post_attn")])
     source = clean_run.captured[1, "post_attn"][0]
     batch = corrupt.expand(3, -1)
     edits = [make_edit(1, "post_attn", [r] * t, range(t), source) for r in (0, 2)]
-    out = _run(model, batch, edits, logits_at="all").logits
-    alone = _run(model, corrupt, logits_at="all").logits
+    out = _run(model, batch, edits).logits
+    alone = _run(model, corrupt).logits
     patched_alone = _run(model, corrupt, [make_edit(1, "post_attn", [0] * t, range(t), source)])
     assert (out[1] - alone[0]).abs().max() < 1e-5
     assert (out[0, -1] - patched_alone.logits[0, -1]).abs().max() < 1e-5
@@ -134,11 +147,11 @@ def test_start_at_layer_from_the_stored_residual(family_checkpoint):
     model = loaded(family_checkpoint).model
     n = model.cfg.num_layers
     ids = ids_of(family_checkpoint)
-    full = _run(model, ids, capture=[(i, "pre_attn") for i in range(n)], logits_at="all")
+    full = _run(model, ids, capture=[(i, "pre_attn") for i in range(n)])
     for layer in range(1, n):
         hidden = full.captured[layer, "pre_attn"]
         with torch.inference_mode():
-            got = model(hidden=hidden, start_layer=layer, logits_at="all").logits
+            got = model.unembed(model.run_blocks(ResumeRows.build(hidden), layer))
         assert torch.equal(got, full.logits)
 
 
@@ -148,22 +161,19 @@ def test_suffix_rows_share_one_prefix_cache(family_checkpoint):
     ids = ids_of(family_checkpoint)
     t = ids.shape[1]
     with torch.inference_mode():
-        full = model(ids, logits_at="all", return_kv=True)
+        full = model.prefill(ids)
+        full_logits = model.unembed(full.hidden)
         starts = [3, 5, 9]
         width = t - min(starts)
         rows = torch.zeros(len(starts), width, dtype=torch.long)
         lengths = torch.tensor([t - s for s in starts])
         for r, s in enumerate(starts):
             rows[r, : t - s] = ids[0, s:]
-        out = model(
-            rows,
-            cache=full.kv,
-            offsets=torch.tensor(starts),
-            lengths=lengths,
-            logits_at="all",
-        ).logits
+        hidden = model.embed(rows, _positions(starts, width))
+        resumed = ResumeRows.build(hidden, torch.tensor(starts), lengths)
+        out = model.unembed(model.run_blocks(resumed, 0, full.cache))
     for r, s in enumerate(starts):
-        assert (out[r, : t - s] - full.logits[0, s:]).abs().max() < 1e-5
+        assert (out[r, : t - s] - full_logits[0, s:]).abs().max() < 1e-5
 
 
 def test_suffix_from_a_layer_on_a_shared_prefix(family_checkpoint):
@@ -173,19 +183,12 @@ def test_suffix_from_a_layer_on_a_shared_prefix(family_checkpoint):
     ids = ids_of(family_checkpoint)
     t = ids.shape[1]
     with torch.inference_mode():
-        full = model(
-            ids,
-            hooks=HookContext.build(capture=[(i, "pre_attn") for i in range(n)]),
-            logits_at="all",
-            return_kv=True,
-        )
+        full = model.prefill(ids, HookContext.build(capture=[(i, "pre_attn") for i in range(n)]))
         for layer in range(1, n):
             for p in (0, 4, t - 1):
                 hidden = full.captured[layer, "pre_attn"][:, p:]
-                got = model(
-                    hidden=hidden, start_layer=layer, cache=full.kv, offsets=p, logits_at="last"
-                ).logits
-                assert (got[0, 0] - full.logits[0, -1]).abs().max() < 1e-5
+                got = model.resume(ResumeRows.build(hidden, p), layer, full.cache)
+                assert (got[0] - full.logits[0]).abs().max() < 1e-5
 
 
 def test_right_padded_batch_matches_rows_alone(family_checkpoint):
@@ -199,23 +202,23 @@ def test_right_padded_batch_matches_rows_alone(family_checkpoint):
         batch[r, : len(e)] = torch.tensor(e)
     lengths = torch.tensor([len(e) for e in encoded])
     with torch.inference_mode():
-        out = model(batch, lengths=lengths, logits_at="last").logits
+        out = model(batch, lengths=lengths)
         for r, e in enumerate(encoded):
-            alone = model(torch.tensor([e]), logits_at="last").logits
-            assert (out[r] - alone[0]).abs().max() < 1e-5
+            alone = model.prefill(torch.tensor([e])).logits
+            assert (out[r, len(e) - 1] - alone[0]).abs().max() < 1e-5
 
 
 def test_decoding_steps_on_an_extended_cache(family_checkpoint):
     model = loaded(family_checkpoint).model
     ids = ids_of(family_checkpoint)
     with torch.inference_mode():
-        full = model(ids, logits_at="all").logits
-        step = model(ids[:, :5], return_kv=True)
-        cache = step.kv
+        full = model(ids)
+        step = model.prefill(ids[:, :5])
+        cache = step.cache
         for i in range(5, ids.shape[1]):
-            step = model(ids[:, i : i + 1], cache=cache, return_kv=True)
-            cache = cache.extend(step.kv)
-            assert (step.logits[0, 0] - full[0, i]).abs().max() < 1e-5
+            step = model.extend(ids[:, i : i + 1], cache)
+            cache = cache.extend(step.cache)
+            assert (step.logits[0] - full[0, i]).abs().max() < 1e-5
     assert cache.length == ids.shape[1]
 
 
@@ -227,10 +230,10 @@ def test_edits_at_positions_past_the_window_wait(family_checkpoint):
     vec = torch.ones(model.cfg.hidden_size)
     edit = make_edit(0, "post_block", [0], [t - 1], vec, alpha=2.0, kind="add")
     with torch.inference_mode():
-        whole = model(ids, hooks=HookContext.build([edit]), logits_at="last").logits
-        head = model(ids[:, :-1], hooks=HookContext.build([edit]), return_kv=True)
-        tail = model(ids[:, -1:], cache=head.kv, hooks=HookContext.build([edit])).logits
-        plain = model(ids[:, :-1]).logits
+        whole = model.prefill(ids, HookContext.build([edit])).logits
+        head = model.prefill(ids[:, :-1], HookContext.build([edit]))
+        tail = model.extend(ids[:, -1:], head.cache, HookContext.build([edit])).logits
+        plain = model.prefill(ids[:, :-1]).logits
     assert torch.equal(head.logits, plain)
     assert (tail - whole).abs().max() < 1e-5
 
@@ -256,33 +259,37 @@ def test_packed_rows_equal_padded_rows(family_checkpoint):
     vec = torch.linspace(-2, 2, model.cfg.hidden_size)
     edits = [make_edit(1, "post_attn", [0, 1, 2], starts, vec)]
     with torch.inference_mode():
-        full = model(ids, return_kv=True)
-        padded = torch.full((3, t - min(starts)), 2, dtype=torch.long)
+        full = model.prefill(ids)
+        width = t - min(starts)
+        padded = torch.full((3, width), 2, dtype=torch.long)
         for r, s in enumerate(starts):
             padded[r, : t - s] = ids[0, s:]
         packed = torch.cat([ids[0, s:] for s in starts])
-        common = dict(cache=full.kv, offsets=torch.tensor(starts), lengths=lengths)
-        a = model(padded, hooks=HookContext.build(edits), **common).logits
-        b = model(packed, hooks=HookContext.build(edits), **common).logits
+        packed_positions = torch.cat([torch.arange(s, t) for s in starts])
+        offsets = torch.tensor(starts)
+        padded_rows = ResumeRows.build(
+            model.embed(padded, _positions(starts, width)), offsets, lengths
+        )
+        packed_rows = ResumeRows.build(model.embed(packed, packed_positions), offsets, lengths)
+        a = model.resume(padded_rows, 0, full.cache, hooks=HookContext.build(edits))
+        b = model.resume(packed_rows, 0, full.cache, hooks=HookContext.build(edits))
     assert (a - b).abs().max() < 1e-5
 
 
 def test_resume_with_reused_attention_equals_full_forward(family_checkpoint):
-    from patchserve.models.state import Reuse
-
     model = loaded(family_checkpoint).model
     n = model.cfg.num_layers
     ids = ids_of(family_checkpoint)
     sites = [(i, h) for i in range(n) for h in ("pre_attn", "attn_out", "attn_head")]
     with torch.inference_mode():
-        full = model(ids, hooks=HookContext.build(capture=sites), return_kv=True)
+        full = model.prefill(ids, HookContext.build(capture=sites))
         for layer in range(n):
             x = full.captured[layer, "pre_attn"]
             for reuse in (
                 Reuse(attn_out=full.captured[layer, "attn_out"]),
                 Reuse(attn_head=full.captured[layer, "attn_head"]),
             ):
-                got = model(hidden=x, start_layer=layer, reuse=reuse).logits
+                got = model.resume(ResumeRows.build(x), layer, reuse=reuse)
                 assert (got - full.logits).abs().max() < 1e-5
 
 
@@ -299,7 +306,9 @@ def test_narrowed_final_block_matches_the_full_one(family_checkpoint):
     ]
     lengths = torch.tensor([t, t - 4])
     with torch.inference_mode():
-        full = model(ids, hooks=HookContext.build(edits), lengths=lengths).logits
-        narrow = model(ids, hooks=HookContext.build(edits), lengths=lengths, narrow_last=True)
-    assert narrow.hidden.shape == (2, model.cfg.hidden_size)
-    assert (narrow.logits - full).abs().max() < 1e-5
+        full = model(ids, HookContext.build(edits), lengths=lengths)[[0, 1], lengths - 1]
+        hidden = model.embed(ids, _positions([0, 0], t))
+        rows = ResumeRows.build(hidden, 0, lengths)
+        narrow = model.resume(rows, 0, hooks=HookContext.build(edits))
+    assert narrow.shape == (2, model.cfg.vocab_size)
+    assert (narrow - full).abs().max() < 1e-5

@@ -20,7 +20,7 @@ def test_logits_match_transformers(family_checkpoint, device):
     ours = loaded(family_checkpoint, device).model
     with torch.inference_mode():
         expected = ref(ids).logits
-        got = ours(ids, logits_at="all").logits
+        got = ours(ids)
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() < TOL
 
@@ -32,12 +32,13 @@ def test_cache_split_matches_transformers(family_checkpoint, split):
     ours = loaded(family_checkpoint).model
     with torch.inference_mode():
         expected = ref(ids).logits
-        prefix = ours(ids[:, :split], logits_at="all", return_kv=True)
-        suffix = ours(ids[:, split:], cache=prefix.kv, logits_at="all")
-        full = ours(ids, logits_at="all").logits
-    got = torch.cat((prefix.logits, suffix.logits), dim=1)
+        prefix = ours.prefill(ids[:, :split])
+        suffix = ours.extend(ids[:, split:], prefix.cache)
+        full = ours(ids)
+        prefix_logits, suffix_logits = ours.unembed(prefix.hidden), ours.unembed(suffix.hidden)
+    got = torch.cat((prefix_logits, suffix_logits), dim=1)
     assert (got - expected).abs().max().item() < TOL
-    assert (suffix.logits - full[:, split:]).abs().max().item() < 1e-5
+    assert (suffix_logits - full[:, split:]).abs().max().item() < 1e-5
 
 
 def _reference_branch_outputs(ref, family: str) -> tuple[list, dict]:
@@ -78,7 +79,7 @@ def test_captures_match_transformers(family_checkpoint):
         for h in handles:
             h.remove()
         ctx = HookContext.build(capture=[(i, h) for i in range(n) for h in RESIDUAL_HOOKS])
-        res = ours(ids, hooks=ctx, logits_at=None)
+        res = ours.prefill(ids, ctx)
     hs = out.hidden_states
     cap = res.captured
     for layer in range(n):
@@ -105,7 +106,8 @@ def test_attn_heads_project_to_attn_out(family_checkpoint):
     n = cfg.num_layers
     ctx = HookContext.build(capture=[(i, h) for i in range(n) for h in ("attn_head", "attn_out")])
     with torch.inference_mode():
-        cap = model(ids, hooks=ctx, logits_at=None).captured
+        model(ids, ctx)
+    cap = ctx.captured
     for layer, block in enumerate(model.blocks):
         z = cap[layer, "attn_head"]
         assert z.shape == (1, ids.shape[1], cfg.num_heads, cfg.head_dim)  # query heads (GQA)
@@ -125,7 +127,8 @@ def test_mlp_in_is_the_normalised_residual(family_checkpoint):
     n = model.cfg.num_layers
     ctx = HookContext.build(capture=[(i, h) for i in range(n) for h in RESIDUAL_HOOKS])
     with torch.inference_mode():
-        cap = model(ids, hooks=ctx, logits_at=None).captured
+        model(ids, ctx)
+    cap = ctx.captured
     for layer, block in enumerate(model.blocks):
         read = cap[layer, "pre_attn"] if model.cfg.parallel_residual else cap[layer, "post_attn"]
         assert torch.equal(cap[layer, "mlp_in"], block.mlp_norm(read))
@@ -143,7 +146,7 @@ def test_half_precision_as_accurate_as_transformers(family_checkpoint, dtype, de
     with torch.inference_mode():
         truth = load_reference(family_checkpoint).to(device)(ids).logits
         theirs = load_reference(family_checkpoint, dtype=dtype).to(device)(ids).logits.float()
-        got = ours(ids, logits_at="all").logits.float()
+        got = ours(ids).float()
     their_err = (theirs - truth).abs().max().item()
     our_err = (got - truth).abs().max().item()
     assert our_err <= 1.5 * their_err + 1e-3

@@ -28,10 +28,11 @@ def test_runtime_equals_the_reference_at_every_site(family_checkpoint):
     expected_logits, expected = reference_forward(model, ids)
     sites = [(layer, hook) for layer in range(model.cfg.num_layers) for hook in HOOKS]
     with torch.inference_mode():
-        out = model(ids, hooks=HookContext.build(capture=sites), logits_at="all")
-    assert (out.logits - expected_logits).abs().max().item() < TOL
+        ctx = HookContext.build(capture=sites)
+        logits = model(ids, ctx)
+    assert (logits - expected_logits).abs().max().item() < TOL
     for site in sites:
-        assert (out.captured[site] - expected[site]).abs().max().item() < TOL, site
+        assert (ctx.captured[site] - expected[site]).abs().max().item() < TOL, site
 
 
 def test_runtime_patches_equal_reference_patches(family_checkpoint):
@@ -60,5 +61,5 @@ def test_runtime_patches_equal_reference_patches(family_checkpoint):
         heads = [0] if hook == "attn_head" else None
         edit = make_edit(layer, hook, [0], [position], value[None], heads=heads)
         with torch.inference_mode():
-            got = model(corrupt, hooks=HookContext.build([edit]), logits_at="last").logits
-        assert (got[0, -1] - expected[0, -1]).abs().max().item() < TOL, hook
+            got = model.prefill(corrupt, HookContext.build([edit])).logits
+        assert (got[0] - expected[0, -1]).abs().max().item() < TOL, hook

@@ -15,8 +15,8 @@ def _greedy_reference(model, ids: list[int], steps: int, edits=()) -> list[int]:
     out = list(ids)
     for _ in range(steps):
         with torch.inference_mode():
-            logits = model(torch.tensor([out]), hooks=HookContext.build(edits)).logits
-        out.append(int(logits[0, -1].argmax()))
+            logits = model.prefill(torch.tensor([out]), HookContext.build(edits)).logits
+        out.append(int(logits[0].argmax()))
     return out[len(ids) :]
 
 
@@ -87,9 +87,7 @@ def test_steering_capture_and_exact_logprobs(client, server):
     full = ids + generated
     edit = make_edit(1, "mlp_out", [0] * len(full), range(len(full)), vec, alpha=3.0, kind="add")
     with torch.inference_mode():
-        logits = model(
-            torch.tensor([full]), hooks=HookContext.build([edit]), logits_at="all"
-        ).logits[0]
+        logits = model(torch.tensor([full]), HookContext.build([edit]))[0]
     lp = torch.log_softmax(logits.double(), -1)
     for step, requested in enumerate(choice["logprob_token_ids"]):
         row = lp[len(ids) - 1 + step]

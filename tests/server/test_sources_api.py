@@ -58,7 +58,7 @@ def test_activations_round_trip_exactly(client, server):
 
     ids = torch.tensor([tokenizer(server.folder).encode(CLEAN).ids])
     with torch.inference_mode():
-        expected = model(ids, hooks=HookContext.build(capture=[(2, "mlp_out")])).captured[
+        expected = model.prefill(ids, HookContext.build(capture=[(2, "mlp_out")])).captured[
             2, "mlp_out"
         ][0]
     assert np.array_equal(got, expected.numpy())

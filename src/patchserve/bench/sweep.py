@@ -122,8 +122,8 @@ def batched_full_forward(
         source = run.activations[hook, layer]
         edit = make_edit(layer, hook, range(t), range(t), source)
         with torch.inference_mode():
-            logits = model(ids, hooks=HookContext.build([edit])).logits
-        grid.append(grader(logits[:, 0]).tolist())
+            logits = model.prefill(ids, HookContext.build([edit])).logits
+        grid.append(grader(logits).tolist())
     return grid
 
 
@@ -132,8 +132,8 @@ def naive_cells(model, corrupt, run, cells, hook, grader) -> None:
     for layer, pos in cells:
         edit = make_edit(layer, hook, [0], [pos], run.activations[hook, layer][pos][None])
         with torch.inference_mode():
-            logits = model(ids, hooks=HookContext.build([edit])).logits
-        grader(logits[:, 0])
+            logits = model.prefill(ids, HookContext.build([edit])).logits
+        grader(logits)
 
 
 def transformer_lens_results(

@@ -99,18 +99,17 @@ def capture_run(
     sites = [(layer, hook) for hook, layers in hooks.items() for layer in layers]
     ids = torch.tensor([token_ids], device=model.device)
     with torch.inference_mode():
-        out = model(ids, hooks=HookContext.build(capture=sites), logits_at="last")
+        out = model.prefill(ids, HookContext.build(capture=sites))
     index = torch.tensor(positions, device=model.device)
     activations = {
         (hook, layer): out.captured[layer, hook][0].index_select(0, index).clone()
         for layer, hook in sites
     }
-    assert out.logits is not None
     return CapturedRun(
         name=name,
         prompt=prompt,
         token_ids=list(token_ids),
         positions=list(positions),
         activations=activations,
-        last_logits=out.logits[0, -1].float().clone(),
+        last_logits=out.logits[0].float().clone(),
     )

@@ -45,6 +45,7 @@ from patchserve.engine.metrics import Grader, raw_score
 from patchserve.engine.runs import CapturedRun
 from patchserve.models import HookContext, Transformer, make_edit
 from patchserve.models.hooks import blend
+from patchserve.models.layout import ResumeRows
 from patchserve.models.state import KVCache, Reuse
 from patchserve.text.alignment import Alignment, align
 from patchserve.wire.grids import assemble_grid
@@ -202,11 +203,8 @@ class SweepRunner:
     def _corrupt_forward(self) -> _Corrupt:
         ids = torch.tensor([self.spec.corrupt_ids], device=self.model.device)
         with self.gate():
-            out = self.model(
-                ids, hooks=HookContext.build(capture=self._capture_sites()), return_kv=True
-            )
-        assert out.logits is not None and out.kv is not None
-        return _Corrupt(out.captured, out.kv, out.logits[0, -1])
+            out = self.model.prefill(ids, HookContext.build(capture=self._capture_sites()))
+        return _Corrupt(out.captured, out.cache, out.logits[0])
 
     def _source_row(
         self, hook: str, layer: int, position: int, alignment: Alignment | None
@@ -462,22 +460,12 @@ class SweepRunner:
             torch.stack(patched),
             heads=[h for h in heads if h is not None] if hook == "attn_head" else None,
         )
+        rows_in = ResumeRows.build(hidden, offsets, lengths)
         with self.gate():
-            out = model(
-                hidden=hidden,
-                start_layer=start,
-                reuse=reused,
-                offsets=offsets,
-                lengths=lengths,
-                cache=corrupt.kv,
-                hooks=HookContext.build([edit]),
-                logits_at="last",
-                narrow_last=True,
-            )
-        assert out.logits is not None
+            logits = model.resume(rows_in, start, corrupt.kv, reused, HookContext.build([edit]))
         for p in first:
             self.stats["flops"] += suffix_flops(cfg, start, p, length, reuse)
-        return grader(out.logits[:, 0])
+        return grader(logits)
 
     def _grids(self, cells: list[Cell]) -> tuple[dict[str, list], dict[str, Cell | None]]:
         spec = self.spec

@@ -2,21 +2,24 @@
 
 from patchserve.models.config import CheckpointError, ModelConfig
 from patchserve.models.hooks import HOOKS, INJECTABLE_HOOKS, HookContext, SiteEdit, make_edit
+from patchserve.models.layout import ResumeRows
 from patchserve.models.loading import LoadedModel, load_model
 from patchserve.models.registry import SUPPORTED_ARCHITECTURES
-from patchserve.models.state import KVCache
-from patchserve.models.transformer import ForwardResult, Transformer
+from patchserve.models.state import KVCache, Reuse
+from patchserve.models.transformer import CachedPass, Transformer
 
 __all__ = [
     "HOOKS",
     "INJECTABLE_HOOKS",
     "SUPPORTED_ARCHITECTURES",
+    "CachedPass",
     "CheckpointError",
-    "ForwardResult",
     "HookContext",
     "KVCache",
     "LoadedModel",
     "ModelConfig",
+    "ResumeRows",
+    "Reuse",
     "SiteEdit",
     "Transformer",
     "load_model",

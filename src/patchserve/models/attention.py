@@ -63,35 +63,51 @@ class Attention(nn.Module):
         """Per-head attention outputs ``[*tokens, H, D]`` of the normalised residual ``x``.
 
         Queries attend the pass's prefix cache and the new keys, one attention
-        group at a time (see :class:`~patchserve.models.transformer.Layout`).
-        On a narrowed block (only the rows' last tokens are read downstream)
-        keys and values are computed for every token but queries, and so the
-        output, for the last token of each row only (``[rows, H, D]``).
+        group at a time (see :class:`~patchserve.models.layout.Layout`).
         """
-        k, v = self.keys_values(x, state.rope_tables(self.rope))
-        narrow = state.narrows(self.layer)
-        if narrow:
-            q = self.queries(state.layout.last(x)[:, 0], state.rope_tables(self.rope, narrow=True))
-        else:
-            q = self.queries(x, state.rope_tables(self.rope))
+        cos_sin = state.rope_tables(self.rope)
+        k, v = self.keys_values(x, cos_sin)
+        q = self.queries(x, cos_sin)
         groups = state.layout.groups
-        z = None if len(groups) == 1 and not narrow else torch.empty_like(q)
+        if len(groups) == 1:  # padded rows (or one packed group): no scatter back
+            g = groups[0]
+            kg, vg = g.pad(k).transpose(1, 2), g.pad(v).transpose(1, 2)
+            state.keep_kv(self.layer, kg, vg)
+            return g.unpad(self._attend_group(state, 0, g.pad(q), kg, vg, last=False))
+        z = torch.empty_like(q)
         for i, g in enumerate(groups):
             kg, vg = g.pad(k).transpose(1, 2), g.pad(v).transpose(1, 2)
-            if z is None:
-                state.keep_kv(self.layer, kg, vg)
-            qg = q[g.rows, None] if narrow else g.pad(q)
-            prefix = state.prefix_kv(self.layer, g.prefix_limit)
-            masks = state.masks(i, self.window, narrow)
-            out = attend(qg.transpose(1, 2), kg, vg, prefix, masks, self.scale, self.softcap)
-            if narrow:
-                z[g.rows] = out[:, 0]  # type: ignore[index]
-            elif z is None:
-                return g.unpad(out)
-            else:
-                z[g.tokens] = g.unpad(out)
-        assert z is not None
+            z[g.tokens] = g.unpad(self._attend_group(state, i, g.pad(q), kg, vg, last=False))
         return z
+
+    def forward_last(self, x: torch.Tensor, state: PassState) -> torch.Tensor:
+        """Attention outputs ``[rows, H, D]`` of each row's last token only.
+
+        Keys and values still cover every token of ``x``; only the queries (and
+        so the output) are narrowed, for a final block whose other tokens are
+        never read.
+        """
+        k, v = self.keys_values(x, state.rope_tables(self.rope))
+        q = self.queries(state.last_tokens(x), state.rope_tables(self.rope, last=True))
+        z = torch.empty_like(q)
+        for i, g in enumerate(state.layout.groups):
+            kg, vg = g.pad(k).transpose(1, 2), g.pad(v).transpose(1, 2)
+            z[g.rows] = self._attend_group(state, i, q[g.rows, None], kg, vg, last=True)[:, 0]
+        return z
+
+    def _attend_group(
+        self,
+        state: PassState,
+        index: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        last: bool,
+    ) -> torch.Tensor:
+        """Attention of one group's padded queries ``[rows, Tq, H, D]`` → ``[rows, Tq, H, D]``."""
+        prefix = state.prefix_kv(self.layer, state.layout.groups[index].prefix_limit)
+        masks = state.masks(index, self.window, last)
+        return attend(q.transpose(1, 2), k, v, prefix, masks, self.scale, self.softcap)
 
     def queries(
         self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor] | None

@@ -11,6 +11,7 @@ exactly as writing ``attn_out`` would, and the MLP still reads ``pre_attn``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,6 +23,8 @@ from patchserve.models.layers import MLP, make_norm
 
 if TYPE_CHECKING:
     from patchserve.models.state import PassState, Reuse
+
+Site = Callable[[int, str, torch.Tensor], torch.Tensor]
 
 
 class DecoderBlock(nn.Module):
@@ -44,10 +47,37 @@ class DecoderBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, state: PassState, reuse: Reuse | None = None
     ) -> torch.Tensor:
-        site, i = state.hooks.site, self.layer
+        site, i = state.site, self.layer
         x = site(i, "pre_attn", x)
         a = site(i, "attn_out", self.attention_branch(x, state, reuse))
-        x = state.narrowed(i, x)  # the final block may keep only the rows' last tokens
+        return self._residual_tail(x, a, site)
+
+    def forward_last(
+        self, x: torch.Tensor, state: PassState, reuse: Reuse | None = None
+    ) -> torch.Tensor:
+        """The block for each row's last token only: ``post_block`` ``[rows, d]``.
+
+        Keys and values still cover every token of ``x``; queries, the output
+        projection and the MLP run for the last tokens alone, whose sites (after
+        ``pre_attn``) hold ``[rows, ...]``. The same values as :meth:`forward`
+        at those tokens, up to float rounding.
+        """
+        i = self.layer
+        x = state.site(i, "pre_attn", x)
+        site = state.last_site
+        if reuse is not None and reuse.attn_out is not None:
+            a = state.last_tokens(reuse.attn_out)
+        else:
+            if reuse is not None and reuse.attn_head is not None:
+                z = state.last_tokens(reuse.attn_head)
+            else:
+                z = self.attn.forward_last(self.attn_norm(x), state)
+            a = self._project(site(i, "attn_head", z))
+        return self._residual_tail(state.last_tokens(x), site(i, "attn_out", a), site)
+
+    def _residual_tail(self, x: torch.Tensor, a: torch.Tensor, site: Site) -> torch.Tensor:
+        """``post_block`` from the block input ``x`` and its attention output ``a``."""
+        i = self.layer
         h = site(i, "post_attn", x + a)
         m_in = site(i, "mlp_in", self.mlp_norm(x if self.parallel else h))
         m = site(i, "mlp_out", self.mlp_branch(m_in))
@@ -62,18 +92,17 @@ class DecoderBlock(nn.Module):
         unchanged: its ``attn_out`` (returned as is) or its per-head ``attn_head``
         output (from which o_proj and any post-norm are recomputed).
         """
-        if state.narrows(self.layer):
-            # Sites from here on hold the rows' last tokens only.
-            state.hooks.layout = state.layout.narrow()
         if reuse is not None and reuse.attn_out is not None:
-            return state.narrowed(self.layer, reuse.attn_out)
-        attn = self.attn
+            return reuse.attn_out
         if reuse is not None and reuse.attn_head is not None:
-            z = state.narrowed(self.layer, reuse.attn_head)
+            z = reuse.attn_head
         else:
-            z = attn(self.attn_norm(x), state)
-        z = state.hooks.site(self.layer, "attn_head", z)
-        out = attn.o_proj(z.flatten(-2))
+            z = self.attn(self.attn_norm(x), state)
+        return self._project(state.site(self.layer, "attn_head", z))
+
+    def _project(self, z: torch.Tensor) -> torch.Tensor:
+        """The output projection (and any post-norm) of per-head outputs ``z``."""
+        out = self.attn.o_proj(z.flatten(-2))
         return self.attn_post_norm(out) if self.attn_post_norm is not None else out
 
     def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ vocabulary: ``pre_attn`` = ``resid_pre``, ``attn_out`` = ``attn_out``,
 ``z`` (one query head's attention output before the output projection).
 
 A :class:`HookContext` is handed down one forward pass. At each site the block
-calls ``ctx.site(layer, hook, tensor)``, which applies the interventions
+calls ``ctx.site(layer, hook, tensor, layout)``, which applies the interventions
 registered for that site (patches first, then additions) and records the
 result when the site is captured. Interventions address batch rows and
 *absolute* token positions, so the same request works for a full forward, a
@@ -128,8 +128,9 @@ class SiteLayout(Protocol):
 class HookContext:
     """Interventions and captures for one forward pass.
 
-    The forward pass sets ``layout``; captured tensors are the site values
-    after any edit, in the pass's layout (``[batch, tokens, width]`` for a
+    Each site call names the layout of its tensor (the context itself is never
+    changed by a pass, apart from ``captured``); captured tensors are the site
+    values after any edit, in that layout (``[batch, tokens, width]`` for a
     padded batch, ``[tokens, width]`` for packed rows; ``attn_head`` has
     ``heads, head_dim`` in place of ``width``).
     """
@@ -137,7 +138,6 @@ class HookContext:
     edits: dict[tuple[int, str], list[SiteEdit]] = field(default_factory=dict)
     capture: set[tuple[int, str]] = field(default_factory=set)
     captured: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
-    layout: SiteLayout | None = None
 
     @classmethod
     def build(
@@ -150,21 +150,23 @@ class HookContext:
             ctx.edits.setdefault((edit.layer, edit.hook), []).append(edit)
         return ctx
 
-    def site(self, layer: int, hook: str, h: torch.Tensor) -> torch.Tensor:
+    def site(self, layer: int, hook: str, h: torch.Tensor, layout: SiteLayout) -> torch.Tensor:
+        """``h`` after the site's edits (``layout`` locates their rows and positions)."""
         key = (layer, hook)
         edits = self.edits.get(key)
         if edits:
             # Patches first (they define the value), then additive steering.
             for edit in sorted(edits, key=lambda e: e.kind != "patch"):
-                h = self._apply(h, edit)
+                h = self._apply(h, edit, layout)
         if key in self.capture:
             self.captured[key] = h
         return h
 
-    def _apply(self, h: torch.Tensor, edit: SiteEdit) -> torch.Tensor:
-        if self.layout is None:
-            raise RuntimeError("HookContext used outside a forward pass")
-        keep, index = self.layout.locate(edit.rows, edit.positions)
+    def captures_layer(self, layer: int) -> bool:
+        return any(site_layer == layer for site_layer, _ in self.capture)
+
+    def _apply(self, h: torch.Tensor, edit: SiteEdit, layout: SiteLayout) -> torch.Tensor:
+        keep, index = layout.locate(edit.rows, edit.positions)
         if not bool(keep.any()):
             return h
         source, alpha, mask, heads = edit.source, edit.alpha, edit.mask, edit.heads

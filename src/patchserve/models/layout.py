@@ -1,6 +1,7 @@
 """Where a pass's tokens sit: rows packed back to back (no padding in any projection or
 MLP) or padded, their absolute positions, and the attention groups of similar-length rows
-that attention pads locally; narrowing to the rows' last tokens for the final block."""
+that attention pads locally; the layout of the rows' last tokens for a final block that
+computes only those; and :class:`ResumeRows`, the validated rows a resumed pass starts from."""
 
 from __future__ import annotations
 
@@ -143,3 +144,62 @@ class Layout:
         if self.packed:
             return x[self.starts + self.lengths - 1][:, None]
         return x[torch.arange(self.batch, device=x.device), self.lengths - 1][:, None]
+
+
+@dataclass(frozen=True)
+class ResumeRows:
+    """The residual rows a resumed pass starts from, checked once when built.
+
+    Packed: ``hidden`` ``[N, d]`` holds the rows' real tokens back to back.
+    Padded: ``hidden`` ``[rows, tokens, d]``, row ``r`` real for its first
+    ``lengths[r]`` tokens. ``offsets`` is each row's first absolute position;
+    ``prefix_lengths`` how many cached prefix tokens each row sees (its offset
+    when left out).
+    """
+
+    hidden: torch.Tensor
+    offsets: torch.Tensor  # [rows]
+    lengths: torch.Tensor  # [rows]
+    tmax: int
+    packed: bool
+    prefix_lengths: torch.Tensor | None = None
+
+    @classmethod
+    def build(
+        cls,
+        hidden: torch.Tensor,
+        offsets: torch.Tensor | int = 0,
+        lengths: torch.Tensor | None = None,
+        prefix_lengths: torch.Tensor | None = None,
+    ) -> ResumeRows:
+        """Rows of ``hidden``: packed when it is ``[N, d]`` (``lengths`` required), else padded."""
+        if hidden.dim() not in (2, 3):
+            raise ValueError("hidden must be packed [tokens, d] or padded [rows, tokens, d]")
+        packed = hidden.dim() == 2
+        device = hidden.device
+        if lengths is None:
+            if packed:
+                raise ValueError("packed rows need lengths")
+            lengths = torch.full((hidden.shape[0],), hidden.shape[1], device=device)
+        lengths = lengths.to(device=device, dtype=torch.long)
+        lens = lengths.tolist()
+        if lengths.dim() != 1 or not lens or min(lens) < 1:
+            raise ValueError("lengths must be a non-empty vector of positive token counts")
+        if packed and sum(lens) != hidden.shape[0]:
+            raise ValueError("packed rows: lengths must add up to the token count")
+        if not packed and (hidden.shape[0] != len(lens) or max(lens) > hidden.shape[1]):
+            raise ValueError("padded rows: one length per row, none above the row width")
+        offsets_t = torch.as_tensor(offsets, dtype=torch.long, device=device).reshape(-1)
+        if offsets_t.shape[0] not in (1, len(lens)):
+            raise ValueError("offsets: one per row, or one for all")
+        if prefix_lengths is not None and prefix_lengths.shape != lengths.shape:
+            raise ValueError("prefix_lengths: one per row")
+        tmax = max(lens) if packed else hidden.shape[1]
+        return cls(hidden, offsets_t.expand(len(lens)), lengths, tmax, packed, prefix_lengths)
+
+    def layout(self, prefix_total: int | None) -> Layout:
+        """Where these rows sit on a cached prefix of ``prefix_total`` tokens (None: no cache)."""
+        plens = self.prefix_lengths
+        if plens is None and prefix_total is not None:
+            plens = self.offsets
+        return Layout(self.offsets, self.lengths, self.tmax, self.packed, plens, prefix_total or 0)

@@ -63,10 +63,9 @@ class Reuse:
 class PassState:
     """What the blocks of one forward pass share: layout, masks, rotary tables, caches, hooks.
 
-    ``narrow_layer``: the block from whose attention on only the rows' last
-    tokens are computed (the pass's final block when only last-token logits
-    are read and nothing there is captured); its keys and values still cover
-    every token.
+    ``site`` runs a hook site on a tensor in the pass's layout; ``last_site`` on
+    one holding each row's last token only (a final block that computes those
+    alone, see :meth:`~patchserve.models.block.DecoderBlock.forward_last`).
     """
 
     hooks: HookContext
@@ -75,29 +74,43 @@ class PassState:
     rotaries: dict[RopeConfig, Rotary]
     dtype: torch.dtype
     keep_cache: bool
-    narrow_layer: int | None = None
     new_keys: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _tables: dict[tuple[RopeConfig, bool], tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict
     )
     _masks: dict[tuple[int, int | None, bool], AttentionMasks] = field(default_factory=dict)
+    _last_layout: Layout | None = None
 
-    def narrows(self, layer: int) -> bool:
-        return layer == self.narrow_layer
+    def site(self, layer: int, hook: str, h: torch.Tensor) -> torch.Tensor:
+        return self.hooks.site(layer, hook, h, self.layout)
 
-    def narrowed(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """``x`` as the rows' last tokens ``[rows, ...]`` on the narrowed block, else as is."""
-        return self.layout.last(x)[:, 0] if layer == self.narrow_layer else x
+    def last_site(self, layer: int, hook: str, h: torch.Tensor) -> torch.Tensor:
+        if self._last_layout is None:
+            self._last_layout = self.layout.narrow()
+        return self.hooks.site(layer, hook, h, self._last_layout)
+
+    def last_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row's last real token of ``x``: ``[rows, ...]``."""
+        return self.layout.last(x)[:, 0]
+
+    def cache(self, num_layers: int) -> KVCache:
+        """The keys and values this pass kept (``keep_cache``), as a cache of its tokens."""
+        pairs = [self.new_keys.get(i) for i in range(num_layers)]
+        return KVCache(
+            [p[0] if p is not None else None for p in pairs],
+            [p[1] if p is not None else None for p in pairs],
+        )
 
     def rope_tables(
-        self, rope: RopeConfig | None, narrow: bool = False
+        self, rope: RopeConfig | None, last: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Rotary tables of every token, or (``last``) of each row's last token."""
         if rope is None:
             return None
-        key = (rope, narrow)
+        key = (rope, last)
         if key not in self._tables:
             layout = self.layout
-            positions = layout.offsets + layout.lengths - 1 if narrow else layout.positions
+            positions = layout.offsets + layout.lengths - 1 if last else layout.positions
             self._tables[key] = self.rotaries[rope].tables(positions, self.dtype)
         return self._tables[key]
 
@@ -117,29 +130,28 @@ class PassState:
             k, v = k[:, :, :limit], v[:, :, :limit]
         return k, v
 
-    def masks(self, group_index: int, window: int | None, narrow: bool = False) -> AttentionMasks:
-        key = (group_index, window, narrow)
+    def masks(self, group_index: int, window: int | None, last: bool = False) -> AttentionMasks:
+        """Masks of one attention group; ``last``: for queries of each row's last token."""
+        key = (group_index, window, last)
         if key not in self._masks:
             group = self.layout.groups[group_index]
-            self._masks[key] = self._build_masks(group, window, narrow)
+            self._masks[key] = self._build_masks(group, window, last)
         return self._masks[key]
 
-    def _build_masks(
-        self, group: AttentionGroup, window: int | None, narrow: bool
-    ) -> AttentionMasks:
+    def _build_masks(self, group: AttentionGroup, window: int | None, last: bool) -> AttentionMasks:
         kpos = group.grid  # [b, t_k]
-        qpos = (group.offsets + group.lengths - 1)[:, None] if narrow else kpos
+        qpos = (group.offsets + group.lengths - 1)[:, None] if last else kpos
         device = kpos.device
         plen = min(group.prefix_limit, self.prefix.length) if self.prefix is not None else 0
         window_binds = window is not None and int(kpos.max()) >= window
-        if plen == 0 and not group.padded and not window_binds and not narrow:
+        if plen == 0 and not group.padded and not window_binds and not last:
             return AttentionMasks(None, None, causal_only=True)
         slots = torch.arange(kpos.shape[1], device=device)
         real = slots[None, :] < group.lengths[:, None]  # [b, t]
         new = (kpos[:, None, :] <= qpos[:, :, None]) & real[:, None, :]  # causal by position
         if window is not None and window_binds:
             new = new & (qpos[:, :, None] - kpos[:, None, :] < window)
-        if not narrow:
+        if not last:
             # A padded query slot sees itself only, so its (unused) output stays finite
             # and never poisons a real query through a masked-out NaN value.
             eye = slots[None, :, None] == slots[None, None, :]

@@ -1,25 +1,24 @@
-"""The hooked decoder-only transformer and its forward entry points.
+"""The hooked decoder-only transformer and its named entry points.
 
-``Transformer.forward`` is the single entry point; its arguments select the
-variants the sweep engine and the server need:
+* :meth:`Transformer.forward` — the readable full pass: logits of every token
+  of padded rows of token ids (what ``model(ids)`` calls);
+* :meth:`Transformer.prefill` — a full pass that also keeps its key/value
+  cache (the sweep's corrupt run, the prompt of a generation);
+* :meth:`Transformer.extend` — tokens continuing a cache (a decoding step);
+* :meth:`Transformer.resume` — the sweep's pass: :class:`ResumeRows` of
+  residual stream entering block ``l`` on a shared (batch-1) corrupt cache,
+  with each row's own prefix length, reusing unchanged attention, and the
+  final block run for the rows' last tokens only; last-token logits.
 
-* a full forward of token ids (optionally returning the key/value cache);
-* a forward of a *suffix* of tokens on top of a :class:`KVCache` of the prefix,
-  where a batch-1 cache is shared by every row without copying and each row
-  may see a different prefix length (``prefix_lengths``);
-* a forward that *starts at layer l* from a supplied residual stream
-  (``hidden``, the ``pre_attn`` input of block ``l``);
-* logits only where they are read (``logits_at``), or none at all.
-
-Interventions and captures travel in a :class:`HookContext`. The pass's state
-(cache, reuse, masks, rope tables) is ``models/state.py``; where its tokens sit,
-``models/layout.py``.
+:meth:`Transformer.run_blocks` is the stage they share (blocks ``l..L-1`` on
+rows, residual out). Interventions and captures travel in a
+:class:`HookContext`. The pass's state (cache, reuse, masks, rope tables) is
+``models/state.py``; where its tokens sit, ``models/layout.py``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
@@ -29,18 +28,18 @@ from patchserve.models.block import DecoderBlock
 from patchserve.models.config import ModelConfig
 from patchserve.models.hooks import HookContext
 from patchserve.models.layers import Rotary, make_norm
-from patchserve.models.layout import Layout
+from patchserve.models.layout import Layout, ResumeRows
 from patchserve.models.state import KVCache, PassState, Reuse
-
-LogitsAt = Literal["last", "all"] | torch.Tensor | None
 
 
 @dataclass
-class ForwardResult:
-    logits: torch.Tensor | None  # [batch, k, vocab] at the requested positions
+class CachedPass:
+    """What :meth:`Transformer.prefill` and :meth:`Transformer.extend` return."""
+
+    logits: torch.Tensor  # [batch, vocab] at each row's last token
+    cache: KVCache  # keys/values of the tokens this pass computed
     captured: dict[tuple[int, str], torch.Tensor]
-    kv: KVCache | None  # keys/values of the tokens this pass computed
-    hidden: torch.Tensor  # residual stream leaving the last block run, before the final norm
+    hidden: torch.Tensor  # [batch, tokens, d] leaving the last block, before the final norm
 
 
 class Transformer(nn.Module):
@@ -90,120 +89,124 @@ class Transformer(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor | None = None,
-        *,
-        hidden: torch.Tensor | None = None,
-        start_layer: int = 0,
-        reuse: Reuse | None = None,
-        offsets: torch.Tensor | int | None = None,
-        lengths: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        prefix_lengths: torch.Tensor | None = None,
+        input_ids: torch.Tensor,
         hooks: HookContext | None = None,
-        logits_at: LogitsAt = "last",
-        return_kv: bool = False,
-        narrow_last: bool = False,
-    ) -> ForwardResult:
-        """Run blocks ``start_layer..L-1`` over a batch of token rows.
+        lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[batch, tokens, vocab]`` of right-padded rows ``input_ids`` ``[batch, tokens]``.
 
-        Rows are either padded — ``input_ids`` ``[batch, tokens]`` / ``hidden``
-        ``[batch, tokens, d]``, right-padded to ``lengths`` — or packed —
-        ``input_ids`` ``[N]`` / ``hidden`` ``[N, d]`` holding the rows back to back,
-        with ``lengths`` (required) giving each row's token count.
-
-        Args:
-            input_ids: token ids (with ``start_layer == 0``).
-            hidden: residual stream entering block ``start_layer`` (instead of ids).
-            reuse: unchanged attention output of block ``start_layer`` (see :class:`Reuse`).
-            offsets: absolute position of each row's first token; defaults to
-                the cache length (0 without a cache).
-            lengths: real tokens per row; defaults to all (padded input).
-            cache: keys/values of the prefix, batch 1 (shared) or ``batch``.
-            prefix_lengths: how many prefix tokens each row sees; defaults to ``offsets``.
-            hooks: interventions to apply and sites to capture.
-            logits_at: ``"last"`` (last real token of each row, ``[batch, 1, V]``),
-                ``"all"`` (every token, in the input's layout), a ``[batch, k]``
-                tensor of token indices (padded input), or None for no logits.
-            return_kv: also return the keys/values of the computed tokens
-                (padded ``[batch, kv_heads, tokens, head_dim]``).
-            narrow_last: with ``logits_at="last"``, run the final block's queries,
-                output projection and MLP for the rows' last tokens only (their
-                keys and values still cover every token). Same values up to float
-                rounding; ``hidden`` is then ``[batch, d]``. Ignored when the final
-                block is captured or keys/values are returned.
+        ``lengths``: real tokens per row (all by default). Captures land in ``hooks.captured``.
         """
-        if (input_ids is None) == (hidden is None):
-            raise ValueError("pass exactly one of input_ids and hidden")
-        if input_ids is not None and start_layer != 0:
-            raise ValueError("input_ids start at layer 0; pass hidden to start higher")
-        ref = input_ids if input_ids is not None else hidden
-        assert ref is not None
-        packed = ref.dim() == (1 if input_ids is not None else 2)
-        device = ref.device
-        if packed:
-            if lengths is None:
-                raise ValueError("packed rows need lengths")
-            if int(lengths.sum()) != ref.shape[0]:
-                raise ValueError("packed rows: lengths must add up to the token count")
-            b, t = lengths.shape[0], int(lengths.max())
+        layout = self._padded_layout(input_ids, lengths, None)
+        state = self._state(layout, hooks, None, keep_cache=False)
+        x = self._run(self.embed(input_ids, layout.positions), state, 0, self.cfg.num_layers)
+        return self.unembed(x)
+
+    def prefill(self, input_ids: torch.Tensor, hooks: HookContext | None = None) -> CachedPass:
+        """A full pass over ``input_ids`` ``[batch, tokens]`` that keeps its key/value cache."""
+        return self._cached_pass(input_ids, None, hooks)
+
+    def extend(
+        self, input_ids: torch.Tensor, cache: KVCache, hooks: HookContext | None = None
+    ) -> CachedPass:
+        """``input_ids`` ``[batch, tokens]`` continuing the tokens of ``cache`` (a decoding step).
+
+        The returned cache holds the new tokens only (see :meth:`KVCache.extend`).
+        """
+        return self._cached_pass(input_ids, cache, hooks)
+
+    def resume(
+        self,
+        rows: ResumeRows,
+        start_layer: int,
+        cache: KVCache | None = None,
+        reuse: Reuse | None = None,
+        hooks: HookContext | None = None,
+    ) -> torch.Tensor:
+        """Last-token logits ``[rows, vocab]`` of ``rows`` entering block ``start_layer``.
+
+        Three stages: blocks ``start_layer..L-2`` on every token; the final
+        block for each row's last token only (keys and values still cover every
+        token; run in full instead when a site of it is captured); unembedding.
+        ``reuse``: the unchanged attention of block ``start_layer``.
+        """
+        hooks = hooks if hooks is not None else HookContext()
+        final = self.cfg.num_layers - 1
+        narrow = start_layer <= final and not hooks.captures_layer(final)
+        stop = final if narrow else final + 1
+        state = self._state(self._rows_layout(rows, start_layer, cache), hooks, cache, False)
+        x = self._run(rows.hidden, state, start_layer, stop, reuse)
+        if narrow:
+            block = self.blocks[final]
+            assert isinstance(block, DecoderBlock)
+            last = block.forward_last(x, state, reuse if start_layer == final else None)
         else:
-            b, t = ref.shape[:2]
-        if offsets is None:
-            offsets = cache.length if cache is not None else 0
-        offsets_t = torch.as_tensor(offsets, dtype=torch.long, device=device).reshape(-1)
-        offsets_t = offsets_t.expand(b) if offsets_t.shape[0] == 1 else offsets_t
+            last = state.last_tokens(x)
+        return self.unembed(last)
+
+    def run_blocks(
+        self,
+        rows: ResumeRows,
+        start_layer: int,
+        cache: KVCache | None = None,
+        reuse: Reuse | None = None,
+        hooks: HookContext | None = None,
+    ) -> torch.Tensor:
+        """The residual stream of every token of ``rows`` after blocks ``start_layer..L-1``."""
+        layout = self._rows_layout(rows, start_layer, cache)
+        state = self._state(layout, hooks, cache, keep_cache=False)
+        return self._run(rows.hidden, state, start_layer, self.cfg.num_layers, reuse)
+
+    # -- the stages the entry points share -------------------------------------------
+
+    def _cached_pass(
+        self, input_ids: torch.Tensor, cache: KVCache | None, hooks: HookContext | None
+    ) -> CachedPass:
+        layout = self._padded_layout(input_ids, None, cache)
+        state = self._state(layout, hooks, cache, keep_cache=True)
+        x = self._run(self.embed(input_ids, layout.positions), state, 0, self.cfg.num_layers)
+        logits = self.unembed(state.last_tokens(x))
+        return CachedPass(logits, state.cache(self.cfg.num_layers), state.hooks.captured, x)
+
+    def _padded_layout(
+        self, input_ids: torch.Tensor, lengths: torch.Tensor | None, cache: KVCache | None
+    ) -> Layout:
+        if input_ids.dim() != 2:
+            raise ValueError("input_ids must be [batch, tokens]")
+        b, t = input_ids.shape
+        device = input_ids.device
+        if cache is not None and cache.batch not in (0, 1, b):
+            raise ValueError("the cache must have batch 1 or one row per input row")
+        start = cache.length if cache is not None else 0
+        offsets = torch.full((b,), start, dtype=torch.long, device=device)
         if lengths is None:
             lengths = torch.full((b,), t, dtype=torch.long, device=device)
-        if prefix_lengths is None and cache is not None:
-            prefix_lengths = offsets_t
-        prefix_total = cache.length if cache is not None else 0
-        layout = Layout(offsets_t, lengths.to(device), t, packed, prefix_lengths, prefix_total)
-        if return_kv and len(layout.groups) > 1:
-            raise ValueError("return_kv needs rows of one attention group (padded rows)")
+        prefix = offsets if cache is not None else None
+        return Layout(offsets, lengths.to(device), t, False, prefix, start)
+
+    def _rows_layout(self, rows: ResumeRows, start_layer: int, cache: KVCache | None) -> Layout:
+        if not 0 <= start_layer <= self.cfg.num_layers:
+            raise ValueError(f"start_layer must be in 0..{self.cfg.num_layers}")
+        if cache is not None and cache.batch not in (0, 1, rows.lengths.shape[0]):
+            raise ValueError("the cache must have batch 1 or one row per resumed row")
+        return rows.layout(cache.length if cache is not None else None)
+
+    def _state(
+        self, layout: Layout, hooks: HookContext | None, cache: KVCache | None, keep_cache: bool
+    ) -> PassState:
         hooks = hooks if hooks is not None else HookContext()
-        hooks.layout = layout
-        last = self.cfg.num_layers - 1
-        narrow = (
-            narrow_last
-            and isinstance(logits_at, str)
-            and logits_at == "last"
-            and not return_kv
-            and start_layer <= last
-            and not any(layer == last for layer, _ in hooks.capture)
-        )
-        state = PassState(
-            hooks=hooks,
-            layout=layout,
-            prefix=cache,
-            rotaries=self._rotaries,
-            dtype=self.dtype,
-            keep_cache=return_kv,
-            narrow_layer=last if narrow else None,
-        )
-        x = self.embed(input_ids, layout.positions) if input_ids is not None else hidden
-        assert x is not None
-        for block in self.blocks[start_layer:]:
+        return PassState(hooks, layout, cache, self._rotaries, self.dtype, keep_cache)
+
+    def _run(
+        self,
+        x: torch.Tensor,
+        state: PassState,
+        start: int,
+        stop: int,
+        reuse: Reuse | None = None,
+    ) -> torch.Tensor:
+        """Blocks ``start..stop-1`` on the residual ``x``; ``reuse`` serves block ``start``."""
+        for block in self.blocks[start:stop]:
             raise_if_cancelled()  # a long batch stops within one block of a cancel
-            x = block(x, state, reuse if block.layer == start_layer else None)
-        logits = None
-        if logits_at is not None:
-            if isinstance(logits_at, str) and logits_at == "all":
-                picked = x
-            elif narrow:
-                picked = x[:, None]  # the final block already kept the last tokens only
-            elif isinstance(logits_at, str) and logits_at == "last":
-                picked = layout.last(x)
-            else:
-                if packed:
-                    raise ValueError("token indices for logits need padded rows")
-                index = torch.as_tensor(logits_at, dtype=torch.long, device=device)
-                picked = x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
-            logits = self.unembed(picked)
-        kv = None
-        if return_kv:
-            n = self.cfg.num_layers
-            kv = KVCache(
-                [state.new_keys[i][0] if i in state.new_keys else None for i in range(n)],
-                [state.new_keys[i][1] if i in state.new_keys else None for i in range(n)],
-            )
-        return ForwardResult(logits=logits, captured=hooks.captured, kv=kv, hidden=x)
+            x = block(x, state, reuse if block.layer == start else None)
+        return x

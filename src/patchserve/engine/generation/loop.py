@@ -80,19 +80,14 @@ def generate(
     cut: int | None = None
 
     if max_tokens > 0 or echo_logprobs:
-        out = model(
-            torch.tensor([prompt], device=device),
-            hooks=hooks.context(0, t0),
-            logits_at="last" if max_tokens > 0 else None,
-            return_kv=max_tokens > 0,
-        )
+        out = model.prefill(torch.tensor([prompt], device=device), hooks.context(0, t0))
         if echo_logprobs:
             assert k is not None
             prompt_steps = report_prompt_steps(model, out.hidden, prompt, k)
-        cache = KVBuffer(out.kv, t0 + max_tokens) if out.kv is not None else None
+        cache = KVBuffer(out.cache, t0 + max_tokens) if max_tokens > 0 else None
         while max_tokens > 0:
-            assert out.logits is not None and cache is not None
-            logits = out.logits[0, -1].float().cpu()
+            assert cache is not None
+            logits = out.logits[0].float().cpu()
             token = sample(logits, float(request.temperature), float(request.top_p), generator)
             produced += 1
             if token in stop_ids:
@@ -110,15 +105,10 @@ def generate(
             if len(generated) == max_tokens:
                 break
             position = t0 + len(generated) - 1
-            out = model(
-                torch.tensor([[token]], device=device),
-                cache=cache.view(),
-                hooks=hooks.context(position, 1),
-                logits_at="last",
-                return_kv=True,
+            out = model.extend(
+                torch.tensor([[token]], device=device), cache.view(), hooks.context(position, 1)
             )
-            assert out.kv is not None
-            cache.append(out.kv)
+            cache.append(out.cache)
 
     if cut is None:
         before = len(detok.text)
