@@ -131,3 +131,36 @@ def test_cli_info_prints_the_config(checkpoint_root, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["config"]["architecture"] == "Qwen3ForCausalLM"
     assert out["config"]["qk_norm"] is True
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({"model_type": "mistral"}, (7, 7, 7, 7)),
+        (
+            {"model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 2},
+            (None, None, 7, 7),
+        ),
+        ({"model_type": "qwen2", "use_sliding_window": False}, (None,) * 4),
+        ({"model_type": "llama"}, (None,) * 4),
+        (
+            {"model_type": "qwen3", "layer_types": ["full_attention", "sliding_attention"] * 2},
+            (None, 7) * 2,
+        ),
+    ],
+)
+def test_sliding_windows_of_the_llama_family_spellings(flags, expected):
+    """transformers 4.x flags (Mistral: every layer; Qwen: from max_window_layers on) and
+    5.x ``layer_types`` read into the same per-layer windows."""
+    from patchserve.models.families.llama import read_config
+
+    raw = {
+        "hidden_size": 8,
+        "num_attention_heads": 2,
+        "num_hidden_layers": 4,
+        "vocab_size": 11,
+        "intermediate_size": 16,
+        "sliding_window": 7,
+        **flags,
+    }
+    assert read_config(raw, "LlamaForCausalLM").sliding_windows == expected

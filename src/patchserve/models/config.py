@@ -127,15 +127,12 @@ def make_rope(params: dict[str, Any], head_dim: int) -> RopeConfig:
 
 
 def layer_windows(raw: dict[str, Any], num_layers: int) -> tuple[int | None, ...]:
-    """Sliding window per layer from ``layer_types`` (5.x) or the older flags."""
+    """Sliding window per layer from ``layer_types`` (none without them; families with
+    older spellings translate those first)."""
     window = raw.get("sliding_window")
     types = raw.get("layer_types")
-    if types:
-        if len(types) != num_layers:
-            raise CheckpointError("config.json layer_types does not have one entry per layer")
-        return tuple(window if t == "sliding_attention" and window else None for t in types)
-    if window and raw.get("use_sliding_window", raw.get("model_type") == "mistral"):
-        # Qwen2/Qwen3: layers from max_window_layers on use the window; Mistral: all.
-        first = raw.get("max_window_layers", 0) if raw.get("model_type") != "mistral" else 0
-        return tuple(window if i >= first else None for i in range(num_layers))
-    return (None,) * num_layers
+    if not types:
+        return (None,) * num_layers
+    if len(types) != num_layers:
+        raise CheckpointError("config.json layer_types does not have one entry per layer")
+    return tuple(window if t == "sliding_attention" and window else None for t in types)

@@ -34,6 +34,17 @@ BLOCK_NAMES = {
 }
 
 
+def _windows(raw: dict[str, Any], layers: int) -> tuple[int | None, ...]:
+    """Sliding windows: ``layer_types`` (5.x), else the 4.x flags — Mistral windows
+    every layer, Qwen2/Qwen3 (``use_sliding_window``) the layers from ``max_window_layers`` on."""
+    mistral = raw.get("model_type") == "mistral"
+    window = raw.get("sliding_window")
+    if raw.get("layer_types") or not (window and raw.get("use_sliding_window", mistral)):
+        return layer_windows(raw, layers)
+    first = 0 if mistral else raw.get("max_window_layers", 0)
+    return tuple(window if i >= first else None for i in range(layers))
+
+
 def read_config(raw: dict[str, Any], architecture: str) -> ModelConfig:
     hidden = require(raw, "hidden_size")
     heads = require(raw, "num_attention_heads")
@@ -41,6 +52,7 @@ def read_config(raw: dict[str, Any], architecture: str) -> ModelConfig:
     head_dim = raw.get("head_dim") or hidden // heads
     rope = make_rope(rope_parameters(raw), head_dim)
     model_type = raw.get("model_type", "")
+    # Qwen2 has biases on q/k/v (not o) whatever attention_bias says.
     qkv_bias = bool(raw.get("attention_bias", False)) or model_type == "qwen2"
     return ModelConfig(
         family="llama",
@@ -58,7 +70,7 @@ def read_config(raw: dict[str, Any], architecture: str) -> ModelConfig:
         gated_mlp=True,
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         rope=(rope,) * layers,
-        sliding_windows=layer_windows(raw, layers),
+        sliding_windows=_windows(raw, layers),
         attn_scale=head_dim**-0.5,
         max_position_embeddings=raw.get("max_position_embeddings", 4096),
         qkv_bias=qkv_bias,
