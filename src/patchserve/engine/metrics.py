@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from patchserve.wire.metrics import DEGENERATE, METRICS, Grading, check_metric
+from patchserve.wire.hooks import METRICS
+from patchserve.wire.metrics import DEGENERATE, Grading, check_metric
 
 __all__ = ["DEGENERATE", "METRICS", "Grader", "check_metric", "raw_score"]
 

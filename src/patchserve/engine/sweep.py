@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -112,7 +113,7 @@ class SweepOutcome:
     metric: str
     answer: int
     foil: int | None
-    grids: dict[str, list]  # hook -> [layer][position] (attn_head: [layer][position][head])
+    grids: dict[str, list[Any]]  # hook -> [layer][position] (attn_head: [layer][position][head])
     argmax: dict[str, Cell | None]  # the most restored cell of each hook (lowest for kl)
     clean: float | None  # raw metric of the clean run (logprob / logit diff for 'recovered')
     corrupt: float  # raw metric of the corrupt run (likewise)
@@ -467,9 +468,9 @@ class SweepRunner:
             self.stats["flops"] += suffix_flops(cfg, start, p, length, reuse)
         return grader(logits)
 
-    def _grids(self, cells: list[Cell]) -> tuple[dict[str, list], dict[str, Cell | None]]:
+    def _grids(self, cells: list[Cell]) -> tuple[dict[str, list[Any]], dict[str, Cell | None]]:
         spec = self.spec
-        grids: dict[str, list] = {}
+        grids: dict[str, list[Any]] = {}
         best: dict[str, Cell | None] = {}
         for hook in spec.hooks:
             heads = spec.heads if hook == "attn_head" else None

@@ -31,7 +31,8 @@ def table_row(table: np.ndarray | None, index: int, width: int | None, param: st
         )
     if width is not None and table.shape[1] != width:
         raise InvalidArgument(f"{param} is {table.shape[1]} wide; the hook is {width} wide", param)
-    return table[index]
+    row: np.ndarray = table[index]
+    return row
 
 
 def mask_vector(

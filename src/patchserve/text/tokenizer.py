@@ -53,7 +53,8 @@ class Tokenizer:
 
     @property
     def eos_token_id(self) -> int | None:
-        return self.hf.eos_token_id
+        eos = self.hf.eos_token_id
+        return None if eos is None else int(eos)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> Encoding:
         is_fast = bool(getattr(self.hf, "is_fast", False))
@@ -66,7 +67,7 @@ class Tokenizer:
         ids = list(out["input_ids"])
         offsets = [tuple(o) for o in out["offset_mapping"]] if is_fast else None
         special = [bool(s) for s in out["special_tokens_mask"]]
-        return Encoding(ids=ids, offsets=offsets, special=special)  # type: ignore[arg-type]
+        return Encoding(ids=ids, offsets=offsets, special=special)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return str(self.hf.decode(ids, skip_special_tokens=skip_special_tokens))

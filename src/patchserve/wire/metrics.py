@@ -40,7 +40,8 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise log-softmax in float64 (``-inf`` logits stay ``-inf``)."""
     x = np.asarray(logits, dtype=np.float64)
     top = np.max(x, axis=-1, keepdims=True)
-    return x - top - np.log(np.sum(np.exp(x - top), axis=-1, keepdims=True))
+    out: np.ndarray = x - top - np.log(np.sum(np.exp(x - top), axis=-1, keepdims=True))
+    return out
 
 
 def kl_divergence(clean_logprobs: np.ndarray, logprobs: np.ndarray) -> np.ndarray:
@@ -49,7 +50,8 @@ def kl_divergence(clean_logprobs: np.ndarray, logprobs: np.ndarray) -> np.ndarra
     p = np.asarray(clean_logprobs, dtype=np.float64)
     with np.errstate(invalid="ignore"):
         terms = np.exp(p) * (p - np.asarray(logprobs, dtype=np.float64))
-    return np.where(np.isneginf(p), 0.0, terms).sum(-1)
+    kl: np.ndarray = np.where(np.isneginf(p), 0.0, terms).sum(-1)
+    return kl
 
 
 def recovered_raw(answer_logprob: Any, logit_diff: Any) -> np.ndarray:
