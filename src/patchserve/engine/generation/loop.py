@@ -27,6 +27,7 @@ including a stop token and tokens cut by a stop string.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -53,94 +54,143 @@ def generate(
     """Generate a completion of ``request.prompt_ids`` with the request's interventions."""
     validate_request(model, request)
     prompt = [int(i) for i in request.prompt_ids]
-    t0 = len(prompt)
-    max_tokens = request.max_tokens
-    k = request.logprobs
-    stops = [request.stop] if isinstance(request.stop, str) else list(request.stop)
-    stop_ids = {int(i) for i in request.stop_token_ids}
-    requested = [int(i) for i in request.logprob_token_ids]
+    completion = _Completion.start(tokenizer, prompt, request)
+    prompt_steps = _decode(model, request, prompt, completion)
+    completion.close()
+    return completion.result(request, prompt, prompt_steps)
+
+
+def _decode(
+    model: Transformer, request: GenerationRequest, prompt: list[int], completion: _Completion
+) -> list[TokenStep | None]:
+    """Prefill the prompt, then sample and decode into ``completion`` until it ends.
+
+    Returns the prompt's own steps (``echo`` with ``logprobs``; else empty).
+    """
+    t0, max_tokens, k = len(prompt), request.max_tokens, request.logprobs
     echo_logprobs = request.echo and k is not None
+    if max_tokens == 0 and not echo_logprobs:
+        return []
     device = model.device
     hooks = Interventions(request, t0, device)
+    out = model.prefill(torch.tensor([prompt], device=device), hooks.context(0, t0))
+    prompt_steps = (
+        report_prompt_steps(model, out.hidden, prompt, k) if echo_logprobs and k is not None else []
+    )
+    if max_tokens == 0:
+        return prompt_steps
+    cache = KVBuffer(out.cache, t0 + max_tokens)
+    generator = _generator(request.seed)
+    requested = [int(i) for i in request.logprob_token_ids]
+    temperature, top_p = float(request.temperature), float(request.top_p)
+    while True:
+        logits = out.logits[0].float().cpu()
+        token = sample(logits, temperature, top_p, generator)
+        if completion.accept(token, logits, k, requested) or completion.count == max_tokens:
+            return prompt_steps
+        position = t0 + completion.count - 1
+        out = model.extend(
+            torch.tensor([[token]], device=device), cache.view(), hooks.context(position, 1)
+        )
+        cache.append(out.cache)
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    """The CPU generator of the sampling: seeded by the request, else from OS entropy."""
     generator = torch.Generator()
-    if request.seed is None:
+    if seed is None:
         generator.seed()
     else:
-        generator.manual_seed(request.seed % 2**64)
+        generator.manual_seed(seed % 2**64)
+    return generator
 
-    prompt_steps: list[TokenStep | None] = []
-    steps: list[TokenStep] = []
-    generated: list[int] = []
-    produced = 0
+
+@dataclass
+class _Completion:
+    """The tokens, steps and text a decode loop has produced so far, and how it ended."""
+
+    detok: Detokenizer
+    prompt_text: str
+    prompt_offsets: list[int]
+    stops: list[str]
+    stop_ids: set[int]
+    steps: list[TokenStep] = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    produced: int = 0  # every token the model produced, stop tokens and cut ones included
     finish: Literal["stop", "length"] = "length"
-    detok = Detokenizer(tokenizer, prompt, 0 if request.echo else t0)
-    prompt_offsets = [detok.push(i) for i in prompt] if request.echo else []
-    prompt_text = detok.text
-    completion_offsets: list[int] = []
-    cut: int | None = None
+    cut: int | None = None  # where a stop string cuts the text
 
-    if max_tokens > 0 or echo_logprobs:
-        out = model.prefill(torch.tensor([prompt], device=device), hooks.context(0, t0))
-        if echo_logprobs:
-            assert k is not None
-            prompt_steps = report_prompt_steps(model, out.hidden, prompt, k)
-        cache = KVBuffer(out.cache, t0 + max_tokens) if max_tokens > 0 else None
-        while max_tokens > 0:
-            assert cache is not None
-            logits = out.logits[0].float().cpu()
-            token = sample(logits, float(request.temperature), float(request.top_p), generator)
-            produced += 1
-            if token in stop_ids:
-                finish = "stop"
-                break
-            steps.append(report_step(logits, token, k, requested))
-            generated.append(token)
-            before = len(detok.text)
-            completion_offsets.append(detok.push(token))
-            if stops:
-                cut = find_stop(detok.text, stops, before, len(prompt_text))
-                if cut is not None:
-                    finish = "stop"
-                    break
-            if len(generated) == max_tokens:
-                break
-            position = t0 + len(generated) - 1
-            out = model.extend(
-                torch.tensor([[token]], device=device), cache.view(), hooks.context(position, 1)
-            )
-            cache.append(out.cache)
+    @classmethod
+    def start(
+        cls, tokenizer: Tokenizer, prompt: list[int], request: GenerationRequest
+    ) -> _Completion:
+        detok = Detokenizer(tokenizer, prompt, 0 if request.echo else len(prompt))
+        prompt_offsets = [detok.push(i) for i in prompt] if request.echo else []
+        stops = [request.stop] if isinstance(request.stop, str) else list(request.stop)
+        stop_ids = {int(i) for i in request.stop_token_ids}
+        return cls(detok, detok.text, prompt_offsets, stops, stop_ids)
 
-    if cut is None:
-        before = len(detok.text)
-        detok.flush()
-        if stops and len(detok.text) > before:
-            cut = find_stop(detok.text, stops, before, len(prompt_text))
-            if cut is not None:
-                finish = "stop"
-    if cut is not None:
-        kept = sum(1 for offset in completion_offsets if offset < cut)
-        del generated[kept:], steps[kept:], completion_offsets[kept:]
-    # With echo the text (and every offset) covers the prompt, then the completion.
-    text = detok.text if cut is None else detok.text[:cut]
-    completion_text = text[len(prompt_text) :]
+    @property
+    def count(self) -> int:
+        return len(self.generated)
 
-    logprobs = None
-    if k is not None:
-        if request.echo:
-            logprobs = ReportedTokens(
-                [*prompt, *generated],
-                [*prompt_steps, *steps],
-                [*prompt_offsets, *completion_offsets],
-            )
-        else:
-            logprobs = ReportedTokens(list(generated), [*steps], completion_offsets)
-    return GenerationResult(
-        token_ids=generated,
-        text=text,
-        finish_reason=finish,
-        logprobs=logprobs,
-        requested_logprobs=[s.requested for s in steps] if requested else None,
-        prompt_tokens=t0,
-        completion_tokens=produced,
-        completion_text=completion_text,
-    )
+    def accept(self, token: int, logits: torch.Tensor, k: int | None, requested: list[int]) -> bool:
+        """Record a sampled token; True when generation ends on it (stop id or stop string)."""
+        self.produced += 1
+        if token in self.stop_ids:
+            self.finish = "stop"
+            return True
+        self.steps.append(report_step(logits, token, k, requested))
+        self.generated.append(token)
+        before = len(self.detok.text)
+        self.offsets.append(self.detok.push(token))
+        return self._stopped(before)
+
+    def _stopped(self, before: int) -> bool:
+        """Whether a stop string now ends in the text past ``before`` (sets the cut)."""
+        if self.stops:
+            self.cut = find_stop(self.detok.text, self.stops, before, len(self.prompt_text))
+            if self.cut is not None:
+                self.finish = "stop"
+                return True
+        return False
+
+    def close(self) -> None:
+        """Flush the detokenizer (a stop string may end in its tail); drop tokens past a cut."""
+        if self.cut is None:
+            before = len(self.detok.text)
+            self.detok.flush()
+            if len(self.detok.text) > before:
+                self._stopped(before)
+        if self.cut is not None:
+            kept = sum(1 for offset in self.offsets if offset < self.cut)
+            del self.generated[kept:], self.steps[kept:], self.offsets[kept:]
+
+    def result(
+        self, request: GenerationRequest, prompt: list[int], prompt_steps: list[TokenStep | None]
+    ) -> GenerationResult:
+        # With echo the text (and every offset) covers the prompt, then the completion.
+        text = self.detok.text if self.cut is None else self.detok.text[: self.cut]
+        logprobs = None
+        if request.logprobs is not None:
+            if request.echo:
+                logprobs = ReportedTokens(
+                    [*prompt, *self.generated],
+                    [*prompt_steps, *self.steps],
+                    [*self.prompt_offsets, *self.offsets],
+                )
+            else:
+                logprobs = ReportedTokens(list(self.generated), [*self.steps], self.offsets)
+        return GenerationResult(
+            token_ids=self.generated,
+            text=text,
+            finish_reason=self.finish,
+            logprobs=logprobs,
+            requested_logprobs=[s.requested for s in self.steps]
+            if len(request.logprob_token_ids)
+            else None,
+            prompt_tokens=len(prompt),
+            completion_tokens=self.produced,
+            completion_text=text[len(self.prompt_text) :],
+        )
