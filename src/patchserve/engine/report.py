@@ -100,18 +100,6 @@ def sweep_body(
     ``hook_grids`` lists every hook, even one; else it is null, as in the seed)."""
     first = outcome.hooks[0]
     clean_logits = source_run.last_logits if source_run is not None else None
-    baselines = Baselines(
-        corrupt=Baseline(
-            value=outcome.corrupt,
-            top_logprobs=top_logprobs(tokenizer, outcome.corrupt_logits, top_k),
-        ),
-        clean=None
-        if clean_logits is None or outcome.clean is None
-        else Baseline(
-            value=outcome.clean, top_logprobs=top_logprobs(tokenizer, clean_logits, top_k)
-        ),
-    )
-    stats = outcome.stats
     warnings = list(outcome.warnings)
     if clean_logits is not None:
         warnings += improbable_answer_warning(tokenizer, clean_logits, outcome.answer)
@@ -129,12 +117,7 @@ def sweep_body(
         foil_token=None if outcome.foil is None else tokenizer.decode([outcome.foil]),
         grid=outcome.grids[first],
         argmax=_argmax(outcome.argmax[first]),
-        hook_grids=[
-            HookGrid(hook=h, grid=outcome.grids[h], argmax=_argmax(outcome.argmax[h]))
-            for h in outcome.hooks
-        ]
-        if hooks_given
-        else None,
+        hook_grids=_hook_grids(outcome) if hooks_given else None,
         clean=outcome.clean,
         corrupt=outcome.corrupt,
         noise_floor=outcome.noise_floor,
@@ -144,15 +127,40 @@ def sweep_body(
         else AlignmentSummary.of(outcome.alignment, source_run.token_ids, outcome.corrupt_ids),
         warnings=warnings,
         tokens=tokens,
-        timing=Timing(
-            seconds=float(stats["seconds"]),
-            cells=int(stats["cells"]),
-            cells_per_second=float(stats["cells_per_second"]),
-            cells_computed=int(stats["computed"]),
-            cells_free=int(stats["free"]),
-        ),
+        timing=_timing(outcome.stats),
         auto_captured=auto_captured,
         captured_source_run=captured_source_run,
         source_run=source_run.name if source_run is not None else None,
-        baselines=baselines,
+        baselines=_baselines(outcome, tokenizer, clean_logits, top_k),
+    )
+
+
+def _baselines(
+    outcome: SweepOutcome, tokenizer: Tokenizer, clean_logits: torch.Tensor | None, top_k: int
+) -> Baselines:
+    """The unpatched corrupt run and (with a source run's logits) the clean run."""
+    corrupt = Baseline(
+        value=outcome.corrupt,
+        top_logprobs=top_logprobs(tokenizer, outcome.corrupt_logits, top_k),
+    )
+    if clean_logits is None or outcome.clean is None:
+        return Baselines(corrupt=corrupt, clean=None)
+    clean = Baseline(value=outcome.clean, top_logprobs=top_logprobs(tokenizer, clean_logits, top_k))
+    return Baselines(corrupt=corrupt, clean=clean)
+
+
+def _hook_grids(outcome: SweepOutcome) -> list[HookGrid]:
+    return [
+        HookGrid(hook=h, grid=outcome.grids[h], argmax=_argmax(outcome.argmax[h]))
+        for h in outcome.hooks
+    ]
+
+
+def _timing(stats: dict[str, float | int]) -> Timing:
+    return Timing(
+        seconds=float(stats["seconds"]),
+        cells=int(stats["cells"]),
+        cells_per_second=float(stats["cells_per_second"]),
+        cells_computed=int(stats["computed"]),
+        cells_free=int(stats["free"]),
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -116,6 +116,67 @@ def _check_alignable(
     return alignment
 
 
+def _encode_prompt(tokenizer: Tokenizer, prompt: str) -> Encoding:
+    if not isinstance(prompt, str) or not prompt:
+        raise InvalidArgument("prompt must be a non-empty string", "prompt")
+    encoding = tokenizer.encode(prompt)
+    if not encoding.ids:
+        raise InvalidArgument("prompt tokenizes to no tokens", "prompt")
+    return encoding
+
+
+def _check_numbers(alpha: float, clean_baseline: float | None) -> None:
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise InvalidArgument("alpha must be a finite number", "alpha")
+    if clean_baseline is not None and not math.isfinite(clean_baseline):
+        raise InvalidArgument("clean_baseline must be a finite number", "clean_baseline")
+
+
+def _answer_and_foil(
+    tokenizer: Tokenizer,
+    vocab: int,
+    answer_token: str | None,
+    answer_token_id: int | None,
+    foil_token: str | None,
+    foil_token_id: int | None,
+) -> tuple[int | None, int | None]:
+    answer = resolve_token(tokenizer, vocab, answer_token, answer_token_id, "answer_token")
+    foil = resolve_token(tokenizer, vocab, foil_token, foil_token_id, "foil_token")
+    if answer is not None and foil is not None and answer == foil:
+        raise InvalidArgument("answer and foil are the same token", "foil_token")
+    return answer, foil
+
+
+class _Cells(NamedTuple):
+    """The sweep's axes and the corrupt prompt's ids, once parsed."""
+
+    hooks: list[str]
+    layers: list[int]
+    positions: list[int]
+    corrupt_ids: list[int]
+
+
+def _check_source(
+    source: Source | None,
+    cells: _Cells,
+    metric: str,
+    clean_baseline: float | None,
+    clean_ids: list[int] | None,
+) -> None:
+    """A stored run covers the cells (and has logits for ``kl``); a run about to be
+    captured aligns; a vector source brings its clean baseline for ``recovered``."""
+    if isinstance(source, CapturedRun):
+        _check_run(source, cells.hooks, cells.layers, cells.positions, cells.corrupt_ids)
+        if metric == "kl" and source.last_logits is None:
+            raise InvalidArgument("metric 'kl' needs a source run captured with logits", "metric")
+    elif source is None and clean_ids is not None:
+        _check_alignable(clean_ids, cells.corrupt_ids, cells.positions)
+    elif source is not None and metric == "recovered" and clean_baseline is None:
+        raise InvalidArgument(
+            "metric 'recovered' on a vector-sourced sweep needs clean_baseline", "clean_baseline"
+        )
+
+
 def prepare_sweep(
     model: Transformer,
     tokenizer: Tokenizer,
@@ -147,11 +208,7 @@ def prepare_sweep(
     capture) is then checked for alignable positions.
     """
     cfg = model.cfg
-    if not isinstance(prompt, str) or not prompt:
-        raise InvalidArgument("prompt must be a non-empty string", "prompt")
-    encoding = tokenizer.encode(prompt)
-    if not encoding.ids:
-        raise InvalidArgument("prompt tokenizes to no tokens", "prompt")
+    encoding = _encode_prompt(tokenizer, prompt)
     hook_list = parse_hooks(hook, hooks)
     layer_list = parse_layers(layers, cfg.num_layers)
     position_list = resolve_positions(tokenizer, prompt, encoding, positions)
@@ -159,26 +216,12 @@ def prepare_sweep(
     if heads is not None and head_list is None:
         raise InvalidArgument("heads apply to the attn_head hook only", "heads")
     check_metric(metric)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise InvalidArgument("alpha must be a finite number", "alpha")
-    if clean_baseline is not None and not math.isfinite(clean_baseline):
-        raise InvalidArgument("clean_baseline must be a finite number", "clean_baseline")
-    vocab = cfg.vocab_size
-    answer = resolve_token(tokenizer, vocab, answer_token, answer_token_id, "answer_token")
-    foil = resolve_token(tokenizer, vocab, foil_token, foil_token_id, "foil_token")
-    if answer is not None and foil is not None and answer == foil:
-        raise InvalidArgument("answer and foil are the same token", "foil_token")
-    if isinstance(source, CapturedRun):
-        _check_run(source, hook_list, layer_list, position_list, encoding.ids)
-        if metric == "kl" and source.last_logits is None:
-            raise InvalidArgument("metric 'kl' needs a source run captured with logits", "metric")
-    elif source is None and clean_ids is not None:
-        _check_alignable(clean_ids, encoding.ids, position_list)
-    elif source is not None and metric == "recovered" and clean_baseline is None:
-        raise InvalidArgument(
-            "metric 'recovered' on a vector-sourced sweep needs clean_baseline",
-            "clean_baseline",
-        )
+    _check_numbers(alpha, clean_baseline)
+    answer, foil = _answer_and_foil(
+        tokenizer, cfg.vocab_size, answer_token, answer_token_id, foil_token, foil_token_id
+    )
+    cells = _Cells(hook_list, layer_list, position_list, encoding.ids)
+    _check_source(source, cells, metric, clean_baseline, clean_ids)
     if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
         raise InvalidArgument("max_batch_tokens must be a positive integer", "max_batch_tokens")
     spec = SweepSpec(

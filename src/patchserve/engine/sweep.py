@@ -424,12 +424,37 @@ class SweepRunner:
     ) -> torch.Tensor:
         """Metric values of the batch's rows (plus an unpatched probe row at the end)."""
         model, cfg, length = self.model, self.cfg, self.length
-        device = model.device
+        first, patched, heads = self._batch_rows(start, site, hook, batch, corrupt, probe)
+        if start == cfg.num_layers:
+            # post_block of the last layer at the last position: unembed the patched residual.
+            with self.gate():
+                logits = model.unembed(torch.stack(patched))
+            self.stats["flops"] += len(patched) * unembed_flops(cfg)
+            return grader(logits)
+        rows, reused = self._resume_rows(start, reuse, first, corrupt)
+        edit = make_edit(
+            start,
+            site,
+            torch.arange(len(first), device=model.device),
+            rows.offsets,
+            torch.stack(patched),
+            heads=[h for h in heads if h is not None] if hook == "attn_head" else None,
+        )
+        with self.gate():
+            logits = model.resume(rows, start, corrupt.kv, reused, HookContext.build([edit]))
+        for p in first:
+            self.stats["flops"] += suffix_flops(cfg, start, p, length, reuse)
+        return grader(logits)
+
+    def _batch_rows(
+        self, start: int, site: str, hook: str, batch: list[_Row], corrupt: _Corrupt, probe: bool
+    ) -> tuple[list[int], list[torch.Tensor], list[int | None]]:
+        """Each row's first position, patched value and head; with ``probe``, plus an
+        unpatched copy of the first row (the corrupt run through this same path)."""
         first = [r.cell.position for r in batch]
         patched = [r.patched for r in batch]
         heads = [r.cell.head for r in batch]
         if probe:
-            # An unpatched copy of the first row: the corrupt run through this same path.
             p0 = first[0]
             if hook == "attn_head":
                 own = corrupt.captured[start, "attn_head"][0, p0, heads[0]]
@@ -438,35 +463,22 @@ class SweepRunner:
             else:
                 own = corrupt.captured[start, hook][0, p0]
             first, patched, heads = [*first, p0], [*patched, own], [*heads, heads[0]]
-        if start == cfg.num_layers:
-            # post_block of the last layer at the last position: unembed the patched residual.
-            with self.gate():
-                logits = model.unembed(torch.stack(patched))
-            self.stats["flops"] += len(patched) * unembed_flops(cfg)
-            return grader(logits)
+        return first, patched, heads
+
+    def _resume_rows(
+        self, start: int, reuse: str | None, first: list[int], corrupt: _Corrupt
+    ) -> tuple[ResumeRows, Reuse | None]:
+        """The corrupt residual entering block ``start`` from each row's first position on,
+        packed, and the reused attention activations at the same tokens."""
+        device, length = self.model.device, self.length
         offsets = torch.tensor(first, device=device)
-        lengths = length - offsets
         index = torch.cat([torch.arange(p, length, device=device) for p in first])
         hidden = corrupt.captured[start, "pre_attn"][0].index_select(0, index)
         reused = None
         if reuse is not None:
             reused_acts = corrupt.captured[start, reuse][0].index_select(0, index)
             reused = Reuse(**{reuse: reused_acts})
-        rows = torch.arange(len(first), device=device)
-        edit = make_edit(
-            start,
-            site,
-            rows,
-            offsets,
-            torch.stack(patched),
-            heads=[h for h in heads if h is not None] if hook == "attn_head" else None,
-        )
-        rows_in = ResumeRows.build(hidden, offsets, lengths)
-        with self.gate():
-            logits = model.resume(rows_in, start, corrupt.kv, reused, HookContext.build([edit]))
-        for p in first:
-            self.stats["flops"] += suffix_flops(cfg, start, p, length, reuse)
-        return grader(logits)
+        return ResumeRows.build(hidden, offsets, length - offsets), reused
 
     def _grids(self, cells: list[Cell]) -> tuple[dict[str, list[Any]], dict[str, Cell | None]]:
         spec = self.spec
