@@ -100,11 +100,12 @@ def test_batch_planner_keeps_every_row_once_and_respects_the_budget(length, budg
     runner = SweepRunner.__new__(SweepRunner)
     runner.cfg = SimpleNamespace(num_heads=4)
     runner.length = length
+    runner.lane_lengths = [length]
     runner.spec = SimpleNamespace(max_batch_tokens=budget)
-    rows = [_Row(SimpleNamespace(position=p), None) for p in starts]  # type: ignore[arg-type]
+    rows = [_Row(SimpleNamespace(position=p), None, [p]) for p in starts]  # type: ignore[arg-type]
     batches = runner._batches(rows)
     assert sorted(id(r) for b in batches for r in b) == sorted(id(r) for r in rows)
     limit = max(budget, length)
     for batch in batches:
-        tokens = sum(length - r.cell.position for r in batch)
+        tokens = sum(length - r.offset for r in batch)
         assert tokens <= limit or len(batch) == 1

@@ -141,3 +141,23 @@ def test_two_hooks_go_into_one_figure(tmp_path):
     assert patchserve(*study_args("--hooks", "mlp_out", "--out", str(one))).returncode == 0
     assert patchserve(*study_args("--hooks", "attn_out,mlp_out", "--out", str(two))).returncode == 0
     assert plt.imread(two).shape[0] > 1.6 * plt.imread(one).shape[0]  # two panels, stacked
+
+
+def test_head_grid_and_multi_token_answer(tmp_path):
+    """--no-per-position prints one row per layer and one column per head; --answer-ids
+    grades a continuation and the body reports its ids."""
+    out = tmp_path / "heads.json"
+    args = ("--hooks", "attn_head", "--no-per-position", "--metric", "logit_diff")
+    ids = ("--answer-ids", "1210,14", "--foil-ids", "1486,14", "--json", str(out))
+    done = patchserve(*study_args(*args, *ids))
+    assert done.returncode == 0, done.stderr
+    assert "attn_head (every position) — logit_diff" in done.stdout
+    assert "H3" in done.stdout and "(every position)" in done.stdout.split("first):")[1]
+    body = json.loads(out.read_text())
+    assert body["answer_token_ids"] == [1210, 14] and body["foil_token_ids"] == [1486, 14]
+    assert len(body["grid"]) == 4 and all(len(row) == 4 for row in body["grid"])
+    best = body["argmax"]
+    listed = done.stdout.split("first):")[1].splitlines()[1]
+    assert f"layer {best['layer']} head {best['head']} (every position)" in listed
+    wrong = patchserve(*study_args("--no-per-position"))
+    assert wrong.returncode == 2 and "per_position applies to the attn_head hook" in wrong.stderr

@@ -276,16 +276,53 @@ def test_attn_head_columns_are_positions_by_heads_at_half_alpha(tab: Tab) -> Non
     assert tab.errors == [] and tab.foreign_requests() == []
 
 
+def test_a_head_sweep_over_every_position_is_a_layer_by_head_map(tab: Tab) -> None:
+    tab.open("?corrupt=The+capital+of+Kurbul+is&hooks=attn_head&heads=all"
+             "&metric=logit_diff&by_head=1")  # fmt: skip
+    tab.wait_done()
+    body = {
+        "prompt": CORRUPT, "clean_prompt": CLEAN, "answer_token": " Gapon",
+        "foil_token": " Rimler", "metric": "logit_diff", "hook": "attn_head", "heads": "all",
+        "per_position": False,
+    }  # fmt: skip
+    answer = api_grids(tab.server, body)
+    rows = tab.page.eval_on_selector_all(
+        "[data-testid=heatmap-attn_head] rect.cell",
+        "els => els.map(e => [e.dataset.layer, e.dataset.head, e.dataset.value, e.dataset.state])",
+    )
+    page = {(int(layer), int(head)): float(value) for layer, head, value, _ in rows}
+    expected = {
+        (layer, head): answer["grid"][i][k]
+        for i, layer in enumerate(answer["layers"])
+        for k, head in enumerate(answer["heads"])
+    }
+    assert page.keys() == expected.keys() and tab.filled("attn_head") == (16, 16)
+    for key, value in expected.items():
+        assert page[key] == pytest.approx(value, abs=1e-9), key
+    texts = tab.page.eval_on_selector_all(
+        "[data-testid=heatmap-attn_head] text", "els => els.map(e => e.textContent)"
+    )
+    assert [t for t in texts if t[:1] == "h" and t[1:].isdigit()] == ["h0", "h1", "h2", "h3"]
+    assert any(t.startswith("head (patched at all") for t in texts)
+    assert tab.errors == [] and tab.foreign_requests() == []
+
+
 def test_a_bad_input_shows_the_servers_error(tab: Tab) -> None:
     tab.open()
-    tab.testid("answer").fill(" Gapon Rimler")
+    tab.testid("answer").fill(" Gapon Rimler")  # two tokens: a continuation, which kl refuses
+    tab.testid("metric").select_option("kl")
     tab.testid("run").click()
     error = tab.testid("error")
     error.wait_for(state="visible", timeout=30_000)
     with tab.server.client() as client:
         response = client.post(
             "/v1/patch_sweep",
-            json={"prompt": CORRUPT, "clean_prompt": CLEAN, "answer_token": " Gapon Rimler"},
+            json={
+                "prompt": CORRUPT,
+                "clean_prompt": CLEAN,
+                "answer_token": " Gapon Rimler",
+                "metric": "kl",
+            },
         )
     assert response.status_code == 400
     detail = response.json()["error"]

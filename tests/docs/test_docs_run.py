@@ -81,9 +81,40 @@ def test_tutorial_runs_and_shows_what_it_claims(demo_server, tmp_path, monkeypat
             foil_token=ns["foil"],
             metric="logit_diff",
         )
+    _assert_top_heads_are_the_naive_ones(ns)
+    multi = ns["multi"]
+    assert len(multi.answer_token_ids) == 2 and multi.answer_token.endswith(".")
     check = ns["check"].to_numpy()
     assert np.nanmax(np.abs(check - server.to_numpy())) < 1e-3  # the client-side cross-check
     assert ns["study"]._closed
+
+
+def _assert_top_heads_are_the_naive_ones(ns: dict[str, Any]) -> None:
+    """The tutorial's (layer, head) grids and top heads equal plain reference forwards'."""
+    from engine.oracles import naive_head_grid
+    from patchserve.assets import default_model_path
+    from patchserve.models import load_model
+    from patchserve.text.tokenizer import Tokenizer
+
+    model = load_model(default_model_path()).model
+    tok = Tokenizer.from_folder(default_model_path())
+    grids = []
+    for example, result in zip(ns["ioi"], ns["head_sweeps"], strict=True):
+        ids = [tok.encode(example[k], False).ids for k in ("answer", "foil")]
+        naive = naive_head_grid(
+            model,
+            tok.encode(example["clean"]).ids,
+            tok.encode(example["corrupt"]).ids,
+            ids[0][0],
+            ids[1][0],
+        ).numpy()
+        np.testing.assert_allclose(result.to_numpy(), naive, atol=1e-4)
+        top = [(c["layer"], c["head"]) for c in result.top(3)]
+        assert top == sorted(np.ndindex(naive.shape), key=lambda lh: -naive[lh])[:3]
+        grids.append(naive)
+    mean = np.mean(grids, axis=0)
+    assert ns["top_heads"] == sorted(np.ndindex(mean.shape), key=lambda lh: -mean[lh])[:3]
+    assert ns["top_heads"][0] == (0, 2)  # what the tutorial says
 
 
 def test_quickstart_example_on_the_bundled_model(demo_server, tmp_path, capsys):

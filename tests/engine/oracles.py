@@ -9,6 +9,36 @@ from patchserve.engine.metrics import Grader
 from patchserve.models import Transformer
 from patchserve.models.reference import reference_forward
 
+Write = tuple[str, int, int, int | None, torch.Tensor]  # hook, layer, position, head, source
+
+
+def naive_logits(
+    model: Transformer,
+    ids: list[int],
+    writes: list[Write],
+    alpha: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits ``[tokens, vocab]`` of a plain reference forward of ``ids`` with every write
+    ``(1 - alpha*m) * h + alpha*m * s`` applied at its site."""
+
+    def write(at_layer: int, at_hook: str, x: torch.Tensor) -> torch.Tensor:
+        mine = [w for w in writes if (w[1], w[0]) == (at_layer, at_hook)]
+        if not mine:
+            return x
+        x = x.clone()
+        for _, _, position, head, source in mine:
+            weight = torch.full_like(source, alpha, dtype=torch.float32)
+            if mask is not None:
+                weight = weight * mask.float()
+            index = (0, position) if head is None else (0, position, head)
+            h = x[index]
+            x[index] = ((1 - weight) * h.float() + weight * source.float()).to(x.dtype)
+        return x
+
+    logits, _ = reference_forward(model, torch.tensor([ids]), write)
+    return logits[0]
+
 
 def naive_cell(
     model: Transformer,
@@ -25,21 +55,21 @@ def naive_cell(
 ) -> float:
     """The metric of one patched cell: ``(1 - alpha*m) * h + alpha*m * s`` written at the
     site in a plain reference forward of the whole prompt."""
-    weight = torch.full_like(source, alpha, dtype=torch.float32)
-    if mask is not None:
-        weight = weight * mask.float()
+    logits = naive_logits(model, corrupt_ids, [(hook, layer, position, head, source)], alpha, mask)
+    return float(grader(logits[-1:])[0])
 
-    def write(at_layer: int, at_hook: str, x: torch.Tensor) -> torch.Tensor:
-        if (at_layer, at_hook) != (layer, hook):
-            return x
-        x = x.clone()
-        index = (0, position) if head is None else (0, position, head)
-        h = x[index]
-        x[index] = ((1 - weight) * h.float() + weight * source.float()).to(x.dtype)
-        return x
 
-    logits, _ = reference_forward(model, torch.tensor([corrupt_ids]), write)
-    return float(grader(logits[:, -1])[0])
+def naive_total(
+    model: Transformer, prompt_ids: list[int], seq: list[int], writes: list[Write]
+) -> float:
+    """Teacher-forced ``Σ log p(seq_i | prompt, seq_<i)`` of a plain patched reference forward
+    of the prompt and ``seq`` — one step at a time summed, as a reader would compute it."""
+    logits = naive_logits(model, prompt_ids + seq[:-1], writes)
+    total = 0.0
+    for i, token in enumerate(seq):
+        step = torch.log_softmax(logits[len(prompt_ids) - 1 + i].double(), -1)
+        total += float(step[token])
+    return total
 
 
 def reference_modules(ref, family: str) -> tuple[list, str, str]:
@@ -90,3 +120,30 @@ def transformers_cell(
             return ref(torch.tensor([corrupt_ids])).logits[0, -1]
     finally:
         handle.remove()
+
+
+def naive_head_grid(
+    model: Transformer, clean_ids: list[int], corrupt_ids: list[int], answer: int, foil: int
+) -> torch.Tensor:
+    """``recovered`` logit difference ``[layer, head]`` of each head patched from the clean run
+    at every position at once (prompts of equal length), by plain reference forwards."""
+    _, clean = reference_forward(model, torch.tensor([clean_ids]))
+
+    def diff(logits: torch.Tensor) -> float:
+        return float(logits[-1, answer].double() - logits[-1, foil].double())
+
+    m_clean, m_corrupt = (
+        diff(naive_logits(model, clean_ids, [])),
+        diff(naive_logits(model, corrupt_ids, [])),
+    )
+    cfg = model.cfg
+    grid = torch.zeros(cfg.num_layers, cfg.num_heads, dtype=torch.float64)
+    for layer in range(cfg.num_layers):
+        z = clean[layer, "attn_head"][0]
+        for head in range(cfg.num_heads):
+            writes: list[Write] = [
+                ("attn_head", layer, p, head, z[p, head]) for p in range(len(corrupt_ids))
+            ]
+            m = diff(naive_logits(model, corrupt_ids, writes))
+            grid[layer, head] = (m - m_corrupt) / (m_clean - m_corrupt)
+    return grid

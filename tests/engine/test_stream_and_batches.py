@@ -114,8 +114,8 @@ def test_batches_respect_the_token_budget_and_score_cap(study):
             batches = runner._batches(rows)
             assert sum(len(b) for b in batches) == len(rows)
             for batch in batches:
-                tokens = sum(length - r.cell.position for r in batch)
+                tokens = sum(length - r.offset for r in batch)
                 assert tokens <= max(budget, length) or len(batch) == 1
-                longest = max(length - r.cell.position for r in batch)
+                longest = max(length - r.offset for r in batch)
                 scores = len(batch) * model.cfg.num_heads * longest * (length + longest)
                 assert scores <= SCORE_ELEMENTS_CAP or len(batch) == 1

@@ -66,6 +66,39 @@ def test_grid_over_http_equals_the_in_process_engine_bit_for_bit(client, server)
     assert len(body["tokens"]) == len(body["positions"])
 
 
+def test_multi_token_head_sweep_over_http_equals_the_engine(client, server):
+    """A (layer, head) grid graded on a two-token answer: the body, the stream's cells and
+    the in-process engine agree bit for bit, and the answer's ids are reported."""
+    request = {
+        "prompt": CORRUPT,
+        "clean_prompt": CLEAN,
+        "metric": "logit_diff",
+        "answer_token_id": [5, 6],
+        "foil_token": " John gave",
+        "hook": "attn_head",
+        "heads": "all",
+        "per_position": False,
+    }
+    body = client.post("/v1/patch_sweep", json=request).json()
+    kwargs = {k: v for k, v in request.items() if k not in ("prompt", "clean_prompt")}
+    outcome = local_grid(server.folder, **{**kwargs, "foil_token": " John gave"})
+    assert body["grid"] == outcome.grids["attn_head"] and body["per_position"] is False
+    assert body["answer_token_ids"] == [5, 6] and body["answer_token_id"] == 5
+    assert body["foil_token_ids"] == outcome.foil_ids and len(outcome.foil_ids) > 1
+    assert body["corrupt"] == outcome.corrupt and body["clean"] == outcome.clean
+    assert "position" not in body["argmax"] and body["argmax"]["head"] is not None
+    with client.stream("POST", "/v1/patch_sweep", json={**request, "stream": True}) as response:
+        events = sse_events(response)
+    cells = [e for e in events if isinstance(e, dict) and e["type"] == "cell"]
+    assert events[0]["per_position"] is False and len(cells) == events[0]["total"]
+    assert all("position" not in c for c in cells)
+    assert {(c["layer"], c["head"]): c["value"] for c in cells} == {
+        (layer, head): outcome.grids["attn_head"][i][k]
+        for i, layer in enumerate(outcome.layers)
+        for k, head in enumerate(outcome.heads)
+    }
+
+
 def test_auto_captured_run_is_dropped_and_kept_one_is_listed(client):
     body = client.post(
         "/v1/patch_sweep", json={"prompt": CORRUPT, "clean_prompt": CLEAN, "layers": [0]}
@@ -261,10 +294,17 @@ BAD_REQUESTS = [
         "clean_baseline",
         "recovered",
     ),
+    ({"prompt": CORRUPT, "clean_prompt": CLEAN, "answer_token": ""}, "answer_token", "non-empty"),
+    ({"prompt": CORRUPT, "clean_prompt": CLEAN, "answer_token_id": []}, "answer_token_id", "empty"),
     (
-        {"prompt": CORRUPT, "clean_prompt": CLEAN, "answer_token": "John gave"},
-        "answer_token",
-        "exactly one token",
+        {"prompt": CORRUPT, "clean_prompt": CLEAN, "answer_token": " John gave", "metric": "kl"},
+        "metric",
+        "multi-token",
+    ),
+    (
+        {"prompt": CORRUPT, "clean_prompt": CLEAN, "per_position": False},
+        "per_position",
+        "attn_head",
     ),
     ({"prompt": CORRUPT, "clean_prompt": CLEAN, "layers": [7]}, "layers", "out of range"),
     ({"prompt": CORRUPT, "clean_prompt": CLEAN, "positions": [999]}, "positions", "out of range"),

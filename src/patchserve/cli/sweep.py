@@ -72,15 +72,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clean", required=True, help="the clean prompt")
     p.add_argument("--corrupt", required=True, help="the corrupt prompt")
     p.add_argument(
-        "--answer", help="answer token, usually with its leading space (default: clean top-1)"
+        "--answer",
+        help="answer, usually with its leading space (default: clean top-1); several tokens "
+        "are graded by their total log-probability",
     )
-    p.add_argument("--foil", help="foil token for logit_diff / recovered")
+    p.add_argument("--answer-ids", help="the answer as comma-separated token ids (wins)")
+    p.add_argument("--foil", help="foil for logit_diff / recovered")
+    p.add_argument("--foil-ids", help="the foil as comma-separated token ids (wins)")
     p.add_argument("--layers", default="all", help="all | 3 | 0,2,5 | 2-6 | 0:12:2")
     p.add_argument(
         "--positions", nargs="*", help="ints, ranges 3-7, span:TEXT[@N] (default: every token)"
     )
     p.add_argument("--hooks", default="post_block", help="comma-separated hook names")
     p.add_argument("--heads", help="comma-separated heads for attn_head (default all)")
+    p.add_argument(
+        "--per-position",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="attn_head: --no-per-position makes one cell per (layer, head), the head patched "
+        "at every selected position at once",
+    )
     p.add_argument(
         "--metric",
         default="logprob",
@@ -114,8 +125,14 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.answer is not None:
         body["answer_token"] = args.answer
+    if args.answer_ids:
+        body["answer_token_id"] = _int_list(args.answer_ids, "answer id")
     if args.foil is not None:
         body["foil_token"] = args.foil
+    if args.foil_ids:
+        body["foil_token_id"] = _int_list(args.foil_ids, "foil id")
+    if args.per_position is not None:
+        body["per_position"] = args.per_position
     if args.heads:
         body["heads"] = [int(h) for h in args.heads.split(",")]
     return body
@@ -203,6 +220,30 @@ def _grids(result: SweepBody) -> list[tuple[str, list]]:
     return [(result.hook, result.grid)]
 
 
+def _print_head_grid(
+    console: Console,
+    result: SweepBody,
+    grid: list,
+    bounds: tuple[float, float, float],
+    cells: list[tuple[float, str, int, int | None, int | None]],
+) -> None:
+    """An attn_head grid that is not per position: one row per layer, one column per head."""
+    heads = result.heads or []
+    table = Table(title=f"attn_head (every position) — {result.metric}", pad_edge=False)
+    table.add_column("layer", justify="right")
+    for head in heads:
+        table.add_column(f"H{head}", justify="center", no_wrap=True)
+    for layer, row in zip(result.layers, grid, strict=True):
+        texts = []
+        for head, value in zip(heads, row, strict=True):
+            shown = "  ·  " if value is None else f"{value:5.2f}"
+            texts.append(Text(shown, style=f"on {_colour(value, *bounds)}"))
+            if value is not None:
+                cells.append((value, "attn_head", layer, None, head))
+        table.add_row(f"L{layer}", *texts)
+    console.print(table)
+
+
 def print_result(console: Console, result: SweepBody, top: int) -> None:
     if not console.is_terminal:  # a pipe or a file: do not squeeze the table into 80 columns
         console.width = max(console.width, 16 + 9 * len(result.positions))
@@ -211,9 +252,12 @@ def print_result(console: Console, result: SweepBody, top: int) -> None:
     every = [np.asarray(grid, dtype=float) for _, grid in _grids(result)]
     data = np.concatenate([g.ravel() for g in every])
     low, centre, high = scale_bounds(result.metric, data, result.clean, result.corrupt)
-    cells: list[tuple[float, str, int, int, int | None]] = []
+    cells: list[tuple[float, str, int, int | None, int | None]] = []
     for hook, grid in _grids(result):
         rows: list[tuple[str, list[Any], int, int | None]]
+        if hook == "attn_head" and not result.per_position:
+            _print_head_grid(console, result, grid, (low, centre, high), cells)
+            continue
         if hook == "attn_head":  # one row per (layer, head)
             heads = result.heads or []
             rows = [
@@ -247,10 +291,13 @@ def print_result(console: Console, result: SweepBody, top: int) -> None:
     )
     lower = result.metric in LOWER_IS_BETTER
     console.print(f"top {top} cells ({'lowest' if lower else 'highest'} {result.metric} first):")
-    for value, hook, layer, p, head in sorted(cells, key=lambda c: c[0] if lower else -c[0])[:top]:
+    for value, hook, layer, at, head in sorted(cells, key=lambda c: c[0] if lower else -c[0])[:top]:
         where = f"head {head} " if head is not None else ""
-        token = tokens[p] if p < len(tokens) else "?"
-        console.print(f"  {value:8.4f}  {hook} layer {layer} {where}position {p} {token!r}")
+        if at is None:
+            console.print(f"  {value:8.4f}  {hook} layer {layer} {where}(every position)")
+            continue
+        token = tokens[at] if at < len(tokens) else "?"
+        console.print(f"  {value:8.4f}  {hook} layer {layer} {where}position {at} {token!r}")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -129,6 +129,9 @@ def colour_scale(
 def _columns(result: SweepResult, head: int | None) -> tuple[np.ndarray, list[str], list[int]]:
     """The 2-D values, one label per column and the position of each column."""
     values = result.to_numpy()
+    if result.by_head:  # (layer, head): no position axis; -1 marks no token in a column
+        assert result.heads is not None
+        return values, [f"h{h}" for h in result.heads], [-1] * len(result.heads)
     labels = result.token_labels()
     if values.ndim == 2:
         return values, labels, list(result.positions)
@@ -189,11 +192,14 @@ def draw(
     for tick, p in zip(ax.get_xticklabels(), positions, strict=True):
         if p in differing:
             tick.set_color(CORRUPTED_COLOUR)
-    if len(positions) > len(set(positions)):  # head columns: a gap between positions
+    if len(positions) > len(set(positions)) and not result.by_head:  # a gap between positions
         for boundary in np.flatnonzero(np.diff(positions)) + 0.5:
             ax.axvline(boundary, color="white", linewidth=2)
     ax.set_yticks(range(len(result.layers)), [str(layer) for layer in result.layers])
-    ax.set_xlabel("position (token; * = corrupted)" if differing else "position (token)")
+    if result.by_head:
+        ax.set_xlabel(f"head (patched at all {len(result.positions)} selected positions)")
+    else:
+        ax.set_xlabel("position (token; * = corrupted)" if differing else "position (token)")
     ax.set_ylabel("layer")
     ax.set_title(title or _title(result, head), fontsize=10)
     if annotate is None:

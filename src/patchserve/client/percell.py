@@ -361,7 +361,7 @@ class PerCellSweep:
                 cells=cells,
                 values=values,
                 skipped=sorted(
-                    skipped, key=lambda s: (layers.index(s.layer), positions.index(s.position))
+                    skipped, key=lambda s: (layers.index(s.layer), positions.index(s.position or 0))
                 ),
                 alignment=AlignmentSummary.of(alignment, run.token_ids, corrupt_ids),
                 tokens=tokens,
@@ -412,7 +412,9 @@ class PerCellSweep:
             metric=self.metric,
             answer_token_id=answer,
             answer_token=answer_token,
+            answer_token_ids=[answer],
             foil_token_id=foil,
+            foil_token_ids=None if foil is None else [foil],
             foil_token=foil_token,
             grid=grid,
             argmax=best,

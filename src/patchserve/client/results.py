@@ -77,7 +77,9 @@ class SweepResult:
     """One hook's grid of a patching sweep, with every field of the response.
 
     ``grid[i][j]`` is the metric with layer ``layers[i]`` patched at position
-    ``positions[j]`` (``attn_head``: ``grid[i][j][k]`` for ``heads[k]``);
+    ``positions[j]`` (``attn_head``: ``grid[i][j][k]`` for ``heads[k]``; a head
+    sweep that is not ``per_position``: ``grid[i][k]``, the head patched at every
+    position at once);
     ``None`` marks a skipped cell (see ``skipped``). ``raw`` is the whole
     response body.
     """
@@ -104,6 +106,9 @@ class SweepResult:
     answer_token: str | None = None
     foil_token_id: int | None = None
     foil_token: str | None = None
+    answer_token_ids: list[int] = field(default_factory=list)
+    foil_token_ids: list[int] | None = None
+    per_position: bool = True
     hooks: list[str] = field(default_factory=list)
     model: str | None = None
     warnings: list[str] = field(default_factory=list)
@@ -154,6 +159,9 @@ class SweepResult:
             answer_token=parsed.answer_token,
             foil_token_id=parsed.foil_token_id,
             foil_token=parsed.foil_token,
+            answer_token_ids=parsed.answer_token_ids,
+            foil_token_ids=parsed.foil_token_ids,
+            per_position=parsed.per_position,
             hooks=parsed.hooks,
             model=parsed.model,
             warnings=parsed.warnings,
@@ -182,10 +190,17 @@ class SweepResult:
         out = np.asarray(convert(self.grid), dtype=np.float64)
         if out.size == 0:
             shape: tuple[int, ...] = (len(self.layers), len(self.positions))
+            if self.by_head:
+                return np.zeros((len(self.layers), len(self.heads or [])))
             if self.heads is not None and self.hook == "attn_head":
                 shape = (*shape, len(self.heads))
             return np.zeros(shape)
         return out
+
+    @property
+    def by_head(self) -> bool:
+        """An ``attn_head`` grid of (layer, head) cells, each patched at every position."""
+        return self.hook == "attn_head" and not self.per_position
 
     @property
     def lower_is_better(self) -> bool:
@@ -204,6 +219,10 @@ class SweepResult:
         return [token_label(p, self.tokens) for p in self.positions]
 
     def _cell(self, index: tuple[int, ...], value: float) -> dict[str, Any]:
+        if self.by_head:
+            assert self.heads is not None
+            layer, head = self.layers[index[0]], self.heads[index[1]]
+            return {"layer": layer, "head": head, "value": float(value)}
         cell: dict[str, Any] = {
             "layer": self.layers[index[0]],
             "position": self.positions[index[1]],
@@ -214,8 +233,16 @@ class SweepResult:
         cell["token"] = self.tokens[cell["position"]] if cell["position"] < len(self.tokens) else ""
         return cell
 
-    def value(self, layer: int, position: int, head: int | None = None) -> float | None:
-        """The metric of one cell by layer/position (and head) number; None if skipped."""
+    def value(self, layer: int, position: int | None, head: int | None = None) -> float | None:
+        """The metric of one cell by layer/position (and head) number; None if skipped
+        (``position=None`` for a head sweep that is not per position)."""
+        if self.by_head:
+            if position is not None or head is None or self.heads is None:
+                raise ValueError("this head sweep is not per position: value(layer, None, head)")
+            cell = self.grid[self.layers.index(layer)][self.heads.index(head)]
+            return None if cell is None else float(cell)
+        if position is None:
+            raise ValueError("position is None only for a head sweep that is not per position")
         i, j = self.layers.index(layer), self.positions.index(position)
         cell = self.grid[i][j]
         if head is not None:
@@ -301,6 +328,8 @@ class SweepResult:
         values = self.to_numpy()
         tokens = [self.tokens[p] if p < len(self.tokens) else "" for p in self.positions]
         index = pd.Index(self.layers, name="layer")
+        if self.by_head:
+            return pd.DataFrame(values, index=index, columns=pd.Index(self.heads, name="head"))
         if values.ndim == 3:
             assert self.heads is not None
             columns = pd.MultiIndex.from_tuples(

@@ -76,7 +76,7 @@ DEFAULT_URL = "http://localhost:8000"
 
 Layers = str | Sequence[int] | range | Mapping[str, int] | None
 Positions = str | Sequence[int | Span | Mapping[str, Any]] | None
-Token = str | int | None
+Token = str | int | list[int] | None
 
 
 def _fresh(prefix: str) -> str:
@@ -129,10 +129,11 @@ def _names(hooks: str | Sequence[str]) -> list[str]:
 
 
 def _token_fields(name: str, value: Token) -> dict[str, Any]:
-    """``answer_token`` for a string, ``answer_token_id`` for an id; nothing for None."""
+    """``answer_token`` for a string, ``answer_token_id`` for an id or a list of ids (a
+    multi-token answer); nothing for None."""
     if value is None:
         return {}
-    if isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, list) or (isinstance(value, int) and not isinstance(value, bool)):
         return {f"{name}_id": value}
     return {name: value}
 
@@ -423,6 +424,7 @@ class AsyncPatchStudy:
         heads: Sequence[int] | str | None = None,
         mask: Sequence[int] | Mapping[str, Any] | None = None,
         clean_baseline: float | None = None,
+        per_position: bool | None = None,
     ) -> SweepResult | dict[str, SweepResult]:
         """Patch the clean run into ``corrupt_prompt`` over a layers × positions grid.
 
@@ -433,7 +435,11 @@ class AsyncPatchStudy:
         ``result.captured_source_run``) and drops it afterwards unless
         ``keep_source``. ``positions`` mixes ints (negative ones count from the
         end) and :class:`Span` markers. ``answer_token``/``foil_token`` are
-        strings (exactly one token) or ids.
+        strings, ids or lists of ids; several tokens are graded by their
+        teacher-forced total log-probability (server-side only).
+        ``per_position=False`` with ``hook="attn_head"``: one cell per (layer,
+        head), the head patched at every selected position at once (a
+        ``[layer][head]`` grid; ``result.top()`` names the heads).
 
         ``hook`` (default: the study's) returns one :class:`SweepResult`;
         ``hooks`` always returns ``{hook: SweepResult}``, even for one hook.
@@ -458,6 +464,15 @@ class AsyncPatchStudy:
                 raise ValueError(
                     "hooks (several hooks in one call) is a server-side sweep feature; "
                     "call once per hook with server_side=False"
+                )
+            if (
+                per_position is not None
+                or isinstance(answer_token, list)
+                or isinstance(foil_token, list)
+            ):
+                raise ValueError(
+                    "per_position and multi-token answers (lists of ids) are server-side "
+                    "sweep features; the per-cell path grades one token per cell"
                 )
             if source is None:
                 if clean_prompt is not None:
@@ -513,6 +528,8 @@ class AsyncPatchStudy:
             body["hook"] = hook
         if heads is not None:
             body["heads"] = heads if isinstance(heads, str) else list(heads)
+        if per_position is not None:
+            body["per_position"] = per_position
         if mask is not None:
             body["mask"] = dict(mask) if isinstance(mask, Mapping) else {"indices": list(mask)}
         if clean_baseline is not None:
@@ -627,6 +644,7 @@ class AsyncPatchStudy:
         clean_baseline: float | None = None,
         on_cell: OnCell | None = None,
         progress: bool | None = None,
+        per_position: bool | None = None,
     ) -> SweepResult | dict[str, SweepResult]:
         """A vector-sourced sweep: write ``source`` into ``prompt`` at every cell.
 
@@ -671,6 +689,8 @@ class AsyncPatchStudy:
             body["hook"] = _our_hook(hook or self.hook)
         if heads is not None:
             body["heads"] = heads if isinstance(heads, str) else list(heads)
+        if per_position is not None:
+            body["per_position"] = per_position
         if clean_baseline is not None:
             body["clean_baseline"] = clean_baseline
         body.update(_token_fields("answer_token", answer_token))

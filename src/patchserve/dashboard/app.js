@@ -22,6 +22,7 @@ const DEFAULTS = {
   alpha: "1",
   source_run: "",
   keep: false,
+  by_head: false,
 };
 const TEXT_FIELDS = ["clean", "corrupt", "answer", "foil", "layers", "positions", "heads", "alpha", "source_run"];
 
@@ -35,6 +36,7 @@ function fill(params) {
   for (const option of $("hooks").options) option.selected = params.hooks.includes(option.value);
   $("metric").value = params.metric;
   $("keep").checked = params.keep;
+  $("by_head").checked = params.by_head;
   if (params.source_run || params.keep) form.querySelector("details").open = true;
   showHeadsField();
 }
@@ -45,6 +47,7 @@ function readForm() {
   params.hooks = [...$("hooks").selectedOptions].map((o) => o.value);
   params.metric = $("metric").value;
   params.keep = $("keep").checked;
+  params.by_head = $("by_head").checked;
   return params;
 }
 
@@ -56,6 +59,7 @@ function fromURL() {
   if (q.has("hooks")) params.hooks = q.get("hooks").split(",").filter((h) => HOOKS.includes(h));
   if (q.has("metric") && METRICS.includes(q.get("metric"))) params.metric = q.get("metric");
   if (q.has("keep")) params.keep = q.get("keep") === "1";
+  if (q.has("by_head")) params.by_head = q.get("by_head") === "1";
   return { params, given: q.has("corrupt") };
 }
 
@@ -65,6 +69,7 @@ function toURL(params) {
   q.set("hooks", params.hooks.join(","));
   q.set("metric", params.metric);
   if (params.keep) q.set("keep", "1");
+  if (params.by_head) q.set("by_head", "1");
   return `${window.location.pathname}?${q}`;
 }
 
@@ -122,12 +127,15 @@ function requestBody(p) {
   if (p.hooks.includes("attn_head")) {
     const heads = p.heads.trim();
     body.heads = heads === "" || heads === "all" ? "all" : ints(heads, "heads");
+    if (p.by_head) body.per_position = false; // one cell per (layer, head), every position
   }
   return body;
 }
 
 function showHeadsField() {
-  $("heads-field").classList.toggle("off", !$("hooks").selectedOptions.length || ![...$("hooks").selectedOptions].some((o) => o.value === "attn_head"));
+  const off = !$("hooks").selectedOptions.length || ![...$("hooks").selectedOptions].some((o) => o.value === "attn_head");
+  $("heads-field").classList.toggle("off", off);
+  $("by-head-field").classList.toggle("off", off);
 }
 
 // ---------------------------------------------------------------- errors and progress
@@ -263,7 +271,7 @@ function onStart(event) {
 
 function onCell(event) {
   const map = study.maps.get(event.hook);
-  const cell = map?.set(event.layer, event.position, event.head ?? null, event.value, event.error ?? null);
+  const cell = map?.set(event.layer, event.position ?? null, event.head ?? null, event.value, event.error ?? null);
   if (cell) study.dirty.push([map, cell]);
   schedule();
   const seconds = (performance.now() - study.t0) / 1000;
@@ -277,7 +285,9 @@ function onSummary(body) {
   for (const { hook, grid, argmax } of grids) {
     const map = study.maps.get(hook);
     if (!map) continue;
-    body.layers.forEach((layer, i) => body.positions.forEach((position, j) => {
+    if (map.byHead) { // [layer][head]: each head patched at every position at once
+      body.layers.forEach((layer, i) => body.heads.forEach((head, k) => map.set(layer, null, head, grid[i][k], reasons.get(`${hook}/${layer}/undefined/${head}`))));
+    } else body.layers.forEach((layer, i) => body.positions.forEach((position, j) => {
       const row = grid[i][j];
       if (Array.isArray(row)) body.heads.forEach((head, k) => map.set(layer, position, head, row[k], reasons.get(`${hook}/${layer}/${position}/${head}`)));
       else map.set(layer, position, null, row, reasons.get(`${hook}/${layer}/${position}/`));
@@ -285,7 +295,7 @@ function onSummary(body) {
     map.markCorrupted(body.alignment?.differing_positions ?? []);
     map.markArgmax(argmax);
     if (argmax) {
-      const token = tokenLabel(body.tokens[argmax.position] ?? "");
+      const token = argmax.position == null ? "every position" : tokenLabel(body.tokens[argmax.position] ?? "");
       const head = argmax.head != null ? ` · h${argmax.head}` : "";
       map.note(`best L${argmax.layer} · ${token}${head} = ${fmt(argmax.value)}`);
     }
@@ -315,7 +325,7 @@ function showSummary(b) {
   const dl = document.createElement("dl");
   const unit = b.metric !== "recovered" ? b.metric : b.foil_token_id != null ? "logit diff" : "log p";
   const foil = b.foil_token != null ? ` vs foil ${JSON.stringify(b.foil_token)} (id ${b.foil_token_id})` : "";
-  row(dl, "answer", `${JSON.stringify(b.answer_token)} (id ${b.answer_token_id})${foil}`);
+  row(dl, "answer", `${JSON.stringify(b.answer_token)} (id${b.answer_token_ids.length > 1 ? "s" : ""} ${b.answer_token_ids.join(", ")})${foil}`);
   row(dl, "clean", b.clean == null ? "— (no clean run graded)" : `${fmt(b.clean, 4)} (${unit})`, "summary-clean");
   row(dl, "corrupt", `${fmt(b.corrupt, 4)} (${unit})`, "summary-corrupt");
   row(dl, "noise floor", `${fmt(b.noise_floor, 4)} (${b.metric})`, "summary-noise");
@@ -357,11 +367,11 @@ function hover(event, map, cell) {
     tip.hidden = true;
     return;
   }
-  const token = map.tokens[cell.position] ?? "";
+  const where = cell.position == null ? "every position" : `position ${cell.position} ${JSON.stringify(map.tokens[cell.position] ?? "")}`;
   const value = cell.state === "value" ? fmt(cell.value, 4) : cell.state === "skipped" ? `skipped${cell.reason ? `: ${cell.reason}` : ""}` : "pending";
   const head = cell.head != null ? ` · head ${cell.head}` : "";
-  tip.innerHTML = `<b>${esc(map.hook)}</b> · layer ${cell.layer} · position ${cell.position} `
-    + `${esc(JSON.stringify(token))}${head}<br>${esc(metricOf())} = <b>${esc(value)}</b>`;
+  tip.innerHTML = `<b>${esc(map.hook)}</b> · layer ${cell.layer} · ${esc(where)}`
+    + `${head}<br>${esc(metricOf())} = <b>${esc(value)}</b>`;
   tip.hidden = false;
   // Beside the pointer, flipped to its left / above near the window's edges.
   const { width, height } = tip.getBoundingClientRect();

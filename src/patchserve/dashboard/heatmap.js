@@ -112,8 +112,10 @@ export class Heatmap {
     this.positions = start.positions;
     this.tokens = start.tokens;
     this.heads = hook === "attn_head" && start.heads ? start.heads : null;
+    this.byHead = this.heads !== null && start.per_position === false; // [layer][head]
     this.columns = [];
-    this.positions.forEach((position, j) => {
+    if (this.byHead) this.heads.forEach((head, k) => this.columns.push({ position: null, head, j: 0, k }));
+    else this.positions.forEach((position, j) => {
       if (this.heads) this.heads.forEach((head, k) => this.columns.push({ position, head, j, k }));
       else this.columns.push({ position, head: null, j });
     });
@@ -133,7 +135,7 @@ export class Heatmap {
   }
 
   key(layer, position, head) {
-    return `${layer}/${position}/${head ?? ""}`;
+    return `${layer}/${position ?? ""}/${head ?? ""}`;
   }
 
   draw() {
@@ -200,7 +202,7 @@ export class Heatmap {
         const t = el("text", { x: left + c * cw + cw / 2, y: axisY + 13, "font-size": 9, fill: "#5b6675", "text-anchor": "middle" }, svg);
         t.textContent = `h${col.head}`;
       });
-      this.positions.forEach((position, j) => {
+      (this.byHead ? [] : this.positions).forEach((position, j) => {
         const x0 = left + j * this.heads.length * cw;
         const w = this.heads.length * cw;
         el("line", { x1: x0 + 2, x2: x0 + w - 2, y1: axisY + 19, y2: axisY + 19, stroke: "#9aa4b1" }, svg);
@@ -244,7 +246,8 @@ export class Heatmap {
       node.setAttribute("font-weight", bad ? 700 : 400);
       node.setAttribute("data-token", token);
     }
-    this.xTitle.textContent = this.corrupted.size ? "position (token; * = corrupted)" : "position (token)";
+    this.xTitle.textContent = this.byHead ? `head (patched at all ${this.positions.length} selected positions)`
+      : this.corrupted.size ? "position (token; * = corrupted)" : "position (token)";
   }
 
   /** The corrupt positions whose token differs from the clean one (alignment.differing_positions). */

@@ -7,6 +7,26 @@ from patchserve.text.tokenizer import Tokenizer
 from patchserve.wire.axes import not_one_token
 
 
+def _check_id(token_id: object, vocab_size: int, param: str) -> int:
+    if isinstance(token_id, bool) or not isinstance(token_id, int):
+        raise InvalidArgument(f"{param}_id must be an integer", f"{param}_id")
+    if not 0 <= token_id < vocab_size:
+        raise InvalidArgument(
+            f"{param}_id {token_id} is outside the vocabulary (0-{vocab_size - 1})",
+            f"{param}_id",
+        )
+    return token_id
+
+
+def _encode(tokenizer: Tokenizer, text: object, param: str) -> list[int]:
+    if not isinstance(text, str) or not text:
+        raise InvalidArgument(f"{param} must be a non-empty string", param)
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    if not ids:
+        raise InvalidArgument(f"{param} {text!r} tokenizes to no tokens", param)
+    return list(ids)
+
+
 def resolve_token(
     tokenizer: Tokenizer,
     vocab_size: int,
@@ -16,20 +36,40 @@ def resolve_token(
 ) -> int | None:
     """A token id from ``*_token_id`` (wins) or a string that must be exactly one token."""
     if token_id is not None:
-        if isinstance(token_id, bool) or not isinstance(token_id, int):
-            raise InvalidArgument(f"{param}_id must be an integer", f"{param}_id")
-        if not 0 <= token_id < vocab_size:
-            raise InvalidArgument(
-                f"{param}_id {token_id} is outside the vocabulary (0-{vocab_size - 1})",
-                f"{param}_id",
-            )
-        return token_id
+        return _check_id(token_id, vocab_size, param)
     if text is None:
         return None
-    if not isinstance(text, str) or not text:
-        raise InvalidArgument(f"{param} must be a non-empty string", param)
-    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    ids = _encode(tokenizer, text, param)
     if len(ids) != 1:
         spaced = None if text.startswith(" ") else tokenizer.encode(" " + text, False).ids
         raise InvalidArgument(not_one_token(param, text, ids, spaced), param)
     return ids[0]
+
+
+def resolve_tokens(
+    tokenizer: Tokenizer,
+    vocab_size: int,
+    text: str | None,
+    token_ids: int | list[int] | None,
+    param: str,
+    warnings: list[str],
+) -> list[int] | None:
+    """A graded continuation: ``*_token_id`` (an id or a list of ids; wins) or a string of
+    one or more tokens. A string without a leading space that is one token with it gets a
+    warning (it is probably meant as the next word)."""
+    if token_ids is not None:
+        listed = token_ids if isinstance(token_ids, list) else [token_ids]
+        if not listed:
+            raise InvalidArgument(f"{param}_id is an empty list", f"{param}_id")
+        return [_check_id(i, vocab_size, param) for i in listed]
+    if text is None:
+        return None
+    ids = _encode(tokenizer, text, param)
+    if len(ids) > 1 and not text.startswith(" "):
+        spaced = tokenizer.encode(" " + text, False).ids
+        if len(spaced) == 1:
+            warnings.append(
+                f"{param} {text!r} is graded as {len(ids)} tokens {ids}; {' ' + text!r} is "
+                f"one token (id {spaced[0]}) — did you mean it?"
+            )
+    return ids

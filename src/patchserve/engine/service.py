@@ -164,6 +164,7 @@ class Study:
             foil_token=req.foil_token,
             foil_token_id=req.foil_token_id,
             metric=req.metric,
+            per_position=req.per_position,
             clean_baseline=None if req.clean_baseline is None else float(req.clean_baseline),
             max_batch_tokens=res.max_batch_tokens,
             max_cells=res.max_cells,

@@ -14,10 +14,11 @@ from typing import Any, NamedTuple
 
 import torch
 
+from patchserve.engine.continuation import Continuation, check_multi_token_metric
 from patchserve.engine.diagnostics import span_warnings
 from patchserve.engine.errors import InvalidArgument
 from patchserve.engine.metrics import check_metric
-from patchserve.engine.request import resolve_token
+from patchserve.engine.request import resolve_tokens
 from patchserve.engine.runs import CapturedRun
 from patchserve.engine.sweep import DEFAULT_BATCH_TOKENS, Source, SweepSpec, VectorSource
 from patchserve.models import Transformer
@@ -136,14 +137,17 @@ def _answer_and_foil(
     tokenizer: Tokenizer,
     vocab: int,
     answer_token: str | None,
-    answer_token_id: int | None,
+    answer_token_id: int | list[int] | None,
     foil_token: str | None,
-    foil_token_id: int | None,
-) -> tuple[int | None, int | None]:
-    answer = resolve_token(tokenizer, vocab, answer_token, answer_token_id, "answer_token")
-    foil = resolve_token(tokenizer, vocab, foil_token, foil_token_id, "foil_token")
+    foil_token_id: int | list[int] | None,
+    notes: list[str],
+) -> tuple[list[int] | None, list[int] | None]:
+    """The graded token sequences (one token or a continuation each); ``notes`` gets the
+    warnings about their spelling."""
+    answer = resolve_tokens(tokenizer, vocab, answer_token, answer_token_id, "answer_token", notes)
+    foil = resolve_tokens(tokenizer, vocab, foil_token, foil_token_id, "foil_token", notes)
     if answer is not None and foil is not None and answer == foil:
-        raise InvalidArgument("answer and foil are the same token", "foil_token")
+        raise InvalidArgument("answer and foil are the same token(s)", "foil_token")
     return answer, foil
 
 
@@ -177,6 +181,19 @@ def _check_source(
         )
 
 
+def _check_per_position(per_position: bool | None, hooks: list[str]) -> None:
+    if per_position is None:
+        return
+    if not isinstance(per_position, bool):
+        raise InvalidArgument("per_position must be true or false", "per_position")
+    if "attn_head" not in hooks:
+        raise InvalidArgument(
+            "per_position applies to the attn_head hook only (false: one cell per (layer, "
+            f"head), patched at every selected position at once); the sweep's hooks are {hooks}",
+            "per_position",
+        )
+
+
 def prepare_sweep(
     model: Transformer,
     tokenizer: Tokenizer,
@@ -191,10 +208,11 @@ def prepare_sweep(
     alpha: float = 1.0,
     masks: dict[str, torch.Tensor] | torch.Tensor | None = None,
     answer_token: str | None = None,
-    answer_token_id: int | None = None,
+    answer_token_id: int | list[int] | None = None,
     foil_token: str | None = None,
-    foil_token_id: int | None = None,
+    foil_token_id: int | list[int] | None = None,
     metric: str = "logprob",
+    per_position: bool | None = None,
     clean_baseline: float | None = None,
     max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
     max_cells: int | None = None,
@@ -217,9 +235,12 @@ def prepare_sweep(
         raise InvalidArgument("heads apply to the attn_head hook only", "heads")
     check_metric(metric)
     _check_numbers(alpha, clean_baseline)
+    _check_per_position(per_position, hook_list)
+    notes = span_warnings(prompt, positions)
     answer, foil = _answer_and_foil(
-        tokenizer, cfg.vocab_size, answer_token, answer_token_id, foil_token, foil_token_id
+        tokenizer, cfg.vocab_size, answer_token, answer_token_id, foil_token, foil_token_id, notes
     )
+    check_multi_token_metric(metric, Continuation.plan(answer or [0], foil))
     cells = _Cells(hook_list, layer_list, position_list, encoding.ids)
     _check_source(source, cells, metric, clean_baseline, clean_ids)
     if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
@@ -231,14 +252,17 @@ def prepare_sweep(
         positions=position_list,
         source=source,
         metric=metric,
-        answer=answer,
-        foil=foil,
+        answer=None if answer is None else answer[0],
+        foil=None if foil is None else foil[0],
+        answer_ids=answer,
+        foil_ids=foil,
+        per_position=per_position is not False,
         heads=head_list,
         alpha=float(alpha),
         masks=_check_masks(masks, hook_list, model),
         clean_baseline=clean_baseline,
         max_batch_tokens=max_batch_tokens,
-        warnings=span_warnings(prompt, positions),
+        warnings=notes,
     )
     if max_cells is not None and spec.num_cells > max_cells:
         raise InvalidArgument(

@@ -7,7 +7,10 @@ activations of the swept layers and its key/value cache — and each cell
 recomputes only the lower-right block: layers from its patch point on, over
 positions ``>= p``, attending to the corrupt cache for positions ``< p``
 (one batch-1 cache shared by every row, never copied). Logits are computed at
-the last prompt position only.
+the last prompt position only — and, for a multi-token answer, at the answer's
+tokens appended to every row (``engine/continuation.py``: one *lane* per tail).
+An ``attn_head`` cell that is not per position patches its head at every
+selected position in one row, resumed from the earliest of them.
 
 Where the cell resumes:
 
@@ -31,7 +34,7 @@ bounded by the budget, not by the grid.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,13 +42,14 @@ from typing import Any
 import torch
 
 from patchserve.cancel import cancel_scope, raise_if_cancelled
+from patchserve.engine.continuation import Continuation, ContinuationGrader, raw_total
 from patchserve.engine.diagnostics import identical_prompts_warning
 from patchserve.engine.errors import Cancelled, InvalidArgument, SweepCancelled
 from patchserve.engine.flops import suffix_flops, unembed_flops
 from patchserve.engine.metrics import Grader, raw_score
 from patchserve.engine.runs import CapturedRun
 from patchserve.models import HookContext, Transformer, make_edit
-from patchserve.models.hooks import blend
+from patchserve.models.hooks import SiteEdit, blend
 from patchserve.models.layout import ResumeRows
 from patchserve.models.state import KVCache, Reuse
 from patchserve.text.alignment import Alignment, align
@@ -55,6 +59,10 @@ from patchserve.wire.sweep import UNALIGNED
 BRANCH_HOOKS = ("attn_out", "post_attn", "mlp_in", "mlp_out")
 DEFAULT_BATCH_TOKENS = 4096
 SCORE_ELEMENTS_CAP = 24 * 2**20  # attention scores per batch (x4 bytes in float32)
+_PROBE = "probe"  # the hook name of the unpatched row a batch carries for the noise floor
+
+#: Metric values ``[n]`` of rows from each lane's logits ``[n, k, vocab]``.
+Score = Callable[[list[torch.Tensor]], torch.Tensor]
 
 
 @dataclass
@@ -84,12 +92,19 @@ class SweepSpec:
     clean_baseline: float | None = None  # m_clean for 'recovered' without clean logits
     max_batch_tokens: int = DEFAULT_BATCH_TOKENS
     warnings: list[str] = field(default_factory=list)  # found while preparing the sweep
+    answer_ids: list[int] | None = None  # a multi-token answer (wins over answer)
+    foil_ids: list[int] | None = None  # a multi-token foil (wins over foil)
+    per_position: bool = True  # attn_head: False = one cell per (layer, head), all positions
 
     @property
     def num_cells(self) -> int:
-        """Cells of the grid: hooks x layers x positions, times heads for ``attn_head``."""
+        """Cells of the grid: hooks x layers x positions, times heads for ``attn_head``
+        (layers x heads when not ``per_position``)."""
         per_hook = len(self.layers) * len(self.positions)
         heads = len(self.heads or [])
+        if not self.per_position:
+            by_head = len(self.layers) * heads
+            return sum(by_head if h == "attn_head" else per_hook for h in self.hooks)
         return sum(per_hook * (heads if hook == "attn_head" else 1) for hook in self.hooks)
 
 
@@ -97,7 +112,7 @@ class SweepSpec:
 class Cell:
     hook: str
     layer: int
-    position: int
+    position: int | None  # None: a head patched at every selected position at once
     head: int | None
     value: float | None = None
     error: str | None = None
@@ -124,21 +139,35 @@ class SweepOutcome:
     corrupt_ids: list[int] = field(default_factory=list)
     stats: dict[str, float | int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    answer_ids: list[int] = field(default_factory=list)
+    foil_ids: list[int] | None = None
+    per_position: bool = True
 
 
 @dataclass
 class _Row:
     cell: Cell
-    patched: torch.Tensor
+    patched: torch.Tensor  # [P, ...]: the values written at ``positions``
+    positions: list[int]  # ascending; one unless a head is patched at every position
+
+    @property
+    def offset(self) -> int:
+        return self.positions[0]
 
 
 @dataclass
 class _Corrupt:
-    """What the corrupt forward leaves for the cells."""
+    """What the corrupt forward of one lane (the prompt plus a tail) leaves for the cells."""
 
     captured: dict[tuple[int, str], torch.Tensor]
     kv: KVCache
-    logits: torch.Tensor  # [vocab]
+    logits: torch.Tensor  # [k, vocab] at the read positions (last prompt token, the tail)
+    final: torch.Tensor  # [tokens, d] residual leaving the last block
+    length: int  # prompt + tail tokens
+
+    @property
+    def reads(self) -> int:
+        return self.logits.shape[0]
 
 
 def _resume_point(hook: str, layer: int) -> tuple[int, str, str | None]:
@@ -150,6 +179,11 @@ def _resume_point(hook: str, layer: int) -> tuple[int, str, str | None]:
     if hook == "attn_head":
         return layer, "attn_head", "attn_head"
     return layer, hook, "attn_out"
+
+
+def _head_of(source: torch.Tensor, head: int | None) -> torch.Tensor:
+    """The row a cell writes: one head's slice of an ``attn_head`` source ``[heads, d]``."""
+    return source if head is None or source.dim() == 1 else source[head]
 
 
 def _reaches_last_position(
@@ -179,6 +213,9 @@ class SweepRunner:
         self.on_cell = on_cell
         self.cancel = cancel
         self.length = len(spec.corrupt_ids)
+        self.continuation = Continuation.plan([0], None)  # set by run()
+        self.lane_lengths = [self.length]
+        self.unpatched_positions: set[int] = set()
         self.done = 0
         self.total = spec.num_cells
         self.stats: dict[str, float | int] = {
@@ -202,10 +239,27 @@ class SweepRunner:
         return sites
 
     def _corrupt_forward(self) -> _Corrupt:
+        """The corrupt prompt once: captures, key/value cache, last-position logits."""
         ids = torch.tensor([self.spec.corrupt_ids], device=self.model.device)
         with self.gate():
             out = self.model.prefill(ids, HookContext.build(capture=self._capture_sites()))
-        return _Corrupt(out.captured, out.cache, out.logits[0])
+        return _Corrupt(out.captured, out.cache, out.logits, out.hidden[0], ids.shape[1])
+
+    def _lane_forward(self, base: _Corrupt, tail: list[int]) -> _Corrupt:
+        """The corrupt run with ``tail`` appended: the tail alone on the prompt's cache, so
+        the prompt's activations stay bit for bit those of the prompt's own forward (cells
+        they leave unchanged stay free). Resumed rows attend to the cache of the prompt
+        only (positions before their first patch); the tail's own keys are recomputed."""
+        if not tail:
+            return base
+        ids = torch.tensor([tail], device=self.model.device)
+        with self.gate():
+            out = self.model.extend(ids, base.kv, HookContext.build(capture=self._capture_sites()))
+            tail_logits = self.model.unembed(out.hidden[0])
+        captured = {k: torch.cat([v, out.captured[k]], dim=1) for k, v in base.captured.items()}
+        logits = torch.cat([base.logits, tail_logits])
+        final = torch.cat([base.final, out.hidden[0]])
+        return _Corrupt(captured, base.kv, logits, final, base.length + len(tail))
 
     def _source_row(
         self, hook: str, layer: int, position: int, alignment: Alignment | None
@@ -226,29 +280,64 @@ class SweepRunner:
             )
         return row
 
-    def _grader(self, corrupt_logits: torch.Tensor) -> tuple[Grader, float | None]:
+    def _answer(self, base: _Corrupt) -> list[int]:
+        """The graded answer: given, else the clean run's top-1 (the corrupt run's without)."""
         spec, source = self.spec, self.spec.source
+        if spec.answer_ids is not None:
+            return list(spec.answer_ids)
+        if spec.answer is not None:
+            return [spec.answer]
+        clean_logits = source.last_logits if isinstance(source, CapturedRun) else None
+        if clean_logits is None:
+            clean_logits = base.logits[0]
+        return [int(clean_logits.argmax())]
+
+    def _grader(self, corrupt: list[_Corrupt]) -> tuple[Score, float | None, float]:
+        """The scorer of lane logits, the clean value and the raw corrupt ``m``."""
+        spec, source, cont = self.spec, self.spec.source, self.continuation
+        if cont.multi:
+            return self._continuation_grader(corrupt)
+        corrupt_logits = corrupt[0].logits[0]
         clean_logits = source.last_logits if isinstance(source, CapturedRun) else None
         reference = clean_logits if clean_logits is not None else corrupt_logits
-        answer = spec.answer if spec.answer is not None else int(reference.argmax())
+        answer, foil = cont.answer[0], spec.foil
         clean_lp = torch.log_softmax(reference.double(), dim=-1)
         clean_score = spec.clean_baseline
         if clean_logits is not None and clean_score is None:
-            clean_score = float(raw_score(clean_logits[None], answer, spec.foil)[0])
-        grader = Grader(
-            metric=spec.metric,
-            answer=answer,
-            foil=spec.foil,
-            clean_logprobs=clean_lp,
-            clean_score=clean_score,
-            corrupt_score=float(raw_score(corrupt_logits[None], answer, spec.foil)[0]),
-        )
+            clean_score = float(raw_score(clean_logits[None], answer, foil)[0])
+        raw_corrupt = float(raw_score(corrupt_logits[None], answer, foil)[0])
+        grader = Grader(spec.metric, answer, foil, clean_score, raw_corrupt, clean_lp)
+        score: Score = lambda lanes: grader(lanes[0][:, 0])
         if spec.metric == "recovered":  # clean and corrupt are reported raw (as the seed)
-            return grader, clean_score
+            return score, clean_score, raw_corrupt
         clean_value = None
         if clean_logits is not None:
             clean_value = float(grader(clean_logits[None].to(corrupt_logits.device))[0])
-        return grader, clean_value
+        return score, clean_value, raw_corrupt
+
+    def _continuation_grader(self, corrupt: list[_Corrupt]) -> tuple[Score, float | None, float]:
+        """Totals of a multi-token answer; the clean run's lanes are one forward each."""
+        spec, source, cont = self.spec, self.spec.source, self.continuation
+        clean = None
+        if isinstance(source, CapturedRun):
+            clean = [self._clean_lane(source.token_ids, tail) for tail in cont.tails]
+        clean_score = spec.clean_baseline
+        if clean is not None and clean_score is None:
+            clean_score = float(raw_total(cont, clean)[0])
+        raw_corrupt = float(raw_total(cont, [c.logits[None] for c in corrupt])[0])
+        foil = None if cont.foil is None else cont.foil[0]
+        grading = Grader(spec.metric, cont.answer[0], foil, clean_score, raw_corrupt)
+        grader = ContinuationGrader(grading, cont)
+        if spec.metric == "recovered" or clean is None:
+            return grader, clean_score if spec.metric == "recovered" else None, raw_corrupt
+        return grader, float(grader(clean)[0]), raw_corrupt
+
+    def _clean_lane(self, clean_ids: list[int], tail: list[int]) -> torch.Tensor:
+        """Logits ``[1, k, vocab]`` of the clean prompt plus ``tail`` at the read positions."""
+        ids = torch.tensor([clean_ids + tail], device=self.model.device)
+        with self.gate():
+            logits: torch.Tensor = self.model(ids)
+        return logits[:, len(clean_ids) - 1 :]
 
     # -- execution ------------------------------------------------------------------
 
@@ -271,13 +360,16 @@ class SweepRunner:
         if isinstance(spec.source, CapturedRun):
             alignment = align(spec.source.token_ids, spec.corrupt_ids)
         with torch.inference_mode():
-            corrupt = self._corrupt_forward()
-            grader, clean_value = self._grader(corrupt.logits)
-            baseline = float(grader(corrupt.logits[None])[0])
-            raw_corrupt = float(raw_score(corrupt.logits[None], grader.answer, spec.foil)[0])
+            base = self._corrupt_forward()
+            foil = spec.foil_ids or (None if spec.foil is None else [spec.foil])
+            self.continuation = Continuation.plan(self._answer(base), foil)
+            corrupt = [self._lane_forward(base, tail) for tail in self.continuation.tails]
+            del base
+            score, clean_value, raw_corrupt = self._grader(corrupt)
+            baseline = float(score([c.logits[None] for c in corrupt])[0])
             reported_corrupt = raw_corrupt if spec.metric == "recovered" else baseline
-            cells, groups, skipped = self._plan(corrupt, alignment, baseline)
-            noise = self._execute(groups, corrupt, grader, baseline)
+            cells, groups, skipped = self._plan(corrupt[0], alignment, baseline)
+            noise = self._execute(groups, corrupt, score, baseline)
         grids, argmax = self._grids(cells)
         seconds = time.perf_counter() - started
         self.stats.update(
@@ -291,7 +383,7 @@ class SweepRunner:
             positions=spec.positions,
             heads=spec.heads if "attn_head" in spec.hooks else None,
             metric=spec.metric,
-            answer=grader.answer,
+            answer=self.continuation.answer[0],
             foil=spec.foil,
             grids=grids,
             argmax=argmax,
@@ -300,10 +392,13 @@ class SweepRunner:
             noise_floor=noise,
             skipped=skipped,
             alignment=alignment,
-            corrupt_logits=corrupt.logits.float().cpu(),
+            corrupt_logits=corrupt[0].logits[0].float().cpu(),
             corrupt_ids=list(spec.corrupt_ids),
             stats=dict(self.stats),
             warnings=self._warnings(),
+            answer_ids=list(self.continuation.answer),
+            foil_ids=self.continuation.foil,
+            per_position=spec.per_position,
         )
 
     def _warnings(self) -> list[str]:
@@ -311,62 +406,93 @@ class SweepRunner:
         out = list(spec.warnings)
         if isinstance(source, CapturedRun):
             out += identical_prompts_warning(source.token_ids, spec.corrupt_ids)
+        if self.unpatched_positions:
+            out.append(
+                "attn_head cells with per_position false patch every selected position that "
+                "has a clean partner; positions "
+                f"{sorted(self.unpatched_positions)} have none and were left unpatched"
+            )
         return out  # every cell skipped cannot happen: no alignable position is a 400
 
     def _plan(
         self, corrupt: _Corrupt, alignment: Alignment | None, baseline: float
     ) -> tuple[list[Cell], dict[tuple[int, str, str, str | None], list[_Row]], list[Cell]]:
-        spec, n = self.spec, self.cfg.num_layers
         cells: list[Cell] = []
         groups: dict[tuple[int, str, str, str | None], list[_Row]] = {}
         skipped: list[Cell] = []
-        alpha = spec.alpha
-        for hook in spec.hooks:
-            mask = spec.masks.get(hook) if spec.masks else None
-            heads: list[int | None] = list(spec.heads or []) if hook == "attn_head" else [None]
-            for layer in spec.layers:
-                acts = corrupt.captured[layer, hook][0]
-                for position in spec.positions:
-                    source = self._source_row(hook, layer, position, alignment)
-                    for head in heads:
-                        cell = Cell(hook, layer, position, head)
-                        cells.append(cell)
-                        if source is None:
-                            cell.skipped = UNALIGNED
-                            skipped.append(cell)
-                            self._emit(cell)
-                            continue
-                        dest = acts[position] if head is None else acts[position, head]
-                        src = source if head is None or source.dim() == 1 else source[head]
-                        weight = torch.full_like(dest, alpha, dtype=torch.float32)
-                        if mask is not None:
-                            weight = weight * mask.to(weight.device)
-                        patched = blend(dest, src.to(dest.device), weight)
-                        if torch.equal(patched, dest) or not _reaches_last_position(
-                            hook, layer, position, n, self.length
-                        ):
-                            cell.value = baseline
-                            self.stats["free"] += 1
-                            self._emit(cell)
-                            continue
-                        start, site, reuse = _resume_point(hook, layer)
-                        groups.setdefault((start, site, hook, reuse), []).append(
-                            _Row(cell, patched)
-                        )
+        for hook in self.spec.hooks:
+            for layer in self.spec.layers:
+                for cell, entries in self._targets(hook, layer, alignment):
+                    cells.append(cell)
+                    if not entries:
+                        cell.skipped = UNALIGNED
+                        skipped.append(cell)
+                        self._emit(cell)
+                        continue
+                    row = self._row(cell, entries, corrupt)
+                    if row is None:
+                        cell.value = baseline
+                        self.stats["free"] += 1
+                        self._emit(cell)
+                        continue
+                    start, site, reuse = _resume_point(hook, layer)
+                    groups.setdefault((start, site, hook, reuse), []).append(row)
         return cells, groups, skipped
+
+    def _targets(
+        self, hook: str, layer: int, alignment: Alignment | None
+    ) -> Iterator[tuple[Cell, list[tuple[int, torch.Tensor]]]]:
+        """The cells of one (hook, layer) and the (position, source) pairs each patches."""
+        spec = self.spec
+        sources = [(p, self._source_row(hook, layer, p, alignment)) for p in spec.positions]
+        if hook == "attn_head" and not spec.per_position:
+            aligned = [(p, s) for p, s in sources if s is not None]
+            self.unpatched_positions.update(p for p, s in sources if s is None)
+            for h in spec.heads or []:
+                yield Cell(hook, layer, None, h), [(p, _head_of(s, h)) for p, s in aligned]
+            return
+        heads: list[int | None] = list(spec.heads or []) if hook == "attn_head" else [None]
+        for at, source in sources:
+            for head in heads:
+                entries = [] if source is None else [(at, _head_of(source, head))]
+                yield Cell(hook, layer, at, head), entries
+
+    def _row(
+        self, cell: Cell, entries: list[tuple[int, torch.Tensor]], corrupt: _Corrupt
+    ) -> _Row | None:
+        """The patched values of a cell, or None when it is free (equals the baseline)."""
+        spec, hook = self.spec, cell.hook
+        mask = spec.masks.get(hook) if spec.masks else None
+        acts = corrupt.captured[cell.layer, hook][0]
+        entries = sorted(entries, key=lambda e: e[0])
+        positions = [p for p, _ in entries]
+        index = torch.tensor(positions, device=acts.device)
+        dest = acts[index] if cell.head is None else acts[index, cell.head]
+        src = torch.stack([s.to(dest.device) for _, s in entries])
+        weight = torch.full_like(dest, spec.alpha, dtype=torch.float32)
+        if mask is not None:
+            weight = weight * mask.to(weight.device)
+        patched = blend(dest, src, weight)
+        n = self.cfg.num_layers
+        length = self.length
+        reaches = any(_reaches_last_position(hook, cell.layer, p, n, length) for p in positions)
+        if torch.equal(patched, dest) or not reaches:
+            return None
+        return _Row(cell, patched, positions)
 
     def _batches(self, rows: list[_Row]) -> list[list[_Row]]:
         """Longest rows first, packed under the token budget and the score-memory cap."""
-        cfg, length = self.cfg, self.length
-        budget = max(self.spec.max_batch_tokens, length)
-        rows = sorted(rows, key=lambda r: r.cell.position)
+        cfg, lanes = self.cfg, self.lane_lengths
+        length = max(lanes)
+        budget = max(self.spec.max_batch_tokens, length * len(lanes))
+        rows = sorted(rows, key=lambda r: r.offset)
         batches: list[list[_Row]] = []
         current: list[_Row] = []
         tokens = 0
         for row in rows:
-            size = length - row.cell.position
-            longest = length - current[0].cell.position if current else size
-            scores = (len(current) + 1) * cfg.num_heads * longest * (length + longest)
+            size = sum(lane - row.offset for lane in lanes)
+            longest = length - current[0].offset if current else length - row.offset
+            scores = (len(current) + 1) * len(lanes) * cfg.num_heads * longest * (length + longest)
             if current and (tokens + size > budget or scores > SCORE_ELEMENTS_CAP):
                 batches.append(current)
                 current, tokens = [], 0
@@ -379,105 +505,108 @@ class SweepRunner:
     def _execute(
         self,
         groups: dict[tuple[int, str, str, str | None], list[_Row]],
-        corrupt: _Corrupt,
-        grader: Grader,
+        corrupt: list[_Corrupt],
+        score: Score,
         baseline: float,
     ) -> float:
         n = self.cfg.num_layers
+        self.lane_lengths = [lane.length for lane in corrupt]
         noise: float | None = None
-        for (start, site, hook, reuse), rows in groups.items():
+        for (start, site, _, reuse), rows in groups.items():
             for batch in self._batches(rows):
                 self._check_cancel()
-                probe = noise is None and start < n
-                values = self._run_batch(start, site, hook, reuse, batch, corrupt, grader, probe)
-                if probe:
+                if noise is None and start < n:  # an unpatched copy of the first row
+                    batch = [*batch, self._unpatched(batch[0], start, site, corrupt[0])]
+                lane_logits = [self._run_lane(start, site, reuse, batch, lane) for lane in corrupt]
+                values = score(lane_logits)
+                if batch[-1].cell.hook == _PROBE:
                     noise = abs(float(values[-1]) - baseline)
+                    batch = batch[:-1]
                 for row, value in zip(batch, values.tolist(), strict=False):
                     row.cell.value = value
                     self._emit(row.cell)
                 self.stats["computed"] += len(batch)
                 self.stats["batches"] += 1
         if noise is None:
-            noise = self._probe_noise(corrupt, grader, baseline)
+            noise = self._probe_noise(corrupt, score, baseline)
         return noise
 
-    def _probe_noise(self, corrupt: _Corrupt, grader: Grader, baseline: float) -> float:
+    def _unpatched(self, row: _Row, start: int, site: str, corrupt: _Corrupt) -> _Row:
+        """A copy of ``row`` writing the corrupt run's own values: the corrupt run, resumed."""
+        cell, index = row.cell, torch.tensor(row.positions, device=self.model.device)
+        if cell.hook == "attn_head":
+            own = corrupt.captured[start, "attn_head"][0, index, cell.head]
+        elif site == "pre_attn":
+            own = corrupt.captured[start, "pre_attn"][0, index]
+        else:
+            own = corrupt.captured[start, cell.hook][0, index]
+        probe = Cell(_PROBE, cell.layer, cell.position, cell.head)
+        return _Row(probe, own, row.positions)
+
+    def _probe_noise(self, corrupt: list[_Corrupt], score: Score, baseline: float) -> float:
         """Run one unpatched row through the sweep path (when no batch carried one)."""
         layer = min(min(self.spec.layers), self.cfg.num_layers - 1)
-        cell = Cell("pre_attn", layer, self.length - 1, None)
-        row = _Row(cell, corrupt.captured[layer, "pre_attn"][0, -1])
-        values = self._run_batch(
-            layer, "pre_attn", "pre_attn", None, [row], corrupt, grader, probe=False
-        )
-        return abs(float(values[0]) - baseline)
+        last = self.length - 1
+        cell = Cell("pre_attn", layer, last, None)
+        row = _Row(cell, corrupt[0].captured[layer, "pre_attn"][0, last : last + 1], [last])
+        lane_logits = [self._run_lane(layer, "pre_attn", None, [row], lane) for lane in corrupt]
+        return abs(float(score(lane_logits)[0]) - baseline)
 
-    def _run_batch(
-        self,
-        start: int,
-        site: str,
-        hook: str,
-        reuse: str | None,
-        batch: list[_Row],
-        corrupt: _Corrupt,
-        grader: Grader,
-        probe: bool,
+    def _edit(self, start: int, site: str, rows: list[_Row]) -> SiteEdit:
+        """One edit entry per patched position of every row."""
+        device = self.model.device
+        counts = torch.tensor([len(r.positions) for r in rows], device=device)
+        entry_rows = torch.repeat_interleave(torch.arange(len(rows), device=device), counts)
+        positions = [p for r in rows for p in r.positions]
+        heads = [r.cell.head for r in rows for _ in r.positions]
+        attn_head = rows[0].cell.head is not None
+        return make_edit(
+            start,
+            site,
+            entry_rows,
+            positions,
+            torch.cat([r.patched for r in rows]),
+            heads=[h for h in heads if h is not None] if attn_head else None,
+        )
+
+    def _run_lane(
+        self, start: int, site: str, reuse: str | None, rows: list[_Row], lane: _Corrupt
     ) -> torch.Tensor:
-        """Metric values of the batch's rows (plus an unpatched probe row at the end)."""
-        model, cfg, length = self.model, self.cfg, self.length
-        first, patched, heads = self._batch_rows(start, site, hook, batch, corrupt, probe)
+        """Logits ``[rows, k, vocab]`` of one lane at its read positions, rows patched."""
+        model, cfg = self.model, self.cfg
+        device, k = model.device, lane.reads
         if start == cfg.num_layers:
             # post_block of the last layer at the last position: unembed the patched residual.
             with self.gate():
-                logits = model.unembed(torch.stack(patched))
-            self.stats["flops"] += len(patched) * unembed_flops(cfg)
-            return grader(logits)
-        rows, reused = self._resume_rows(start, reuse, first, corrupt)
-        edit = make_edit(
-            start,
-            site,
-            torch.arange(len(first), device=model.device),
-            rows.offsets,
-            torch.stack(patched),
-            heads=[h for h in heads if h is not None] if hook == "attn_head" else None,
-        )
+                logits = model.unembed(torch.cat([r.patched for r in rows]))[:, None]
+            self.stats["flops"] += len(rows) * unembed_flops(cfg)
+            tail = lane.logits[1:][None].expand(len(rows), -1, -1)  # the tail is unchanged
+            return logits if k == 1 else torch.cat([logits, tail.to(logits.dtype)], dim=1)
+        resumed, reused = self._resume_rows(start, reuse, rows, lane)
+        hooks = HookContext.build([self._edit(start, site, rows)])
         with self.gate():
-            logits = model.resume(rows, start, corrupt.kv, reused, HookContext.build([edit]))
-        for p in first:
-            self.stats["flops"] += suffix_flops(cfg, start, p, length, reuse)
-        return grader(logits)
-
-    def _batch_rows(
-        self, start: int, site: str, hook: str, batch: list[_Row], corrupt: _Corrupt, probe: bool
-    ) -> tuple[list[int], list[torch.Tensor], list[int | None]]:
-        """Each row's first position, patched value and head; with ``probe``, plus an
-        unpatched copy of the first row (the corrupt run through this same path)."""
-        first = [r.cell.position for r in batch]
-        patched = [r.patched for r in batch]
-        heads = [r.cell.head for r in batch]
-        if probe:
-            p0 = first[0]
-            if hook == "attn_head":
-                own = corrupt.captured[start, "attn_head"][0, p0, heads[0]]
-            elif site == "pre_attn":
-                own = corrupt.captured[start, "pre_attn"][0, p0]
-            else:
-                own = corrupt.captured[start, hook][0, p0]
-            first, patched, heads = [*first, p0], [*patched, own], [*heads, heads[0]]
-        return first, patched, heads
+            if k == 1:
+                logits = model.resume(resumed, start, lane.kv, reused, hooks)[:, None]
+            else:  # the last k tokens of every packed row: the last prompt one, the tail
+                x = model.run_blocks(resumed, start, lane.kv, reused, hooks)
+                ends = torch.cumsum(resumed.lengths, 0)
+                logits = model.unembed(x[(ends - k)[:, None] + torch.arange(k, device=device)])
+        for r in rows:
+            self.stats["flops"] += suffix_flops(cfg, start, r.offset, lane.length, reuse)
+        return logits
 
     def _resume_rows(
-        self, start: int, reuse: str | None, first: list[int], corrupt: _Corrupt
+        self, start: int, reuse: str | None, rows: list[_Row], lane: _Corrupt
     ) -> tuple[ResumeRows, Reuse | None]:
-        """The corrupt residual entering block ``start`` from each row's first position on,
-        packed, and the reused attention activations at the same tokens."""
-        device, length = self.model.device, self.length
-        offsets = torch.tensor(first, device=device)
-        index = torch.cat([torch.arange(p, length, device=device) for p in first])
-        hidden = corrupt.captured[start, "pre_attn"][0].index_select(0, index)
+        """The lane's corrupt residual entering block ``start`` from each row's first
+        position on, packed, and the reused attention activations at the same tokens."""
+        device, length = self.model.device, lane.length
+        offsets = torch.tensor([r.offset for r in rows], device=device)
+        index = torch.cat([torch.arange(r.offset, length, device=device) for r in rows])
+        hidden = lane.captured[start, "pre_attn"][0].index_select(0, index)
         reused = None
         if reuse is not None:
-            reused_acts = corrupt.captured[start, reuse][0].index_select(0, index)
-            reused = Reuse(**{reuse: reused_acts})
+            reused = Reuse(**{reuse: lane.captured[start, reuse][0].index_select(0, index)})
         return ResumeRows.build(hidden, offsets, length - offsets), reused
 
     def _grids(self, cells: list[Cell]) -> tuple[dict[str, list[Any]], dict[str, Cell | None]]:
@@ -488,7 +617,7 @@ class SweepRunner:
             heads = spec.heads if hook == "attn_head" else None
             own = (c for c in cells if c.hook == hook)
             grids[hook], best[hook] = assemble_grid(
-                own, spec.layers, spec.positions, heads, spec.metric
+                own, spec.layers, spec.positions, heads, spec.metric, spec.per_position
             )
         return grids, best
 

@@ -162,16 +162,22 @@ class PatchSweepRequest(Strict, RequestBody):
     """Positions to sweep: ints (negative from the end) and spans, in order."""
     heads: list[StrictInt] | Literal["all"] | None = None
     """Query heads, for ``attn_head`` only (default all)."""
+    per_position: bool | None = None
+    """``attn_head`` only. ``false``: one cell per (layer, head), patching that head at every
+    selected position at once (grid ``[layer][head]``); ``true`` (default): one cell per
+    (layer, position, head)."""
     alpha: Number = 1.0
     """Interpolation toward the source: ``(1 - alpha) * corrupt + alpha * source``."""
     answer_token: str | None = None
-    """The graded token, exactly one token with its leading space (default: clean top-1)."""
-    answer_token_id: StrictInt | None = None
-    """The graded token by id (wins over ``answer_token``)."""
+    """The graded answer, with its leading space (default: the clean top-1 token). Several
+    tokens are a continuation graded by its teacher-forced total log-probability."""
+    answer_token_id: StrictInt | list[StrictInt] | None = None
+    """The graded token by id, or a continuation as a list of ids (wins over ``answer_token``)."""
     foil_token: str | None = None
-    """A contrast token: ``logit_diff`` and ``recovered`` use logit(answer) - logit(foil)."""
-    foil_token_id: StrictInt | None = None
-    """The foil by id (wins over ``foil_token``)."""
+    """A contrast: ``logit_diff`` and ``recovered`` use logit(answer) - logit(foil) (several
+    tokens: the difference of the two total log-probabilities)."""
+    foil_token_id: StrictInt | list[StrictInt] | None = None
+    """The foil by id or list of ids (wins over ``foil_token``)."""
     metric: MetricName = "logprob"
     """What each cell reports (``kl``: lower = more restored)."""
     clean_baseline: Number | None = None

@@ -28,7 +28,9 @@ class Argmax(WireModel):
     """The most restored cell of a grid (lowest value for ``kl``)."""
 
     layer: int
-    position: int
+    position: int | None = omitted_if_none(
+        description="absent for a head sweep that is not per position"
+    )
     value: float
     head: int | None = omitted_if_none()
 
@@ -42,7 +44,7 @@ class HookGrid(WireModel):
 class SkippedCell(WireModel):
     hook: HookName
     layer: int
-    position: int
+    position: int | None = omitted_if_none()
     head: int | None = omitted_if_none()
     reason: str
 
@@ -113,11 +115,21 @@ class SweepBody(WireModel):
     layers: list[int]
     positions: list[int]
     heads: list[int] | None = None
+    per_position: bool = Field(
+        default=True,
+        description="false: an attn_head grid is [layer][head], each head patched at "
+        "every position at once",
+    )
     metric: MetricName
-    answer_token_id: int
-    answer_token: str
+    answer_token_id: int = Field(description="the answer's first token")
+    answer_token: str = Field(description="the whole graded answer, decoded")
+    answer_token_ids: list[int] = Field(
+        description="every token of the answer (several: graded by their teacher-forced total "
+        "log-probability)"
+    )
     foil_token_id: int | None = None
     foil_token: str | None = None
+    foil_token_ids: list[int] | None = None
     grid: Grid
     argmax: Argmax | None
     hook_grids: list[HookGrid] | None = None
@@ -156,6 +168,7 @@ class StartEvent(WireModel):
     layers: list[int]
     positions: list[int]
     heads: list[int] | None = omitted_if_none()
+    per_position: bool = True
     metric: MetricName
     tokens: list[str]
     auto_captured: bool
@@ -167,7 +180,7 @@ class CellEvent(WireModel):
     type: Literal["cell"] = "cell"
     hook: HookName
     layer: int
-    position: int
+    position: int | None = omitted_if_none()
     head: int | None = omitted_if_none()
     value: float | None
     error: str | None = omitted_if_none()
