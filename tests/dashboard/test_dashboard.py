@@ -523,3 +523,19 @@ def test_the_pages_stream_reader_and_colour_scale_match_the_python_ones(tab: Tab
         assert got[0] == pytest.approx(low) and got[2] == pytest.approx(high), metric
         assert (got[1] is None) == math.isnan(mid)
         assert got[1] is None or got[1] == pytest.approx(mid)
+
+
+def test_noise_tracing_with_a_window_from_the_form(tab: Tab) -> None:
+    tab.open("?noise=Rilsis&window=2&hooks=mlp_out&metric=prob&positions=all&layers=all")
+    tab.testid("run").click()
+    tab.wait_done()
+    assert tab.page.locator("#tracing").get_attribute("open") is not None
+    body = {
+        "prompt": CLEAN, "corruption": {"type": "noise", "span": "Rilsis", "samples": 10,
+        "seed": 0}, "window": 2, "hooks": ["mlp_out"], "metric": "prob", "layers": "all",
+        "positions": "all_prompt", "answer_token": " Gapon", "foil_token": " Rimler",
+    }  # fmt: skip
+    answer = api_grids(tab.server, body)
+    assert answer["window"] == 2 and answer["noise"]["samples"] == 10
+    assert_same(tab.cells("mlp_out"), grid_cells(answer, "mlp_out"))
+    assert tab.errors == []

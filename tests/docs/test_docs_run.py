@@ -73,6 +73,12 @@ def test_tutorial_runs_and_shows_what_it_claims(demo_server, tmp_path, monkeypat
     assert set(ns["by_hook"]) == {"attn_out", "mlp_out"}
     assert (tmp_path / "heatmap.png").stat().st_size > 5_000
     assert (tmp_path / "attn_vs_mlp.png").stat().st_size > 5_000
+    # ROME-style tracing: the subject early, the last token late; figure saved
+    assert ns["traced"].noise["samples"] == 5 and ns["traced"].stderr is not None
+    effect = ns["effect"]
+    assert effect.peak_role(effect.layers[0]) == "first subject token"
+    assert effect.peak_role(effect.layers[-1]) == "last token"
+    assert (tmp_path / "rome_post_block.png").stat().st_size > 5_000
     with PatchStudy(demo_server.url) as study:
         server = study.sweep_layers_positions(
             ns["corrupt"],

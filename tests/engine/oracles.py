@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from patchserve.engine.metrics import Grader
+from patchserve.engine.metrics import Grader, raw_score
 from patchserve.models import Transformer
 from patchserve.models.reference import reference_forward
 
@@ -18,11 +18,16 @@ def naive_logits(
     writes: list[Write],
     alpha: float = 1.0,
     mask: torch.Tensor | None = None,
+    noise: tuple[list[int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Logits ``[tokens, vocab]`` of a plain reference forward of ``ids`` with every write
-    ``(1 - alpha*m) * h + alpha*m * s`` applied at its site."""
+    ``(1 - alpha*m) * h + alpha*m * s`` applied at its site; ``noise`` = ``(positions,
+    [len(positions), width])`` is added to the residual entering block 0 before any write."""
 
     def write(at_layer: int, at_hook: str, x: torch.Tensor) -> torch.Tensor:
+        if noise is not None and (at_layer, at_hook) == (0, "pre_attn"):
+            x = x.clone()
+            x[0, noise[0]] = (x[0, noise[0]].float() + noise[1].float()).to(x.dtype)
         mine = [w for w in writes if (w[1], w[0]) == (at_layer, at_hook)]
         if not mine:
             return x
@@ -46,17 +51,36 @@ def naive_cell(
     hook: str,
     layer: int,
     position: int,
-    source: torch.Tensor,
+    source: torch.Tensor | dict[int, torch.Tensor],
     grader: Grader,
     *,
     head: int | None = None,
     alpha: float = 1.0,
     mask: torch.Tensor | None = None,
+    noise: tuple[list[int], torch.Tensor] | None = None,
 ) -> float:
     """The metric of one patched cell: ``(1 - alpha*m) * h + alpha*m * s`` written at the
-    site in a plain reference forward of the whole prompt."""
-    logits = naive_logits(model, corrupt_ids, [(hook, layer, position, head, source)], alpha, mask)
+    site in a plain reference forward of the whole prompt. ``source`` may map several
+    layers to their sources (a window: each written at ``hook`` of its layer); ``noise``
+    as in :func:`naive_logits`."""
+    sources = source if isinstance(source, dict) else {layer: source}
+    writes = [(hook, w, position, head, s) for w, s in sources.items()]
+    logits = naive_logits(model, corrupt_ids, writes, alpha, mask, noise)
     return float(grader(logits[-1:])[0])
+
+
+def grader_for(outcome, run) -> Grader:
+    """The grader a sweep used, rebuilt from its outcome and its clean run."""
+    return Grader(
+        metric=outcome.metric,
+        answer=outcome.answer,
+        foil=outcome.foil,
+        clean_logprobs=torch.log_softmax(run.last_logits.double(), -1),
+        clean_score=float(raw_score(run.last_logits[None], outcome.answer, outcome.foil)[0]),
+        corrupt_score=float(
+            raw_score(outcome.corrupt_logits[None], outcome.answer, outcome.foil)[0]
+        ),
+    )
 
 
 def naive_total(

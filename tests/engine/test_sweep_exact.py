@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from checkpoints import load_reference
-from engine.oracles import naive_cell, transformers_cell
+from engine.oracles import grader_for, naive_cell, transformers_cell
 from models.helpers import loaded, tokenizer
 from patchserve.engine.metrics import Grader
 from patchserve.engine.runs import capture_run
@@ -26,26 +26,8 @@ def _clean_run(model, tok, prompt=CLEAN):
     return capture_run(model, "clean", prompt, ids, {h: list(range(n)) for h in HOOKS})
 
 
-def _grader_for(outcome, run) -> Grader:
-    import torch as _t
-
-    clean_lp = _t.log_softmax(run.last_logits.double(), -1)
-    from patchserve.engine.metrics import raw_score
-
-    return Grader(
-        metric=outcome.metric,
-        answer=outcome.answer,
-        foil=outcome.foil,
-        clean_logprobs=clean_lp,
-        clean_score=float(raw_score(run.last_logits[None], outcome.answer, outcome.foil)[0]),
-        corrupt_score=float(
-            raw_score(outcome.corrupt_logits[None], outcome.answer, outcome.foil)[0]
-        ),
-    )
-
-
 def _assert_matches_naive(model, spec, outcome, run, alpha=1.0, masks=None):
-    grader = _grader_for(outcome, run)
+    grader = grader_for(outcome, run)
     from patchserve.text.alignment import align
 
     tol = TOL

@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from patchserve.cli.errors import CommandError
+from patchserve.cli.trace import add_tracing_arguments, corruption_fields, run_facts
 from patchserve.client.figures import scale_bounds
 from patchserve.text.spans import Span
 from patchserve.wire.hooks import LOWER_IS_BETTER, METRICS
@@ -69,8 +70,8 @@ def parse_positions_arg(items: list[str] | None) -> Any:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--clean", required=True, help="the clean prompt")
-    p.add_argument("--corrupt", required=True, help="the corrupt prompt")
+    p.add_argument("--clean", help="the clean prompt")
+    p.add_argument("--corrupt", help="the corrupt prompt (or --noise SUBJECT)")
     p.add_argument(
         "--answer",
         help="answer, usually with its leading space (default: clean top-1); several tokens "
@@ -111,13 +112,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="write a PNG heatmap here")
     p.add_argument("--json", help="write the response body here")
     p.add_argument("--top", type=int, default=5, help="how many top cells to list")
+    add_tracing_arguments(p)
 
 
 def _request(args: argparse.Namespace) -> dict[str, Any]:
     hooks = [h.strip() for h in args.hooks.split(",") if h.strip()]
     body: dict[str, Any] = {
-        "prompt": args.corrupt,
-        "clean_prompt": args.clean,
+        **corruption_fields(args),
         "hooks": hooks,
         "layers": parse_layers_arg(args.layers),
         "positions": parse_positions_arg(args.positions),
@@ -301,6 +302,8 @@ def print_result(console: Console, result: SweepBody, top: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.facts:
+        return run_facts(args)
     console = Console()
     body = _request(args)
     progress = Progress(

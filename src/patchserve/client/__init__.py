@@ -20,6 +20,7 @@ from patchserve.client.errors import (
     PatchServeWarning,
     RequestTooLargeError,
 )
+from patchserve.client.facts import RoleResult, StudyResult
 from patchserve.client.results import CleanRun, SweepResult, ZoomResult
 from patchserve.client.study import AsyncPatchStudy, PatchStudy
 from patchserve.text.spans import Span
@@ -40,7 +41,9 @@ __all__ = [
     "PatchServeWarning",
     "PatchStudy",
     "RequestTooLargeError",
+    "RoleResult",
     "Span",
+    "StudyResult",
     "SweepResult",
     "ZoomResult",
     "pack_vectors",

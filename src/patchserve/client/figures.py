@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from matplotlib.colors import Colormap, Normalize
     from matplotlib.figure import Figure
 
+    from patchserve.client.facts import RoleResult
     from patchserve.client.results import SweepResult
 
 SKIPPED_COLOUR = "#c8c8c8"
@@ -75,8 +76,18 @@ def scale_bounds(
     return mid - half, mid, mid + half
 
 
+class Scaled(Protocol):
+    """What a colour scale reads of a result (a sweep's or a study's aggregate)."""
+
+    metric: str
+    clean: float | None
+    corrupt: float | None
+
+    def to_numpy(self) -> np.ndarray: ...
+
+
 def colour_scale(
-    results: Sequence[SweepResult],
+    results: Sequence[Scaled],
     vmin: float | None = None,
     vmax: float | None = None,
     center: float | None = None,
@@ -205,19 +216,7 @@ def draw(
     if annotate is None:
         annotate = values.size <= ANNOTATE_MAX_CELLS
     if annotate:
-        for (i, j), v in np.ndenumerate(values):
-            if not math.isnan(v):
-                shade = float(np.clip(scale.norm(v), 0, 1))
-                dark = abs(shade - 0.5) > 0.3 if scale.cmap.name != "Reds_r" else shade < 0.45
-                ax.text(
-                    j,
-                    i,
-                    f"{v:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="white" if dark else "black",
-                )
+        _annotate(ax, values, scale)
     if np.isnan(values).any():
         skipped = Patch(
             facecolor=SKIPPED_COLOUR, edgecolor="none", label="skipped (no aligned clean position)"
@@ -231,6 +230,18 @@ def draw(
             borderaxespad=0.2,
         )
     return image
+
+
+def _annotate(ax: Axes, values: np.ndarray, scale: ColourScale) -> None:
+    """Each cell's value, in white on dark colours."""
+    for (i, j), v in np.ndenumerate(values):
+        if not math.isnan(v):
+            shade = float(np.clip(scale.norm(v), 0, 1))
+            dark = abs(shade - 0.5) > 0.3 if scale.cmap.name != "Reds_r" else shade < 0.45
+            ax.text(
+                j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                color="white" if dark else "black",
+            )  # fmt: skip
 
 
 def _size(columns: int, rows: int, panels: int = 1) -> tuple[float, float]:
@@ -295,4 +306,55 @@ def heatmap(
     if colorbar:
         bar = ax.figure.colorbar(image, ax=ax, extend=scale.extend)
         bar.set_label(scale.label)
+    return ax
+
+
+def _role_title(result: RoleResult) -> str:
+    window = f", window {result.window}" if result.window > 1 else ""
+    what = f"{result.metric} - corrupt (indirect effect)" if result.is_effect else result.metric
+    if result.is_effect and result.clean is not None:
+        facts = f"clean - corrupt {result.clean:.3g}"
+    else:
+        facts = f"corrupt {result.corrupt:.3g}"
+        facts += f" · clean {result.clean:.3g}" if result.clean is not None else ""
+    return f"{result.hook}{window}: mean {what} over {result.items} facts\n{facts}"
+
+
+def role_heatmap(
+    result: RoleResult,
+    ax: Axes | None = None,
+    *,
+    title: str | None = None,
+    cmap: str | None = None,
+    annotate: bool = True,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    center: float | None = None,
+) -> Axes:
+    """ROME's averaged figure: token roles as rows, layers as columns, on this module's
+    scale (``prob``/``logprob``: centred on the items' mean corrupt baseline)."""
+    import matplotlib.pyplot as plt
+
+    scale = colour_scale([result], vmin, vmax, center, cmap)
+    values = result.to_numpy().T  # [roles, layers]
+    if ax is None:
+        _, ax = plt.subplots(
+            figsize=(max(5.0, 3.2 + 0.5 * len(result.layers)), 3.6), layout="constrained"
+        )
+    image = ax.imshow(
+        np.ma.masked_invalid(values),
+        cmap=scale.cmap,
+        norm=scale.norm,
+        aspect="auto",
+        interpolation="nearest",
+    )
+    labels = [f"{role} ({n})" for role, n in zip(result.roles, result.counts, strict=True)]
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xticks(range(len(result.layers)), [str(layer) for layer in result.layers])
+    ax.set_xlabel(f"layer (window {result.window})" if result.window > 1 else "layer")
+    ax.set_title(title or _role_title(result), fontsize=10)
+    if annotate:
+        _annotate(ax, values, scale)
+    bar = ax.figure.colorbar(image, ax=ax, extend=scale.extend)
+    bar.set_label(f"{result.metric} - corrupt" if result.is_effect else scale.label)
     return ax

@@ -114,6 +114,9 @@ class SweepResult:
     warnings: list[str] = field(default_factory=list)
     server_side: bool = True
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    window: int = 1
+    stderr: list[Any] | None = None  # noise: standard error of each cell's mean
+    noise: dict[str, Any] | None = None  # noise: positions, scale, sigma, samples, seed
 
     # -- construction -------------------------------------------------------------------
 
@@ -129,12 +132,12 @@ class SweepResult:
         """
         parsed = body if isinstance(body, SweepBody) else SweepBody.model_validate(body)
         hook = hook or parsed.hook
-        grid, argmax = parsed.grid, parsed.argmax
+        grid, argmax, stderr = parsed.grid, parsed.argmax, parsed.stderr_grid
         if hook != parsed.hook or parsed.hook_grids:
             entry = next((g for g in parsed.hook_grids or [] if g.hook == hook), None)
             if entry is None:
                 raise KeyError(f"the response has no grid for hook {hook!r}")
-            grid, argmax = entry.grid, entry.argmax
+            grid, argmax, stderr = entry.grid, entry.argmax, entry.stderr
         raw = parsed.model_dump(mode="json")
         return cls(
             hook=hook,
@@ -167,6 +170,9 @@ class SweepResult:
             warnings=parsed.warnings,
             server_side=server_side,
             raw=raw,
+            window=parsed.window,
+            stderr=stderr,
+            noise=raw.get("noise"),
         )
 
     @classmethod

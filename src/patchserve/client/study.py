@@ -50,6 +50,7 @@ from patchserve.client.errors import (
     from_error_body,
     from_response,
 )
+from patchserve.client.facts import StudyResult, fact_items
 from patchserve.client.percell import OnCell, PerCellSweep
 from patchserve.client.progress import ProgressBar, in_notebook, with_progress
 from patchserve.client.results import CleanRun, SweepResult, ZoomResult
@@ -66,6 +67,12 @@ from patchserve.wire.info import (
 from patchserve.wire.packing import pack_vectors
 from patchserve.wire.runs import RunDropped, RunList, RunManifest
 from patchserve.wire.sse import aiter_events
+from patchserve.wire.study import (
+    STUDY_EVENT,
+    PatchStudyBody,
+    StudyItemEvent,
+    StudySummaryEvent,
+)
 from patchserve.wire.sweep import CellEvent, ErrorEvent, SummaryEvent, SweepBody
 
 T = TypeVar("T")
@@ -697,6 +704,117 @@ class AsyncPatchStudy:
         body.update(_token_fields("foil_token", foil_token))
         return await self._sweep(body, on_cell, progress)
 
+    # -- causal tracing (ROME) ------------------------------------------------------------
+
+    def _hooks_field(self, hook: str | None, hooks: Sequence[str] | None) -> dict[str, Any]:
+        if hooks is not None:
+            return {"hooks": [_our_hook(h) for h in _names(hooks)]}
+        return {"hook": _our_hook(hook or self.hook)}
+
+    async def trace_fact(
+        self,
+        prompt: str,
+        subject: str | Sequence[int],
+        *,
+        answer_token: Token = None,
+        foil_token: Token = None,
+        hook: str | None = None,
+        hooks: Sequence[str] | None = None,
+        layers: Layers = "all",
+        window: int = 1,
+        metric: str = "prob",
+        samples: int = 10,
+        scale: float = 3.0,
+        seed: int = 0,
+        on_cell: OnCell | None = None,
+        progress: bool | None = None,
+    ) -> SweepResult | dict[str, SweepResult]:
+        """ROME's causal trace of one fact in one call: the clean run of ``prompt`` patched,
+        layer by layer and token by token, into copies of it whose ``subject`` (a substring,
+        or token positions) has Gaussian noise of ``scale`` × std(embeddings) added to its
+        embeddings; every cell is the mean over ``samples`` draws (``result.stderr``: its
+        standard error). ``window`` restores that many layers around each cell at once
+        (ROME: 10 for ``mlp_out``/``attn_out``). Same ``seed``, same grid, bit for bit."""
+        span = subject if isinstance(subject, str) else list(subject)
+        noise = {"type": "noise", "span": span, "samples": samples, "scale": scale, "seed": seed}
+        body: dict[str, Any] = {
+            "prompt": prompt,
+            "corruption": noise,
+            "layers": _layers_json(layers),
+            "window": window,
+            "metric": metric,
+            **self._hooks_field(hook, hooks),
+        }
+        body.update(_token_fields("answer_token", answer_token))
+        body.update(_token_fields("foil_token", foil_token))
+        return await self._sweep(body, on_cell, progress)
+
+    async def trace_facts(
+        self,
+        facts: Sequence[Mapping[str, Any]],
+        *,
+        corruption: str = "noise",
+        hook: str | None = None,
+        hooks: Sequence[str] | None = None,
+        layers: Layers = "all",
+        window: int = 1,
+        metric: str = "prob",
+        samples: int = 10,
+        scale: float = 3.0,
+        seed: int = 0,
+        on_item: Callable[[int, SweepResult | dict[str, SweepResult]], Any] | None = None,
+    ) -> StudyResult:
+        """ROME's study over many facts (``POST /v1/patch_study``): one trace per fact and
+        the grids averaged on ROME's token roles (``result.aggregate[hook]``; ``.heatmap()``).
+
+        ``facts``: dicts ``{"clean", "corrupt", "answer", "foil"}`` (as the bundled model's
+        ``examples.json``) or ``{"prompt", "subject", "answer"}``. ``corruption="noise"``
+        noises each subject (default: the words where clean and corrupt differ);
+        ``"replace"`` patches into each corrupt prompt. ``on_item(index, result)`` streams:
+        it is called as each fact finishes (it may be a coroutine function)."""
+        noise = {"samples": samples, "scale": scale, "seed": seed}
+        body: dict[str, Any] = {
+            "items": fact_items(facts, corruption, noise),
+            "window": window,
+            "metric": metric,
+            **self._hooks_field(hook, hooks),
+        }
+        if layers != "all":
+            body["layers"] = _layers_json(layers)
+        if on_item is None:
+            out = await self._request("POST", "/v1/patch_study", PatchStudyBody, json=body)
+        else:
+            out = await self._stream_study(body, on_item, hooks is not None)
+        return StudyResult.from_body(out, hooks is not None)
+
+    async def _stream_study(
+        self,
+        body: dict[str, Any],
+        on_item: Callable[[int, SweepResult | dict[str, SweepResult]], Any],
+        hooks_given: bool,
+    ) -> PatchStudyBody:
+        """``POST /v1/patch_study`` with ``stream: true``: every item to ``on_item``."""
+        try:
+            async with self._client.stream(
+                "POST", "/v1/patch_study", json={**body, "stream": True}
+            ) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise from_response(response)
+                async for event in aiter_events(response, STUDY_EVENT):
+                    if isinstance(event, StudyItemEvent):
+                        per = SweepResult.per_hook if hooks_given else SweepResult.from_body
+                        result = on_item(event.index, per(event.body))
+                        if inspect.isawaitable(result):
+                            await result
+                    elif isinstance(event, StudySummaryEvent):
+                        return PatchStudyBody.model_validate(event.model_dump(exclude={"type"}))
+                    elif isinstance(event, ErrorEvent):
+                        raise from_error_body(event.model_dump(mode="json"), 400, response)
+        except httpx.TransportError as exc:
+            raise APIConnectionError(f"the study stream from {self.base_url} broke: {exc}") from exc
+        raise APIResponseError("the study stream ended without a summary event")
+
 
 def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
     """Stop a private loop running on ``thread`` and close it."""
@@ -801,3 +919,5 @@ class PatchStudy:
     sweep_layers_positions = _sync(AsyncPatchStudy.sweep_layers_positions)
     zoom = _sync(AsyncPatchStudy.zoom)
     ablation_sweep = _sync(AsyncPatchStudy.ablation_sweep)
+    trace_fact = _sync(AsyncPatchStudy.trace_fact)
+    trace_facts = _sync(AsyncPatchStudy.trace_facts)

@@ -23,8 +23,13 @@ const DEFAULTS = {
   source_run: "",
   keep: false,
   by_head: false,
+  noise: "",
+  window: "1",
 };
-const TEXT_FIELDS = ["clean", "corrupt", "answer", "foil", "layers", "positions", "heads", "alpha", "source_run"];
+const TEXT_FIELDS = [
+  "clean", "corrupt", "answer", "foil", "layers", "positions", "heads", "alpha", "source_run",
+  "noise", "window",
+];
 
 const $ = (id) => document.getElementById(id);
 const form = $("study");
@@ -38,6 +43,7 @@ function fill(params) {
   $("keep").checked = params.keep;
   $("by_head").checked = params.by_head;
   if (params.source_run || params.keep) form.querySelector("details").open = true;
+  if (params.noise || params.window !== "1") $("tracing").open = true;
   showHeadsField();
 }
 
@@ -116,7 +122,13 @@ function requestBody(p) {
   const alpha = Number(p.alpha === "" ? 1 : p.alpha);
   if (!Number.isFinite(alpha)) throw new InputError(`alpha ${JSON.stringify(p.alpha)} is not a number`, "alpha");
   const body = { prompt: p.corrupt, hooks: p.hooks, metric: p.metric, alpha, stream: true };
-  if (p.source_run.trim()) body.source_run = p.source_run.trim();
+  const window = Number(p.window === "" ? 1 : p.window);
+  if (window !== 1) body.window = window;  // the server says why a bad one is a 400
+  if (p.noise.trim()) {
+    // ROME: the clean prompt, its subject noised (10 draws per cell), instead of the corrupt one
+    body.prompt = p.clean;
+    body.corruption = { type: "noise", span: p.noise.trim(), samples: 10, seed: 0 };
+  } else if (p.source_run.trim()) body.source_run = p.source_run.trim();
   else body.clean_prompt = p.clean;
   if (p.keep) body.keep_source = true;
   if (p.answer !== "") body.answer_token = p.answer;

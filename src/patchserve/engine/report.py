@@ -19,6 +19,7 @@ from patchserve.wire.sweep import (
     Baselines,
     CellEvent,
     HookGrid,
+    NoiseSummary,
     SkippedCell,
     StartEvent,
     SweepBody,
@@ -45,6 +46,7 @@ def cell_event(cell: Cell, done: int, total: int) -> CellEvent:
         head=cell.head,
         value=cell.value,
         error=cell.error,
+        stderr=cell.stderr,
         done=done,
         total=total,
     )
@@ -96,6 +98,8 @@ def sweep_body(
     auto_captured: bool,
     captured_source_run: str | None,
     top_k: int,
+    window: int = 1,
+    noise: NoiseSummary | None = None,
 ) -> SweepBody:
     """The whole response body. ``hooks_given``: the request used ``hooks`` (then
     ``hook_grids`` lists every hook, even one; else it is null, as in the seed)."""
@@ -136,6 +140,9 @@ def sweep_body(
         captured_source_run=captured_source_run,
         source_run=source_run.name if source_run is not None else None,
         baselines=_baselines(outcome, tokenizer, clean_logits, top_k),
+        window=window,
+        stderr_grid=outcome.stderr[first] if outcome.stderr else None,
+        noise=noise,
     )
 
 
@@ -155,7 +162,12 @@ def _baselines(
 
 def _hook_grids(outcome: SweepOutcome) -> list[HookGrid]:
     return [
-        HookGrid(hook=h, grid=outcome.grids[h], argmax=_argmax(outcome.argmax[h]))
+        HookGrid(
+            hook=h,
+            grid=outcome.grids[h],
+            argmax=_argmax(outcome.argmax[h]),
+            stderr=outcome.stderr[h] if outcome.stderr else None,
+        )
         for h in outcome.hooks
     ]
 

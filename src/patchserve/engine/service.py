@@ -22,12 +22,14 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import torch
 
+from patchserve.engine.corruption import noise_of, normalize
 from patchserve.engine.errors import InvalidArgument
+from patchserve.engine.noise import noise_summary, run_noised
 from patchserve.engine.report import cell_event, start_event, sweep_body
 from patchserve.engine.runs import CapturedRun, capture_run, check_run_name
 from patchserve.engine.stream import stream_sweep
-from patchserve.engine.study import prepare_sweep
-from patchserve.engine.sweep import Cell, SweepOutcome, VectorSource, run_sweep
+from patchserve.engine.study import prepare_sweep, window_span
+from patchserve.engine.sweep import Cell, SweepOutcome, SweepSpec, VectorSource, run_sweep
 from patchserve.engine.vectors import mask_vector, table_row, unpack_table
 from patchserve.models import INJECTABLE_HOOKS, Transformer
 from patchserve.text.tokenizer import Encoding, Tokenizer
@@ -135,12 +137,13 @@ class Study:
     """One validated sweep request: its spec, its source, and what to do afterwards."""
 
     def __init__(self, res: StudyResources, req: PatchSweepRequest) -> None:
+        req = normalize(req)  # corruption 'replace' -> clean_prompt + prompt
         self.res, self.req = res, req
         self.clean_run: CapturedRun | None = None  # the source run (stored or captured)
         self.capture_name: str | None = None
         self.clean_ids: list[int] | None = None
         self.finished = False
-        res.encoded(req.prompt, "prompt")  # the limits, before anything else
+        encoding = res.encoded(req.prompt, "prompt")  # the limits, before anything else
         table = unpack_table(req.patch_vectors)
         hooks = parse_hooks(req.hook, req.hooks)
         vector = self._vector_source(hooks, table)
@@ -168,7 +171,9 @@ class Study:
             clean_baseline=None if req.clean_baseline is None else float(req.clean_baseline),
             max_batch_tokens=res.max_batch_tokens,
             max_cells=res.max_cells,
+            window=req.window,
         )
+        self.noise = noise_of(req, res.tokenizer, encoding)
         if req.source_module is not None:
             self._check_module_covers(req.source_module)
 
@@ -265,7 +270,8 @@ class Study:
             return
         name, prompt, ids = self.capture_name, self.req.clean_prompt, self.clean_ids
         assert name is not None and prompt is not None and ids is not None
-        hooks = {hook: sorted(set(self.spec.layers)) for hook in INJECTABLE_HOOKS}
+        layers = window_span(self.spec.layers, self.spec.window, self.res.model.cfg.num_layers)
+        hooks = dict.fromkeys(INJECTABLE_HOOKS, layers)
         with self.res.gate(), torch.inference_mode():
             run = capture_run(self.res.model, name, prompt, ids, hooks)
         run.kept = self.req.keep_source
@@ -291,9 +297,25 @@ class Study:
         """The captured (or stored, or vector) study's sweep, with its source leased."""
         try:
             with self._leased():
-                return run_sweep(self.res.model, self.spec, on_cell=on_cell, gate=self.res.gate)
+                return self.sweep(on_cell=on_cell)
         finally:
             self.finish()
+
+    def sweep(
+        self,
+        model: Transformer | None = None,
+        spec: SweepSpec | None = None,
+        on_cell: Callable[[Cell, int, int], None] | None = None,
+        cancel: Callable[[], bool] | None = None,
+        gate: Callable[[], AbstractContextManager[None]] | None = None,
+    ) -> SweepOutcome:
+        """The sweep itself: one pass, or one per noise sample averaged (``run_sweep``'s
+        signature, the study's own model, spec and gate by default)."""
+        model, spec = model or self.res.model, spec or self.spec
+        gate = gate or self.res.gate
+        if self.noise is not None:
+            return run_noised(model, spec, self.noise, on_cell, cancel, gate)
+        return run_sweep(model, spec, on_cell=on_cell, cancel=cancel, gate=gate)
 
     def run(self, on_cell: Callable[[Cell, int, int], None] | None = None) -> SweepBody:
         """The whole study in this thread: capture, sweep, clean up, the body."""
@@ -326,7 +348,11 @@ class Study:
             with self._leased():
                 yield self.start_event()
                 async for item in stream_sweep(
-                    self.res.model, self.spec, runner=run_then_finish, gate=self.res.gate
+                    self.res.model,
+                    self.spec,
+                    runner=run_then_finish,
+                    gate=self.res.gate,
+                    sweep=self.sweep,
                 ):
                     if item[0] == "cell":
                         _, cell, done, total = item
@@ -350,6 +376,10 @@ class Study:
             auto_captured=self.auto_captured,
             captured_source_run=self.capture_name,
             top_k=self.req.logprobs,
+            window=self.spec.window,
+            noise=None
+            if self.noise is None
+            else noise_summary(self.res.model, self.noise, outcome.corrupt_stderr),
         )
 
     def start_event(self) -> StartEvent:

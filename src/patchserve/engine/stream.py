@@ -26,11 +26,13 @@ async def stream_sweep(
     spec: SweepSpec,
     runner: Callable[[Callable[[], Any]], Any] | None = None,
     gate: Callable[[], AbstractContextManager[None]] | None = None,
+    sweep: Callable[..., SweepOutcome] = run_sweep,
 ) -> AsyncIterator[tuple[Any, ...]]:
     """Yield ``("cell", cell, done, total)`` per cell, then ``("summary", outcome)``.
 
     ``runner`` executes the blocking sweep (default: a worker thread via
-    ``asyncio.to_thread``); ``gate`` is entered around every model call.
+    ``asyncio.to_thread``); ``gate`` is entered around every model call; ``sweep``
+    runs it (``run_sweep``'s signature; a noise study averages several).
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -40,7 +42,7 @@ async def stream_sweep(
         loop.call_soon_threadsafe(queue.put_nowait, ("cell", cell, done, total))
 
     def work() -> SweepOutcome:
-        return run_sweep(model, spec, on_cell=on_cell, cancel=cancelled.is_set, gate=gate)
+        return sweep(model, spec, on_cell=on_cell, cancel=cancelled.is_set, gate=gate)
 
     async def drive() -> None:
         try:

@@ -20,7 +20,13 @@ from patchserve.engine.errors import InvalidArgument
 from patchserve.engine.metrics import check_metric
 from patchserve.engine.request import resolve_tokens
 from patchserve.engine.runs import CapturedRun
-from patchserve.engine.sweep import DEFAULT_BATCH_TOKENS, Source, SweepSpec, VectorSource
+from patchserve.engine.sweep import (
+    DEFAULT_BATCH_TOKENS,
+    Source,
+    SweepSpec,
+    VectorSource,
+    window_layers,
+)
 from patchserve.models import Transformer
 from patchserve.text.alignment import Alignment, align
 from patchserve.text.spans import SpanError, expand_positions, incremental_char_offsets
@@ -76,13 +82,7 @@ def _check_masks(
     return out
 
 
-def _check_run(
-    run: CapturedRun,
-    hooks: list[str],
-    layers: list[int],
-    positions: list[int],
-    corrupt_ids: list[int],
-) -> None:
+def _check_layers(run: CapturedRun, hooks: list[str], layers: list[int]) -> None:
     captured = run.hook_layers()
     for hook in hooks:
         missing = [layer for layer in layers if layer not in captured.get(hook, [])]
@@ -91,6 +91,16 @@ def _check_run(
                 f"source run {run.name!r} did not capture {hook} at layer(s) {missing}",
                 "source_run",
             )
+
+
+def _check_run(
+    run: CapturedRun,
+    hooks: list[str],
+    layers: list[int],
+    positions: list[int],
+    corrupt_ids: list[int],
+) -> None:
+    _check_layers(run, hooks, layers)
     alignment = _check_alignable(run.token_ids, corrupt_ids, positions)
     for p in positions:
         src = alignment.source_position(p)
@@ -217,6 +227,7 @@ def prepare_sweep(
     max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
     max_cells: int | None = None,
     clean_ids: list[int] | None = None,
+    window: int = 1,
 ) -> tuple[SweepSpec, list[str]]:
     """A validated sweep and the corrupt prompt's token strings (axis labels).
 
@@ -243,6 +254,10 @@ def prepare_sweep(
     check_multi_token_metric(metric, Continuation.plan(answer or [0], foil))
     cells = _Cells(hook_list, layer_list, position_list, encoding.ids)
     _check_source(source, cells, metric, clean_baseline, clean_ids)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise InvalidArgument(f"window must be an integer >= 1, got {window!r}", "window")
+    if isinstance(source, CapturedRun) and window > 1:
+        _check_layers(source, hook_list, window_span(layer_list, window, cfg.num_layers))
     if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
         raise InvalidArgument("max_batch_tokens must be a positive integer", "max_batch_tokens")
     spec = SweepSpec(
@@ -263,6 +278,7 @@ def prepare_sweep(
         clean_baseline=clean_baseline,
         max_batch_tokens=max_batch_tokens,
         warnings=notes,
+        window=window,
     )
     if max_cells is not None and spec.num_cells > max_cells:
         raise InvalidArgument(
@@ -270,6 +286,11 @@ def prepare_sweep(
             "layers",
         )
     return spec, tokenizer.token_strings(encoding.ids)
+
+
+def window_span(layers: list[int], window: int, num_layers: int) -> list[int]:
+    """Every layer some cell's window restores (what the source run must cover)."""
+    return sorted({w for layer in layers for w in window_layers(layer, window, num_layers)})
 
 
 def zeros_source(model: Transformer) -> VectorSource:

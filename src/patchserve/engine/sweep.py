@@ -36,7 +36,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -95,6 +95,8 @@ class SweepSpec:
     answer_ids: list[int] | None = None  # a multi-token answer (wins over answer)
     foil_ids: list[int] | None = None  # a multi-token foil (wins over foil)
     per_position: bool = True  # attn_head: False = one cell per (layer, head), all positions
+    window: int = 1  # a cell restores window_layers(layer) at once (ROME's window)
+    corrupt_edits: list[SiteEdit] = field(default_factory=list)  # e.g. embedding noise
 
     @property
     def num_cells(self) -> int:
@@ -117,6 +119,7 @@ class Cell:
     value: float | None = None
     error: str | None = None
     skipped: str | None = None  # why the cell was not computed (its value stays None)
+    stderr: float | None = None  # standard error of value over noise samples
 
 
 @dataclass
@@ -142,6 +145,8 @@ class SweepOutcome:
     answer_ids: list[int] = field(default_factory=list)
     foil_ids: list[int] | None = None
     per_position: bool = True
+    stderr: dict[str, list[Any]] | None = None  # noise: standard error of each cell's mean
+    corrupt_stderr: float | None = None  # noise: of the corrupt baseline's mean
 
 
 @dataclass
@@ -149,10 +154,20 @@ class _Row:
     cell: Cell
     patched: torch.Tensor  # [P, ...]: the values written at ``positions``
     positions: list[int]  # ascending; one unless a head is patched at every position
+    extra: list[_Row | None] = field(default_factory=list)  # a window's further layers
 
     @property
     def offset(self) -> int:
         return self.positions[0]
+
+
+_GroupKey = tuple[int, str, str, str | None, tuple[int, ...]]  # start, site, hook, reuse, window
+
+
+def window_layers(layer: int, window: int, num_layers: int) -> list[int]:
+    """The layers a cell at ``layer`` restores: ROME's ``max(0, l - w//2) .. min(L, l - (-w//2))``
+    (exclusive), i.e. ``l - w//2 .. l + (w-1)//2`` clipped to the model."""
+    return list(range(max(0, layer - window // 2), min(num_layers, layer - (-window // 2))))
 
 
 @dataclass
@@ -230,19 +245,20 @@ class SweepRunner:
     def _capture_sites(self) -> set[tuple[int, str]]:
         spec, n = self.spec, self.cfg.num_layers
         sites: set[tuple[int, str]] = set()
-        low = min(spec.layers)
-        sites.update((layer, "pre_attn") for layer in range(low, n))
+        layers = {w for layer in spec.layers for w in window_layers(layer, spec.window, n)}
+        sites.update((layer, "pre_attn") for layer in range(min(layers), n))
         for hook in spec.hooks:
-            sites.update((layer, hook) for layer in spec.layers)
+            sites.update((layer, hook) for layer in layers)
             if hook in BRANCH_HOOKS:
-                sites.update((layer, "attn_out") for layer in spec.layers)
+                sites.update((layer, "attn_out") for layer in layers)
         return sites
 
     def _corrupt_forward(self) -> _Corrupt:
         """The corrupt prompt once: captures, key/value cache, last-position logits."""
         ids = torch.tensor([self.spec.corrupt_ids], device=self.model.device)
         with self.gate():
-            out = self.model.prefill(ids, HookContext.build(capture=self._capture_sites()))
+            hooks = HookContext.build(self.spec.corrupt_edits, capture=self._capture_sites())
+            out = self.model.prefill(ids, hooks)
         return _Corrupt(out.captured, out.cache, out.logits, out.hidden[0], ids.shape[1])
 
     def _lane_forward(self, base: _Corrupt, tail: list[int]) -> _Corrupt:
@@ -404,7 +420,7 @@ class SweepRunner:
     def _warnings(self) -> list[str]:
         spec, source = self.spec, self.spec.source
         out = list(spec.warnings)
-        if isinstance(source, CapturedRun):
+        if isinstance(source, CapturedRun) and not spec.corrupt_edits:
             out += identical_prompts_warning(source.token_ids, spec.corrupt_ids)
         if self.unpatched_positions:
             out.append(
@@ -416,27 +432,38 @@ class SweepRunner:
 
     def _plan(
         self, corrupt: _Corrupt, alignment: Alignment | None, baseline: float
-    ) -> tuple[list[Cell], dict[tuple[int, str, str, str | None], list[_Row]], list[Cell]]:
+    ) -> tuple[list[Cell], dict[_GroupKey, list[_Row]], list[Cell]]:
         cells: list[Cell] = []
-        groups: dict[tuple[int, str, str, str | None], list[_Row]] = {}
+        groups: dict[_GroupKey, list[_Row]] = {}
         skipped: list[Cell] = []
         for hook in self.spec.hooks:
             for layer in self.spec.layers:
-                for cell, entries in self._targets(hook, layer, alignment):
+                window = window_layers(layer, self.spec.window, self.cfg.num_layers)
+                targets = [list(self._targets(hook, w, alignment)) for w in window]
+                for i, (cell, _) in enumerate(targets[window.index(layer)]):
                     cells.append(cell)
-                    if not entries:
+                    entries = [per_layer[i][1] for per_layer in targets]
+                    if not all(entries):
                         cell.skipped = UNALIGNED
                         skipped.append(cell)
                         self._emit(cell)
                         continue
-                    row = self._row(cell, entries, corrupt)
-                    if row is None:
+                    rows = [
+                        self._row(replace(cell, layer=w), e, corrupt)
+                        for w, e in zip(window, entries, strict=True)
+                    ]
+                    low = next((k for k, row in enumerate(rows) if row is not None), None)
+                    if low is None:
                         cell.value = baseline
                         self.stats["free"] += 1
                         self._emit(cell)
                         continue
-                    start, site, reuse = _resume_point(hook, layer)
-                    groups.setdefault((start, site, hook, reuse), []).append(row)
+                    row = rows[low]
+                    assert row is not None
+                    row.cell, row.extra = cell, rows[low + 1 :]
+                    start, site, reuse = _resume_point(hook, window[low])
+                    key = (start, site, hook, reuse, tuple(window[low + 1 :]))
+                    groups.setdefault(key, []).append(row)
         return cells, groups, skipped
 
     def _targets(
@@ -504,7 +531,7 @@ class SweepRunner:
 
     def _execute(
         self,
-        groups: dict[tuple[int, str, str, str | None], list[_Row]],
+        groups: dict[_GroupKey, list[_Row]],
         corrupt: list[_Corrupt],
         score: Score,
         baseline: float,
@@ -512,12 +539,14 @@ class SweepRunner:
         n = self.cfg.num_layers
         self.lane_lengths = [lane.length for lane in corrupt]
         noise: float | None = None
-        for (start, site, _, reuse), rows in groups.items():
+        for (start, site, _, reuse, extra), rows in groups.items():
             for batch in self._batches(rows):
                 self._check_cancel()
                 if noise is None and start < n:  # an unpatched copy of the first row
                     batch = [*batch, self._unpatched(batch[0], start, site, corrupt[0])]
-                lane_logits = [self._run_lane(start, site, reuse, batch, lane) for lane in corrupt]
+                lane_logits = [
+                    self._run_lane(start, site, reuse, batch, lane, extra) for lane in corrupt
+                ]
                 values = score(lane_logits)
                 if batch[-1].cell.hook == _PROBE:
                     noise = abs(float(values[-1]) - baseline)
@@ -552,11 +581,15 @@ class SweepRunner:
         lane_logits = [self._run_lane(layer, "pre_attn", None, [row], lane) for lane in corrupt]
         return abs(float(score(lane_logits)[0]) - baseline)
 
-    def _edit(self, start: int, site: str, rows: list[_Row]) -> SiteEdit:
-        """One edit entry per patched position of every row."""
+    def _edit(
+        self, start: int, site: str, rows: list[_Row], index: list[int] | None = None
+    ) -> SiteEdit:
+        """One edit entry per patched position of every row (batch rows ``index``: default
+        ``0..len(rows)-1``)."""
         device = self.model.device
         counts = torch.tensor([len(r.positions) for r in rows], device=device)
-        entry_rows = torch.repeat_interleave(torch.arange(len(rows), device=device), counts)
+        batch_rows = torch.tensor(index if index is not None else range(len(rows)), device=device)
+        entry_rows = torch.repeat_interleave(batch_rows, counts)
         positions = [p for r in rows for p in r.positions]
         heads = [r.cell.head for r in rows for _ in r.positions]
         attn_head = rows[0].cell.head is not None
@@ -569,8 +602,25 @@ class SweepRunner:
             heads=[h for h in heads if h is not None] if attn_head else None,
         )
 
+    def _window_edits(self, rows: list[_Row], extra: tuple[int, ...]) -> list[SiteEdit]:
+        """The patches of a window's layers above its first, on the rows that change them."""
+        edits = []
+        for i, layer in enumerate(extra):
+            chosen = [(j, r.extra[i]) for j, r in enumerate(rows) if i < len(r.extra)]
+            index = [j for j, row in chosen if row is not None]
+            if index:
+                own = [row for _, row in chosen if row is not None]
+                edits.append(self._edit(layer, own[0].cell.hook, own, index))
+        return edits
+
     def _run_lane(
-        self, start: int, site: str, reuse: str | None, rows: list[_Row], lane: _Corrupt
+        self,
+        start: int,
+        site: str,
+        reuse: str | None,
+        rows: list[_Row],
+        lane: _Corrupt,
+        extra: tuple[int, ...] = (),
     ) -> torch.Tensor:
         """Logits ``[rows, k, vocab]`` of one lane at its read positions, rows patched."""
         model, cfg = self.model, self.cfg
@@ -583,7 +633,7 @@ class SweepRunner:
             tail = lane.logits[1:][None].expand(len(rows), -1, -1)  # the tail is unchanged
             return logits if k == 1 else torch.cat([logits, tail.to(logits.dtype)], dim=1)
         resumed, reused = self._resume_rows(start, reuse, rows, lane)
-        hooks = HookContext.build([self._edit(start, site, rows)])
+        hooks = HookContext.build([self._edit(start, site, rows), *self._window_edits(rows, extra)])
         with self.gate():
             if k == 1:
                 logits = model.resume(resumed, start, lane.kv, reused, hooks)[:, None]

@@ -9,7 +9,16 @@ from patchserve import __version__
 from patchserve.server.errors import install_error_handlers, without_validation_422
 from patchserve.server.logs import RequestIds
 from patchserve.server.middleware import ApiKeyAndMetrics, BodyLimit
-from patchserve.server.routes import completions, dashboard, info, sources, steering, sweep, text
+from patchserve.server.routes import (
+    completions,
+    dashboard,
+    info,
+    sources,
+    steering,
+    study,
+    sweep,
+    text,
+)
 from patchserve.server.state import ServerState
 
 
@@ -22,7 +31,7 @@ def create_app(state: ServerState) -> FastAPI:
     )
     app.state.patchserve = state
     install_error_handlers(app)
-    for module in (sweep, sources, completions, steering, text, info, dashboard):
+    for module in (sweep, study, sources, completions, steering, text, info, dashboard):
         app.include_router(module.router)
     # The dashboard (GET /) and its scripts: outside /v1, so they load without an API key.
     app.mount(dashboard.STATIC_PREFIX, dashboard.static_files(), name="dashboard")

@@ -135,6 +135,37 @@ class MaskSpec(Strict):
     """Row of ``patch_vectors`` with a weight in [0, 1] per dimension."""
 
 
+MAX_NOISE_SAMPLES = 256
+
+
+class NoiseCorruption(Strict):
+    """ROME's corruption: Gaussian noise on the subject's token embeddings (``prompt`` is
+    then the clean prompt, and the clean run is patched into its noised copies)."""
+
+    type: Literal["noise"]
+    span: str | list[StrictInt]
+    """The subject: a substring of the prompt, or token positions (negative from the end)."""
+    occurrence: StrictInt = 0
+    """Which match of the substring, 0-based."""
+    scale: Number = Field(3.0, gt=0)
+    """Noise standard deviation in units of the embedding matrix's standard deviation."""
+    samples: StrictInt = Field(10, ge=1, le=MAX_NOISE_SAMPLES)
+    """Noise draws; each cell reports the mean over them (and its standard error)."""
+    seed: StrictInt = Field(0, ge=0, le=2**62)
+    """Sample ``s`` draws from a CPU generator seeded ``seed + s``: same seed, same grid."""
+
+
+class ReplaceCorruption(Strict):
+    """The two-prompt corruption: ``prompt`` is the clean prompt, this the corrupt one."""
+
+    type: Literal["replace"]
+    prompt: str
+    """The corrupt prompt."""
+
+
+Corruption = Annotated[NoiseCorruption | ReplaceCorruption, Field(discriminator="type")]
+
+
 class PatchSweepRequest(Strict, RequestBody):
     """One study: patch the source into ``prompt`` over hooks × layers × positions and grade."""
 
@@ -190,6 +221,12 @@ class PatchSweepRequest(Strict, RequestBody):
     """How many next-token candidates the baselines list."""
     model: str | None = None
     """The served model's name (an unknown one is a 404); optional."""
+    corruption: Corruption | None = None
+    """How the corrupt run is made (``prompt`` is then the clean prompt): ``noise`` on a
+    span's embeddings, or ``replace`` by a second prompt (= ``clean_prompt`` + ``prompt``)."""
+    window: StrictInt = Field(1, ge=1)
+    """Each cell at layer ``l`` restores layers ``l - window//2 .. l + (window-1)//2``
+    (clipped) at its position at once, as ROME's traces do."""
 
 
 class PatchSourceRequest(Strict, RequestBody):

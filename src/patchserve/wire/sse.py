@@ -11,9 +11,11 @@ comments, CRLF) and validate each payload into its wire model.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import httpx
 from httpx_sse import EventSource
+from pydantic import TypeAdapter
 
 from patchserve.wire.base import WireModel
 from patchserve.wire.sweep import SWEEP_EVENT, SweepEvent
@@ -27,11 +29,12 @@ def encode(event: WireModel) -> bytes:
     return f"data: {event.model_dump_json()}\n\n".encode()
 
 
-def decode(data: str) -> SweepEvent | None:
-    """The event of one ``data`` payload; ``None`` for the final ``[DONE]``."""
+def decode(data: str, adapter: TypeAdapter[Any] = SWEEP_EVENT) -> SweepEvent | None:
+    """The event of one ``data`` payload; ``None`` for the final ``[DONE]``. ``adapter``:
+    the stream's event union (a study's: ``wire.study.STUDY_EVENT``)."""
     if data.strip() == DONE_DATA:
         return None
-    return SWEEP_EVENT.validate_json(data)
+    return adapter.validate_json(data)  # type: ignore[no-any-return]
 
 
 def iter_events(response: httpx.Response) -> Iterator[SweepEvent]:
@@ -43,10 +46,12 @@ def iter_events(response: httpx.Response) -> Iterator[SweepEvent]:
         yield event
 
 
-async def aiter_events(response: httpx.Response) -> AsyncIterator[SweepEvent]:
-    """The events of a streamed sweep response, up to ``[DONE]`` (async)."""
+async def aiter_events(
+    response: httpx.Response, adapter: TypeAdapter[Any] = SWEEP_EVENT
+) -> AsyncIterator[Any]:
+    """The events of a streamed sweep (or study) response, up to ``[DONE]`` (async)."""
     async for sse in EventSource(response).aiter_sse():
-        event = decode(sse.data)
+        event = decode(sse.data, adapter)
         if event is None:
             return
         yield event

@@ -39,6 +39,20 @@ class HookGrid(WireModel):
     hook: HookName
     grid: Grid
     argmax: Argmax | None
+    stderr: Grid | None = omitted_if_none(
+        description="noise corruption: the standard error of each cell's mean over samples"
+    )
+
+
+class NoiseSummary(WireModel):
+    """The noise corruption a sweep averaged over (ROME's causal tracing)."""
+
+    positions: list[int] = Field(description="the noised token positions (the subject)")
+    scale: float
+    sigma: float = Field(description="the noise's standard deviation: scale x std(embeddings)")
+    samples: int
+    seed: int
+    corrupt_stderr: float = Field(description="standard error of the corrupt baseline's mean")
 
 
 class SkippedCell(WireModel):
@@ -159,6 +173,11 @@ class SweepBody(WireModel):
     captured_source_run: str | None
     source_run: str | None
     baselines: Baselines
+    window: int = Field(default=1, description="layers each cell restored at once (ROME's window)")
+    stderr_grid: Grid | None = omitted_if_none(
+        description="noise corruption: the standard error of each cell of `grid`"
+    )
+    noise: NoiseSummary | None = omitted_if_none()
 
 
 class StartEvent(WireModel):
@@ -184,6 +203,9 @@ class CellEvent(WireModel):
     head: int | None = omitted_if_none()
     value: float | None
     error: str | None = omitted_if_none()
+    stderr: float | None = omitted_if_none(
+        description="noise corruption: standard error of the value (a mean over samples)"
+    )
     done: int
     total: int
 

@@ -1,0 +1,82 @@
+"""ROME's causal tracing on the bundled demo model, through the client, averaged over all its
+fact examples (noise on each subject): where the fact is restored, and bitwise determinism.
+
+What the demo model shows (docs/tutorial.md prints the numbers): the early site is the
+subject's tokens and the late site the last token, as in ROME; unlike ROME's GPT-2 XL, the
+subject token that carries most at layer 0 is the *first* one, not the last (a third of the
+demo's subjects are one token, the rest invented names whose first piece already identifies
+them).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from patchserve import PatchStudy
+from patchserve.assets import default_model_path
+
+FACTS = [
+    e
+    for e in json.loads((default_model_path() / "examples.json").read_text())
+    if e["relation"] != "ioi"
+]
+SUBJECT = ("first subject token", "last subject token")
+
+
+@pytest.fixture(scope="module")
+def demo(demo_server) -> Iterator[PatchStudy]:
+    with PatchStudy(demo_server.url) as study:
+        yield study
+
+
+@pytest.fixture(scope="module")
+def traces(demo: PatchStudy):
+    kw = {"metric": "prob", "samples": 3, "seed": 0}
+    states = demo.trace_facts(FACTS, hook="post_block", **kw)
+    mlp = demo.trace_facts(FACTS, hook="mlp_out", window=2, **kw)
+    # ROME's average indirect effect: each value minus its own fact's corrupt baseline
+    return states.aggregate["post_block"].effects(), mlp.aggregate["mlp_out"].effects()
+
+
+def test_states_carry_the_fact_at_the_subject_early_and_at_the_last_token_late(traces):
+    states, _ = traces
+    first, last = states.layers[0], states.layers[-1]
+    assert states.items == len(FACTS) == 26
+    assert states.peak_role(first) in SUBJECT
+    for role in SUBJECT:
+        assert states.value(first, role) > states.value(first, "last token")
+        assert states.value(last, role) < 0.02  # gone by the last layer
+    assert states.peak_role(last) == "last token"
+    assert states.value(last, "last token") > 0.8 * states.clean  # clean - corrupt
+    assert abs(states.value(first, "further tokens")) < 0.02
+    # the demo model's own detail (not ROME's): the first subject token carries most
+    assert states.peak_role(first) == "first subject token"
+
+
+def test_windowed_mlp_restores_most_at_the_subject_in_early_layers(traces):
+    _, mlp = traces
+    assert mlp.window == 2
+    early = mlp.layers[:2]
+    for layer in early:
+        assert mlp.peak_role(layer) in SUBJECT
+        assert mlp.value(layer, "last subject token") > mlp.value(layer, "last token")
+        assert mlp.value(layer, "last subject token") > 0.1
+    assert mlp.value(mlp.layers[-1], "last subject token") < 0.02
+
+
+def test_a_seed_gives_the_same_study_bit_for_bit(demo: PatchStudy):
+    facts = FACTS[:3]
+    runs = [
+        demo.trace_facts(facts, hooks=["post_block", "attn_out"], samples=2, seed=seed, window=3)
+        for seed in (11, 11, 12)
+    ]
+    varying = {"timing", "captured_source_run", "source_run"}  # wall time, fresh run names
+    bodies = [r.body.model_dump(exclude={"items": {"__all__": varying}}) for r in runs]
+    assert bodies[0] == bodies[1]
+    assert bodies[0]["aggregate"] != bodies[2]["aggregate"]
+    one = demo.trace_fact(facts[0]["clean"], "Rilsis", samples=2, seed=11, window=3)
+    assert one.grid == runs[0].items[0]["post_block"].grid
+    assert one.stderr == runs[0].items[0]["post_block"].stderr
