@@ -89,7 +89,7 @@ def test_the_stream_sends_each_item_then_the_body(client):
             "items.0.corruption",
             "same",
         ),
-        ([{**ITEMS[0], "answer_token": "John gave"}], "items.0.answer_token", "one token"),
+        ([{**ITEMS[0], "answer_token_id": 99999}], "items.0.answer_token_id", "vocabulary"),
     ],
 )
 def test_a_bad_item_is_a_400_that_names_it(client, items, param, words):
