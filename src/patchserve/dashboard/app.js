@@ -43,7 +43,6 @@ function fill(params) {
   $("keep").checked = params.keep;
   $("by_head").checked = params.by_head;
   if (params.source_run || params.keep) form.querySelector("details").open = true;
-  if (params.noise || params.window !== "1") $("tracing").open = true;
   showHeadsField();
 }
 
