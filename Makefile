@@ -33,6 +33,7 @@ test: $(STAMP) chromium
 
 # The long checks too (a long Schemathesis run, ...): tests marked `long`.
 test-long: $(STAMP) chromium
+	$(PY) -m pip install --quiet -e ".[dev,ray]"
 	$(PY) -m pytest -q --long
 
 lint: $(STAMP)

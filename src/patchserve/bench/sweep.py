@@ -9,15 +9,21 @@ unless told otherwise), timed side by side:
   patched copy of the prompt (the usual hand-optimised notebook loop), on the
   same runtime and kernels, logits at the last position only;
 * **naive per-cell** — one full forward per cell (timed on a sample of cells);
-* **TransformerLens** (when ``transformer_lens`` is installed) — its
-  ``patching.generic_activation_patch`` (per cell, sampled) and a hand-batched
-  ``run_with_hooks`` loop, one forward per layer.
+* **the peer libraries** (``pip install -e ".[bench]"``; see bench/peers.py),
+  each batched one forward per layer and as fast as it allows: a
+  ``transformers`` forward-hook loop and nnsight's ``trace``, both with
+  ``logits_to_keep=1``; TransformerLens' ``run_with_hooks`` both as users run it
+  (logits at every position) and with ``logits_to_keep=1``, and its
+  ``patching.generic_activation_patch`` (per cell, sampled).
+
+The speed-up quoted first is the one over the fastest peer that computes the
+whole grid.
 
 It prints cells/s, the speed-up of patchserve over each, and patchserve's
 achieved FLOP/s against the minimal FLOP count of the sweep and against this
 machine's measured float32 matmul rate.
 
-    patchserve bench                         # Qwen3-shaped, 8 x 512, 32k vocab, 75 tokens
+    patchserve bench                         # Qwen3-shaped, 8 x 512, 32k vocab, 78 tokens
     patchserve bench --family gpt2 --tokens 256
     patchserve bench --memory --layers 12 --width 256 --tokens 256
     patchserve bench --model src/patchserve/assets/demo_facts   # any checkpoint folder
@@ -32,30 +38,23 @@ import resource
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from patchserve.bench.peers import (
+    Result,
+    Study,
+    nnsight_loop,
+    transformer_lens_loops,
+    transformers_hooks,
+)
 from patchserve.cli.help import HelpFormatter
 from patchserve.engine.flops import full_forward_flops
 from patchserve.engine.metrics import Grader
 from patchserve.engine.runs import capture_run
 from patchserve.engine.sweep import SweepSpec, run_sweep
 from patchserve.models import HookContext, Transformer, load_model, make_edit
-from patchserve.wire.hooks import TRANSFORMER_LENS_NAMES
-
-
-@dataclass
-class Result:
-    name: str
-    cells: int
-    seconds: float
-    note: str = ""
-
-    @property
-    def cells_per_second(self) -> float:
-        return self.cells / self.seconds
 
 
 def build_checkpoint(family: str, layers: int, width: int, vocab: int, folder: Path) -> Path:
@@ -89,6 +88,28 @@ def build_checkpoint(family: str, layers: int, width: int, vocab: int, folder: P
     model = tf.AutoModelForCausalLM.from_config(config)
     model.save_pretrained(path)
     return path
+
+
+def _max_diff(a: list[list[float]], b: list[list[float]]) -> float:
+    pairs = (zip(ra, rb, strict=True) for ra, rb in zip(a, b, strict=True))
+    return max(abs(x - y) for row in pairs for x, y in row)
+
+
+def _fastest_peer(results: list[Result]) -> Result:
+    """The fastest peer library computing the whole grid (the batched loop on this runtime
+    when no peer library is installed)."""
+    full = [r for r in results[1:] if r.cells == results[0].cells]
+    libraries = [r for r in full if r.name != "batched full forward"]
+    return max(libraries or full, key=lambda r: r.cells_per_second)
+
+
+def run_peers(study: Study, sample: int) -> list[tuple[Result, list[list[float]] | None]]:
+    """Every installed peer library, timed one after the other."""
+    out: list[tuple[Result, list[list[float]] | None]] = [transformers_hooks(study)]
+    nnsight = nnsight_loop(study)
+    if nnsight is not None:
+        out.append(nnsight)
+    return out + transformer_lens_loops(study, sample)
 
 
 def matmul_rate(seconds: float = 2.0) -> float:
@@ -136,73 +157,6 @@ def naive_cells(model, corrupt, run, cells, hook, grader) -> None:
         grader(logits)
 
 
-def transformer_lens_results(
-    checkpoint: Path, clean: list[int], corrupt: list[int], layers: list[int], sample: int
-) -> tuple[list[Result], list[list[float]] | None]:
-    try:
-        from transformer_lens import patching
-    except ImportError:
-        return [], None
-    from patchserve.bench.transformer_lens import load_hooked_transformer
-
-    tl_model = load_hooked_transformer(checkpoint)
-    t = len(corrupt)
-    clean_t, corrupt_t = torch.tensor([clean]), torch.tensor([corrupt])
-    with torch.inference_mode():
-        _, cache = tl_model.run_with_cache(clean_t, names_filter=lambda n: "resid_post" in n)
-        clean_logits = tl_model(clean_t)[0, -1]
-    answer = int(clean_logits.argmax())
-
-    def metric(logits: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(logits[:, -1].double(), -1)[:, answer]
-
-    results = []
-    # TransformerLens' own patching helper: one full forward per cell (sampled).
-    index_df = __import__("pandas").DataFrame(
-        [(layer, pos) for layer in layers[:1] for pos in range(min(sample, t))],
-        columns=["layer", "pos"],
-    )
-    start = time.perf_counter()
-    with torch.inference_mode():
-        patching.generic_activation_patch(
-            tl_model,
-            corrupt_t,
-            cache,
-            metric,
-            patch_setter=patching.layer_pos_patch_setter,
-            activation_name="resid_post",
-            index_df=index_df,
-            reduce="mean",
-        )
-    results.append(
-        Result(
-            "TransformerLens patching (per cell)",
-            len(index_df),
-            time.perf_counter() - start,
-            f"sampled {len(index_df)} cells",
-        )
-    )
-    # The hand-batched loop: one run_with_hooks per layer, every position as a row.
-    grid = []
-    start = time.perf_counter()
-    for layer in layers:
-        name = f"blocks.{layer}.{TRANSFORMER_LENS_NAMES['post_block']}"
-        clean_act = cache[name][0]
-
-        def hook_fn(act, hook, clean_act=clean_act):
-            rows = torch.arange(t)
-            act[rows, rows] = clean_act[rows]
-            return act
-
-        with torch.inference_mode():
-            logits = tl_model.run_with_hooks(corrupt_t.expand(t, -1), fwd_hooks=[(name, hook_fn)])
-        grid.append(metric(logits).tolist())
-    results.append(
-        Result("TransformerLens batched loop", len(layers) * t, time.perf_counter() - start)
-    )
-    return results, grid
-
-
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     folder = Path(args.cache_dir)
@@ -248,11 +202,7 @@ def run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     batched = batched_full_forward(model, corrupt, run_, layers, hook, grader)
     results.append(Result("batched full forward", cells, time.perf_counter() - start))
-    diff = max(
-        abs(a - b)
-        for row_a, row_b in zip(outcome.grids[hook], batched, strict=True)
-        for a, b in zip(row_a, row_b, strict=True)
-    )
+    diff = _max_diff(outcome.grids[hook], batched)
 
     sample = [
         (layers[i % len(layers)], positions[(7 * i) % len(positions)])
@@ -269,18 +219,14 @@ def run(args: argparse.Namespace) -> dict:
         )
     )
 
-    tl_diff = None
-    if not args.no_transformer_lens and hook == "post_block":
-        tl_results, tl_grid = transformer_lens_results(
-            checkpoint, clean, corrupt, layers, args.naive_cells
-        )
-        results.extend(tl_results)
-        if tl_grid is not None:
-            tl_diff = max(
-                abs(a - b)
-                for row_a, row_b in zip(outcome.grids[hook], tl_grid, strict=True)
-                for a, b in zip(row_a, row_b, strict=True)
-            )
+    peer_diffs: dict[str, float] = {}
+    if not args.no_peers and hook == "post_block":
+        study = Study(checkpoint, clean, corrupt, layers, outcome.answer)
+        for result, grid in run_peers(study, args.naive_cells):
+            results.append(result)
+            if grid is not None:
+                peer_diffs[result.name] = _max_diff(outcome.grids[hook], grid)
+    fastest = _fastest_peer(results)
 
     flops = int(outcome.stats["flops"])
     baseline_flops = cells * full_forward_flops(cfg, args.tokens)
@@ -298,7 +244,9 @@ def run(args: argparse.Namespace) -> dict:
         "engine_gflops": flops / engine_s / 1e9,
         "fraction_of_matmul_rate": flops / engine_s / rate,
         "max_abs_diff_vs_batched": diff,
-        "max_abs_diff_vs_transformer_lens": tl_diff,
+        "max_abs_diff_vs_peers": peer_diffs,
+        "fastest_peer": fastest.name,
+        "speedup_vs_fastest_peer": results[0].cells_per_second / fastest.cells_per_second,
         "results": [
             {
                 "method": r.name,
@@ -337,11 +285,12 @@ def print_report(report: dict) -> None:
         f"{100 * report['fraction_of_matmul_rate']:.0f}% of the measured matmul rate"
     )
     print(f"grid max |patchserve - batched full forward| = {report['max_abs_diff_vs_batched']:.2e}")
-    if report["max_abs_diff_vs_transformer_lens"] is not None:
-        print(
-            "grid max |patchserve - TransformerLens| = "
-            f"{report['max_abs_diff_vs_transformer_lens']:.2e}"
-        )
+    for name, peer_diff in report["max_abs_diff_vs_peers"].items():
+        print(f"grid max |patchserve - {name}| = {peer_diff:.2e}")
+    print(
+        f"patchserve is {report['speedup_vs_fastest_peer']:.2f}x the fastest peer "
+        f"({report['fastest_peer']})"
+    )
 
 
 def memory_report(args: argparse.Namespace) -> dict:
@@ -399,14 +348,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--vocab", type=int, default=32768)
-    p.add_argument("--tokens", type=int, default=75)
+    p.add_argument("--tokens", type=int, default=78)
     p.add_argument("--differ-at", type=int, default=2)
     p.add_argument("--hook", default="post_block")
     p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--naive-cells", type=int, default=40)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "patchserve-bench"))
-    p.add_argument("--no-transformer-lens", action="store_true")
+    p.add_argument(
+        "--no-peers",
+        "--no-transformer-lens",
+        dest="no_peers",
+        action="store_true",
+        help="leave out the other libraries (transformers hooks, nnsight, TransformerLens)",
+    )
     p.add_argument("--memory", action="store_true", help="measure peak memory of a full grid")
     p.add_argument("--json", help="also write the report here")
     return p

@@ -75,6 +75,8 @@ def _serve(args: argparse.Namespace) -> int:
     from patchserve.server.shutdown import serve
     from patchserve.server.state import ServerState
 
+    if args.replicas and not _has("ray"):
+        raise CommandError("--replicas needs Ray: pip install 'patchserve[ray]'")
     if args.threads:
         torch.set_num_threads(args.threads)
     config = ServerConfig(
@@ -90,6 +92,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         max_prompts=args.max_prompts,
         served_model_name=args.served_model_name,
+        replicas=args.replicas,
+        ray_address=args.ray_address,
     )
     configure_logging(args.log_level)
     state = ServerState.from_config(config)
@@ -154,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--served-model-name", help="model id in /v1/models (default: folder name)")
     serve.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    serve.add_argument(
+        "--replicas",
+        type=int,
+        default=0,
+        help="run sweeps on N Ray actors, each with a model replica (needs patchserve[ray])",
+    )
+    serve.add_argument(
+        "--ray-address", help="the Ray cluster of --replicas (default: start a local one)"
+    )
     serve.add_argument(
         "--shutdown-grace",
         type=float,

@@ -122,6 +122,8 @@ class StudyResources:
     max_batch_tokens: int = 4096
     max_cells: int | None = None
     on_store_change: Callable[[], None] = lambda: None
+    # What computes a sweep (run_sweep's signature): in this process, or a Ray replica pool's.
+    sweep: Callable[..., SweepOutcome] = run_sweep
 
     def encoded(self, prompt: str, param: str) -> Encoding:
         return (self.encode or _plain_encode(self.tokenizer))(prompt, param)
@@ -315,7 +317,7 @@ class Study:
         gate = gate or self.res.gate
         if self.noise is not None:
             return run_noised(model, spec, self.noise, on_cell, cancel, gate)
-        return run_sweep(model, spec, on_cell=on_cell, cancel=cancel, gate=gate)
+        return self.res.sweep(model, spec, on_cell=on_cell, cancel=cancel, gate=gate)
 
     def run(self, on_cell: Callable[[Cell, int, int], None] | None = None) -> SweepBody:
         """The whole study in this thread: capture, sweep, clean up, the body."""

@@ -32,7 +32,8 @@ async def stream_sweep(
 
     ``runner`` executes the blocking sweep (default: a worker thread via
     ``asyncio.to_thread``); ``gate`` is entered around every model call; ``sweep``
-    runs it (``run_sweep``'s signature; a noise study averages several).
+    runs it (``run_sweep``'s signature; a noise study averages several, a replica pool
+    spreads it over Ray actors).
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()

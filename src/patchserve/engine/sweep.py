@@ -97,6 +97,9 @@ class SweepSpec:
     per_position: bool = True  # attn_head: False = one cell per (layer, head), all positions
     window: int = 1  # a cell restores window_layers(layer) at once (ROME's window)
     corrupt_edits: list[SiteEdit] = field(default_factory=list)  # e.g. embedding noise
+    # False: no unpatched probe row (noise_floor 0.0) — a layer block of a sweep split over
+    # replicas, whose first block measures the noise floor as the whole sweep would.
+    probe_noise: bool = True
 
     @property
     def num_cells(self) -> int:
@@ -542,7 +545,8 @@ class SweepRunner:
         for (start, site, _, reuse, extra), rows in groups.items():
             for batch in self._batches(rows):
                 self._check_cancel()
-                if noise is None and start < n:  # an unpatched copy of the first row
+                if noise is None and start < n and self.spec.probe_noise:
+                    # an unpatched copy of the first row: the corrupt run, resumed
                     batch = [*batch, self._unpatched(batch[0], start, site, corrupt[0])]
                 lane_logits = [
                     self._run_lane(start, site, reuse, batch, lane, extra) for lane in corrupt
@@ -557,7 +561,7 @@ class SweepRunner:
                 self.stats["computed"] += len(batch)
                 self.stats["batches"] += 1
         if noise is None:
-            noise = self._probe_noise(corrupt, score, baseline)
+            noise = self._probe_noise(corrupt, score, baseline) if self.spec.probe_noise else 0.0
         return noise
 
     def _unpatched(self, row: _Row, start: int, site: str, corrupt: _Corrupt) -> _Row:
@@ -660,16 +664,22 @@ class SweepRunner:
         return ResumeRows.build(hidden, offsets, length - offsets), reused
 
     def _grids(self, cells: list[Cell]) -> tuple[dict[str, list[Any]], dict[str, Cell | None]]:
-        spec = self.spec
-        grids: dict[str, list[Any]] = {}
-        best: dict[str, Cell | None] = {}
-        for hook in spec.hooks:
-            heads = spec.heads if hook == "attn_head" else None
-            own = (c for c in cells if c.hook == hook)
-            grids[hook], best[hook] = assemble_grid(
-                own, spec.layers, spec.positions, heads, spec.metric, spec.per_position
-            )
-        return grids, best
+        return assemble_grids(self.spec, cells)
+
+
+def assemble_grids(
+    spec: SweepSpec, cells: list[Cell]
+) -> tuple[dict[str, list[Any]], dict[str, Cell | None]]:
+    """Each hook's grid and most restored cell, from the cells in planning order."""
+    grids: dict[str, list[Any]] = {}
+    best: dict[str, Cell | None] = {}
+    for hook in spec.hooks:
+        heads = spec.heads if hook == "attn_head" else None
+        own = (c for c in cells if c.hook == hook)
+        grids[hook], best[hook] = assemble_grid(
+            own, spec.layers, spec.positions, heads, spec.metric, spec.per_position
+        )
+    return grids, best
 
 
 def run_sweep(

@@ -31,3 +31,5 @@ class ServerConfig:
     max_body_bytes: int = 64 * 2**20
     max_prompts: int = 2048  # prompts in one completion request
     served_model_name: str | None = None
+    replicas: int = 0  # > 0: sweeps run on this many Ray actors (engine/replicas.py)
+    ray_address: str | None = None  # an existing Ray cluster (default: start a local one)

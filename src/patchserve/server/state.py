@@ -17,7 +17,7 @@ from starlette.types import Receive
 
 from patchserve.cancel import cancel_scope
 from patchserve.engine.service import StudyResources
-from patchserve.engine.sweep import SweepOutcome
+from patchserve.engine.sweep import SweepOutcome, run_sweep
 from patchserve.errors import InvalidArgument, NotFound, TooLarge
 from patchserve.models import LoadedModel, Transformer, load_model
 from patchserve.server.config import ServerConfig, default_cache_bytes
@@ -65,6 +65,19 @@ class ServerState:
         self.started = time.time()
         self.model_name = config.served_model_name or loaded.path.name
         self.stopping = threading.Event()  # set when a shutdown's grace period is over
+        self.sweep: Callable[..., SweepOutcome] = run_sweep
+        if config.replicas > 0:
+            from patchserve.engine.replicas import ReplicaPool
+
+            pool = ReplicaPool(
+                str(loaded.path),
+                config.replicas,
+                device=config.device,
+                dtype=config.dtype,
+                address=config.ray_address,
+            )
+            self.sweep = pool.run_sweep
+            log.info("sweeps run on %d Ray replicas", config.replicas)
 
     @classmethod
     def from_config(cls, config: ServerConfig) -> ServerState:
@@ -146,6 +159,7 @@ class ServerState:
             max_batch_tokens=self.config.max_batch_tokens,
             max_cells=self.config.max_cells,
             on_store_change=self.refresh_gauges,
+            sweep=self.sweep,
         )
 
     def record_sweep(self, outcome: SweepOutcome) -> None:
