@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 
 def test_bench_prints_the_table_and_the_grids_agree(tmp_path):
@@ -44,3 +45,26 @@ def test_bench_prints_the_table_and_the_grids_agree(tmp_path):
     assert report["max_abs_diff_vs_batched"] < 1e-4
     methods = [r["method"] for r in report["results"]]
     assert methods[:3] == ["patchserve", "batched full forward", "naive per-cell forward"]
+
+
+def test_the_gpu_check_runs_on_the_cpu_and_agrees_with_transformers(tmp_path):
+    out = tmp_path / "gpu.json"
+    script = Path(__file__).parents[2] / "benchmarks" / "gpu.py"
+    args = ["--device", "cpu", "--small", "--shapes", "qwen3-small", "--json", str(out)]
+    done = subprocess.run(
+        [sys.executable, str(script), *args, "--cache-dir", str(tmp_path / "models")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "| 12 | patchserve | 36 |" in done.stdout
+    (shape,) = json.loads(out.read_text())["shapes"]
+    assert shape["parity_max_abs_logprob_diff"] < 1e-4  # float32 on the CPU
+    rows = shape["studies"]
+    assert {r["tokens"] for r in rows} == {12, 5}
+    methods = {r["method"] for r in rows}
+    assert {"patchserve", "transformers forward hooks (batched)"} <= methods
+    hooks = [r for r in rows if r["method"].startswith("transformers")]
+    assert all(r["max_abs_diff"] < 1e-4 for r in hooks)
+    assert all(r["cells_per_second"] > 0 for r in rows)

@@ -45,22 +45,37 @@ class Study:
     corrupt: list[int]
     layers: list[int]
     answer: int
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+
+    def ids(self, tokens: list[int], rows: int = 1) -> torch.Tensor:
+        return torch.tensor([tokens], device=self.device).expand(rows, -1)
+
+    def sync(self) -> None:
+        """Wait for the device's queued work (timings on a GPU end when the work has)."""
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
 
     def metric(self, logits: torch.Tensor) -> list[float]:
         """log p(answer) at the last position of each row (logits [rows, positions, vocab])."""
         return torch.log_softmax(logits[:, -1].double(), -1)[:, self.answer].tolist()
 
 
-def _timed(name: str, cells: int, note: str, work: Callable[[], Grid]) -> tuple[Result, Grid]:
+def _timed(
+    study: Study, name: str, cells: int, note: str, work: Callable[[], Grid]
+) -> tuple[Result, Grid]:
+    study.sync()
     start = time.perf_counter()
     grid = work()
+    study.sync()
     return Result(name, cells, time.perf_counter() - start, note), grid
 
 
-def _load_hf(checkpoint: Path):
+def _load_hf(study: Study):
     import transformers as tf
 
-    return tf.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    model = tf.AutoModelForCausalLM.from_pretrained(study.checkpoint, dtype=study.dtype)
+    return model.to(study.device).eval()
 
 
 def _output_tensor(output):
@@ -70,7 +85,7 @@ def _output_tensor(output):
 
 def transformers_hooks(study: Study) -> tuple[Result, Grid]:
     """A ``transformers`` model, a forward hook on the decoder layer, ``logits_to_keep=1``."""
-    model = _load_hf(study.checkpoint)
+    model = _load_hf(study)
     blocks = model.model.layers
     t = len(study.corrupt)
     clean_acts: dict[int, torch.Tensor] = {}
@@ -81,10 +96,10 @@ def transformers_hooks(study: Study) -> tuple[Result, Grid]:
         for i, block in enumerate(blocks)
     ]
     with torch.inference_mode():
-        model(torch.tensor([study.clean]), logits_to_keep=1)
+        model(study.ids(study.clean), logits_to_keep=1)
     for handle in handles:
         handle.remove()
-    ids, rows = torch.tensor([study.corrupt]).expand(t, -1), torch.arange(t)
+    ids, rows = study.ids(study.corrupt, t), torch.arange(t, device=study.device)
 
     def work() -> Grid:
         grid = []
@@ -102,7 +117,7 @@ def transformers_hooks(study: Study) -> tuple[Result, Grid]:
         return grid
 
     cells = len(study.layers) * t
-    return _timed("transformers forward hooks (batched)", cells, "logits_to_keep=1", work)
+    return _timed(study, "transformers forward hooks (batched)", cells, "logits_to_keep=1", work)
 
 
 def nnsight_loop(study: Study) -> tuple[Result, Grid] | None:
@@ -111,14 +126,14 @@ def nnsight_loop(study: Study) -> tuple[Result, Grid] | None:
         from nnsight import NNsight
     except ImportError:
         return None
-    model = NNsight(_load_hf(study.checkpoint))
+    model = NNsight(_load_hf(study))
     t = len(study.corrupt)
     saved = []
-    with torch.inference_mode(), model.trace(input_ids=torch.tensor([study.clean])):
+    with torch.inference_mode(), model.trace(input_ids=study.ids(study.clean)):
         for block in model.model.layers:
             saved.append(block.output.save())
     clean_acts = [_output_tensor(s)[0] for s in saved]
-    ids, rows = torch.tensor([study.corrupt]).expand(t, -1), torch.arange(t)
+    ids, rows = study.ids(study.corrupt, t), torch.arange(t, device=study.device)
 
     def work() -> Grid:
         grid = []
@@ -132,7 +147,7 @@ def nnsight_loop(study: Study) -> tuple[Result, Grid] | None:
         return grid
 
     cells = len(study.layers) * t
-    return _timed("nnsight trace (batched)", cells, "logits_to_keep=1", work)
+    return _timed(study, "nnsight trace (batched)", cells, "logits_to_keep=1", work)
 
 
 def transformer_lens_loops(study: Study, sample: int) -> list[tuple[Result, Grid | None]]:
@@ -145,9 +160,9 @@ def transformer_lens_loops(study: Study, sample: int) -> list[tuple[Result, Grid
     from patchserve.bench.transformer_lens import load_hooked_transformer
     from patchserve.wire.hooks import TRANSFORMER_LENS_NAMES
 
-    model = load_hooked_transformer(study.checkpoint)
+    model = load_hooked_transformer(study.checkpoint, study.device, study.dtype)
     t = len(study.corrupt)
-    clean_t, corrupt_t = torch.tensor([study.clean]), torch.tensor([study.corrupt])
+    clean_t, corrupt_t = study.ids(study.clean), study.ids(study.corrupt)
     with torch.inference_mode():
         _, cache = model.run_with_cache(clean_t, names_filter=lambda n: "resid_post" in n)
 
@@ -175,7 +190,7 @@ def transformer_lens_loops(study: Study, sample: int) -> list[tuple[Result, Grid
 
     def batched(**kwargs) -> Callable[[], Grid]:
         def work() -> Grid:
-            grid, rows = [], torch.arange(t)
+            grid, rows = [], torch.arange(t, device=study.device)
             for layer in study.layers:
                 name = f"blocks.{layer}.{TRANSFORMER_LENS_NAMES['post_block']}"
 
@@ -194,17 +209,23 @@ def transformer_lens_loops(study: Study, sample: int) -> list[tuple[Result, Grid
 
     cells = len(study.layers) * t
     helper, _ = _timed(
-        "TransformerLens patching (per cell)", len(index), f"sampled {len(index)} cells", per_cell
+        study,
+        "TransformerLens patching (per cell)",
+        len(index),
+        f"sampled {len(index)} cells",
+        per_cell,
     )
     return [
         (helper, None),
         _timed(
+            study,
             "TransformerLens batched run_with_hooks",
             cells,
             "as users run it: logits at every position",
             batched(),
         ),
         _timed(
+            study,
             "TransformerLens batched, last logits",
             cells,
             "logits_to_keep=1",

@@ -56,27 +56,71 @@ from patchserve.engine.runs import capture_run
 from patchserve.engine.sweep import SweepSpec, run_sweep
 from patchserve.models import HookContext, Transformer, load_model, make_edit
 
+# Real models' shapes with random weights (no download): `--shape`, and benchmarks/gpu.py.
+SHAPES: dict[str, dict] = {
+    "qwen3-0.6b": dict(
+        family="qwen3",
+        layers=28,
+        width=1024,
+        vocab=151936,
+        heads=16,
+        kv_heads=8,
+        head_dim=128,
+        mlp=3072,
+    ),
+    # Llama-3-8B's layer shape and vocabulary, 8 of its 32 layers (a run fits minutes).
+    "llama-3-8b-like": dict(
+        family="llama",
+        layers=8,
+        width=4096,
+        vocab=128256,
+        heads=32,
+        kv_heads=8,
+        head_dim=128,
+        mlp=14336,
+    ),
+}
 
-def build_checkpoint(family: str, layers: int, width: int, vocab: int, folder: Path) -> Path:
+
+def build_checkpoint(
+    family: str,
+    layers: int,
+    width: int,
+    vocab: int,
+    folder: Path,
+    heads: int | None = None,
+    kv_heads: int | None = None,
+    head_dim: int = 64,
+    mlp: int | None = None,
+) -> Path:
     """A random checkpoint of the given shape, saved with transformers (cached on disk)."""
     import transformers as tf
 
-    path = folder / f"{family}-{layers}x{width}-v{vocab}"
+    heads = heads or max(1, width // 64)
+    kv_heads = kv_heads or max(1, heads // 2)
+    mlp = mlp or 3 * width
+    default = (heads, kv_heads, head_dim, mlp) == (
+        max(1, width // 64),
+        max(1, heads // 2),
+        64,
+        3 * width,
+    )
+    tail = "" if default else f"-h{heads}-kv{kv_heads}-d{head_dim}-m{mlp}"
+    path = folder / f"{family}-{layers}x{width}-v{vocab}{tail}"
     if (path / "config.json").exists():
         return path
-    heads = max(1, width // 64)
     config: tf.PretrainedConfig
-    if family == "qwen3":
-        config = tf.Qwen3Config(
+    if family in ("qwen3", "llama"):
+        config = (tf.Qwen3Config if family == "qwen3" else tf.LlamaConfig)(
             vocab_size=vocab,
             hidden_size=width,
-            intermediate_size=3 * width,
+            intermediate_size=mlp,
             num_hidden_layers=layers,
             num_attention_heads=heads,
-            num_key_value_heads=max(1, heads // 2),
-            head_dim=64,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
             max_position_embeddings=4096,
-            tie_word_embeddings=True,
+            tie_word_embeddings=family == "qwen3",
         )
     elif family == "gpt2":
         config = tf.GPT2Config(
@@ -90,7 +134,14 @@ def build_checkpoint(family: str, layers: int, width: int, vocab: int, folder: P
     return path
 
 
-def _max_diff(a: list[list[float]], b: list[list[float]]) -> float:
+def shape_checkpoint(args: argparse.Namespace, folder: Path) -> Path:
+    """The checkpoint of ``--shape`` (a real model's shape) or of the size options."""
+    if args.shape:
+        return build_checkpoint(**SHAPES[args.shape], folder=folder)
+    return build_checkpoint(args.family, args.layers, args.width, args.vocab, folder)
+
+
+def max_diff(a: list[list[float]], b: list[list[float]]) -> float:
     pairs = (zip(ra, rb, strict=True) for ra, rb in zip(a, b, strict=True))
     return max(abs(x - y) for row in pairs for x, y in row)
 
@@ -179,11 +230,8 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     folder = Path(args.cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    if args.model:
-        checkpoint = Path(args.model)
-    else:
-        checkpoint = build_checkpoint(args.family, args.layers, args.width, args.vocab, folder)
-    loaded = load_model(checkpoint)
+    checkpoint = Path(args.model) if args.model else shape_checkpoint(args, folder)
+    loaded = load_model(checkpoint, dtype=args.dtype)
     model, cfg = loaded.model, loaded.config
     clean, corrupt = prompts(cfg.vocab_size, args.tokens, args.differ_at)
     hook = args.hook
@@ -216,14 +264,14 @@ def run(args: argparse.Namespace) -> dict:
         batched = batched_full_forward(model, corrupt, run_, layers, hook, grader)
         _keep(best, Result("batched full forward", cells, time.perf_counter() - start))
         if round_ == 0:
-            diff = _max_diff(outcome.grids[hook], batched)
+            diff = max_diff(outcome.grids[hook], batched)
             _keep(best, naive_result(model, corrupt, run_, layers, positions, hook, grader, args))
         if not args.no_peers and hook == "post_block":
             study = Study(checkpoint, clean, corrupt, layers, outcome.answer)
             for result, grid in run_peers(study, args.naive_cells):
                 _keep(best, result)
                 if grid is not None:
-                    peer_diffs[result.name] = _max_diff(outcome.grids[hook], grid)
+                    peer_diffs[result.name] = max_diff(outcome.grids[hook], grid)
     results = list(best.values())
     engine_s = results[0].seconds
     fastest = _fastest_peer(results)
@@ -232,7 +280,8 @@ def run(args: argparse.Namespace) -> dict:
     baseline_flops = cells * full_forward_flops(cfg, args.tokens)
     report = {
         "machine": f"{os.cpu_count()} cpu, torch {torch.__version__}, {args.threads} threads",
-        "model": f"{cfg.architecture} {cfg.num_layers}x{cfg.hidden_size}, vocab {cfg.vocab_size}",
+        "model": f"{cfg.architecture} {cfg.num_layers}x{cfg.hidden_size}, vocab {cfg.vocab_size}, "
+        f"{args.dtype}",
         "tokens": args.tokens,
         "differ_at": args.differ_at,
         "hook": hook,
@@ -297,19 +346,23 @@ def print_report(report: dict) -> None:
     )
 
 
+def rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def memory_report(args: argparse.Namespace) -> dict:
     """Peak extra memory of a full grid over model + corrupt-run cache (fresh process)."""
     torch.set_num_threads(args.threads)
     folder = Path(args.cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    checkpoint = build_checkpoint(args.family, args.layers, args.width, args.vocab, folder)
-    loaded = load_model(checkpoint)
+    checkpoint = Path(args.model) if args.model else shape_checkpoint(args, folder)
+    loaded = load_model(checkpoint, dtype=args.dtype)
     model, cfg = loaded.model, loaded.config
     clean, corrupt = prompts(cfg.vocab_size, args.tokens, args.differ_at)
     layers = list(range(cfg.num_layers))
+    loaded_rss = rss_bytes()
     run_ = capture_run(model, "clean", "", clean, {"post_block": layers})
-    rss = lambda: int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    before = rss()
+    before = rss_bytes()
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     spec = SweepSpec(
         corrupt,
@@ -325,14 +378,18 @@ def memory_report(args: argparse.Namespace) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     # The corrupt run the engine keeps: residual entering each block, post_block and the KV cache.
     t, d = args.tokens, cfg.hidden_size
-    corrupt_cache = 2 * cfg.num_layers * t * d * 4 + 2 * cfg.num_layers * t * cfg.kv_size * 4
+    size = model.embed_tokens.weight.element_size()
+    corrupt_cache = 2 * cfg.num_layers * t * (d + cfg.kv_size) * size
     extra = peak - max(before, peak_before) - corrupt_cache
     return {
-        "model": f"{cfg.architecture} {cfg.num_layers}x{cfg.hidden_size}",
+        "model": f"{cfg.architecture} {cfg.num_layers}x{cfg.hidden_size}, vocab {cfg.vocab_size}",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": args.dtype,
         "tokens": t,
         "cells": len(layers) * t,
         "seconds": seconds,
         "computed": outcome.stats["computed"],
+        "rss_loaded_mib": loaded_rss / 2**20,
         "rss_before_mib": before / 2**20,
         "peak_mib": peak / 2**20,
         "corrupt_cache_mib": corrupt_cache / 2**20,
@@ -347,7 +404,9 @@ def parser() -> argparse.ArgumentParser:
         description=(__doc__ or "").replace("``", "").replace("**", ""),
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--family", default="qwen3", choices=["qwen3", "gpt2"])
+    p.add_argument("--family", default="qwen3", choices=["qwen3", "llama", "gpt2"])
+    p.add_argument("--shape", choices=list(SHAPES), help="a real model's shape (random weights)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--model", help="benchmark this checkpoint folder instead of a random one")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--width", type=int, default=512)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 
-def load_hooked_transformer(checkpoint: Path):
+
+def load_hooked_transformer(
+    checkpoint: Path, device: str = "cpu", dtype: torch.dtype = torch.float32
+):
     import transformers as tf
     from tokenizers import Tokenizer, models
     from transformer_lens.model_bridge import TransformerBridge
@@ -18,5 +22,7 @@ def load_hooked_transformer(checkpoint: Path):
         tokenizer = tf.PreTrainedTokenizerFast(
             tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
         )
-    bridge = TransformerBridge.boot_transformers(str(checkpoint), device="cpu", tokenizer=tokenizer)
+    bridge = TransformerBridge.boot_transformers(
+        str(checkpoint), device=device, dtype=dtype, tokenizer=tokenizer
+    )
     return bridge.eval()
