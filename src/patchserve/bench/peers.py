@@ -75,7 +75,7 @@ def _load_hf(study: Study):
     import transformers as tf
 
     model = tf.AutoModelForCausalLM.from_pretrained(study.checkpoint, dtype=study.dtype)
-    return model.to(study.device).eval()
+    return model.to(study.device).eval()  # type: ignore[arg-type]
 
 
 def _output_tensor(output):
