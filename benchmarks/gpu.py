@@ -77,7 +77,7 @@ def parity(model: Transformer, checkpoint: Path, args: argparse.Namespace) -> fl
     hf = hf.to(args.device).eval()
     ids = torch.tensor([prompts(model.cfg.vocab_size, 40, 2)[0]], device=args.device)
     with torch.inference_mode():
-        ours = model(ids, logits_at="all").logits
+        ours = model(ids)
         theirs = hf(ids).logits
     assert ours is not None
     diff = (ours.float().log_softmax(-1) - theirs.float().log_softmax(-1)).abs().max()

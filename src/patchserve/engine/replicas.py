@@ -254,7 +254,7 @@ def merge_outcomes(
         key=lambda c: (
             hi[c.hook],
             li[c.layer],
-            pi[c.position],
+            -1 if c.position is None else pi[c.position],
             -1 if c.head is None else ki[c.head],
         ),
     )
