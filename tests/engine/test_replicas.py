@@ -125,3 +125,22 @@ def test_a_cancelled_spread_sweep_stops(cluster):
     spec.source = capture_run(model, "c", CLEAN, tok.encode(CLEAN).ids, {"post_block": spec.layers})
     with pytest.raises(SweepCancelled):
         pool.run_sweep(model, spec, cancel=lambda: True)
+
+
+@pytest.mark.long
+def test_head_cells_over_all_positions_merge_as_one_process(cluster):
+    folder, pool = cluster
+    model, tok = loaded(folder).model, tokenizer(folder)
+    run = capture_run(
+        model, "c", CLEAN, tok.encode(CLEAN).ids, {"attn_head": list(range(model.cfg.num_layers))}
+    )
+    spec, _ = prepare_sweep(
+        model, tok, prompt=CORRUPT, source=run, hook="attn_head", heads="all", per_position=False
+    )
+    plain = run_sweep(model, spec)
+    spread = pool.run_sweep(model, spec)
+    assert spread.grids == plain.grids and spread.noise_floor == plain.noise_floor
+    assert (spread.argmax["attn_head"].layer, spread.argmax["attn_head"].head) == (
+        plain.argmax["attn_head"].layer,
+        plain.argmax["attn_head"].head,
+    )
