@@ -5,7 +5,8 @@
 # through .git/info/exclude) for Python 3.12 on x86-64 Linux.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> "$(git rev-parse --git-path info/exclude)"
+EXCLUDE="$(git rev-parse --git-path info/exclude)"
+grep -qx '/.whl/' "$EXCLUDE" 2>/dev/null || echo /.whl/ >> "$EXCLUDE"
 PLATFORMS=()
 for n in manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 manylinux1; do
   PLATFORMS+=(--platform "${n}_x86_64")
