@@ -108,9 +108,17 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    return _bench_main(args.bench_args)
+
+
+def _bench_main(argv: list[str]) -> int:
+    if argv[:1] == ["attribution"]:  # patchserve bench attribution [options]
+        from patchserve.bench.attribution import main as attribution_main
+
+        return attribution_main(argv[1:])
     from patchserve.bench.sweep import main as bench_main
 
-    return bench_main(args.bench_args)
+    return bench_main(argv)
 
 
 DTYPES = ["float32", "bfloat16", "float16"]
@@ -204,9 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         except CommandError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        from patchserve.bench.sweep import main as bench_main
-
-        return bench_main(argv[1:])
+        return _bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -99,6 +99,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=list(METRICS),
         help="what to grade (kl: lower = more restored)",
     )
+    p.add_argument(
+        "--method",
+        default="exact",
+        choices=["exact", "attribution", "attribution+verify"],
+        help="exact cells, first-order estimates, or estimates with the top cells exact",
+    )
+    p.add_argument(
+        "--verify-top-k", type=int, help="attribution+verify: cells computed exactly (10)"
+    )
+    p.add_argument(
+        "--verify-mode",
+        choices=["bitwise", "fast"],
+        help="attribution+verify: in the exact sweep's batches (bitwise) or their own (fast)",
+    )
     p.add_argument("--url", help="a running patchserve server (else in-process)")
     p.add_argument("--api-key", help="API key for --url")
     p.add_argument("--model", help="checkpoint for the in-process run (default: bundled demo)")
@@ -123,7 +137,12 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
         "layers": parse_layers_arg(args.layers),
         "positions": parse_positions_arg(args.positions),
         "metric": args.metric,
+        "method": args.method,
     }
+    if args.verify_top_k is not None:
+        body["verify_top_k"] = args.verify_top_k
+    if args.verify_mode is not None:
+        body["verify_mode"] = args.verify_mode
     if args.answer is not None:
         body["answer_token"] = args.answer
     if args.answer_ids:
@@ -165,7 +184,9 @@ def _run_in_process(args: argparse.Namespace, body: dict[str, Any], on_cell) -> 
     except ValidationError as exc:
         raise CommandError(validation_message(exc.errors())[0]) from exc
     study = Study(resources, request)
-    return study.run(lambda cell, done, total: on_cell(cell_event(cell, done, total)))
+    return study.run(
+        lambda cell, done, total: on_cell(cell_event(cell, done, total, request.method))
+    )
 
 
 def _run_remote(args: argparse.Namespace, body: dict[str, Any], on_cell) -> SweepBody:
@@ -292,13 +313,27 @@ def print_result(console: Console, result: SweepBody, top: int) -> None:
     )
     lower = result.metric in LOWER_IS_BETTER
     console.print(f"top {top} cells ({'lowest' if lower else 'highest'} {result.metric} first):")
+    if result.kinds is not None:
+        console.print(f"method {result.method}: values marked ~ are first-order estimates")
     for value, hook, layer, at, head in sorted(cells, key=lambda c: c[0] if lower else -c[0])[:top]:
         where = f"head {head} " if head is not None else ""
+        mark = "~" if _kind(result, hook, layer, at, head) == "estimate" else " "
         if at is None:
-            console.print(f"  {value:8.4f}  {hook} layer {layer} {where}(every position)")
+            console.print(f" {mark}{value:8.4f}  {hook} layer {layer} {where}(every position)")
             continue
         token = tokens[at] if at < len(tokens) else "?"
-        console.print(f"  {value:8.4f}  {hook} layer {layer} {where}position {at} {token!r}")
+        console.print(f" {mark}{value:8.4f}  {hook} layer {layer} {where}position {at} {token!r}")
+
+
+def _kind(result: SweepBody, hook: str, layer: int, position: int | None, head: int | None) -> str:
+    """``exact`` or ``estimate`` of one cell of the result."""
+    if result.kinds is None or position is None:
+        return "exact"
+    kinds: Any = result.kinds[hook]
+    kind = kinds[result.layers.index(layer)][result.positions.index(position)]
+    if head is not None:
+        kind = kind[(result.heads or []).index(head)]
+    return str(kind)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -320,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
         nonlocal task
         if task is None:
             task = progress.add_task("sweep", total=event.total)
-        progress.update(task, completed=event.done)
+        progress.update(task, completed=event.done, total=event.total)
 
     with progress:
         if args.url:

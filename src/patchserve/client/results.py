@@ -117,6 +117,8 @@ class SweepResult:
     window: int = 1
     stderr: list[Any] | None = None  # noise: standard error of each cell's mean
     noise: dict[str, Any] | None = None  # noise: positions, scale, sigma, samples, seed
+    method: str = "exact"
+    kinds: list[Any] | None = None  # "exact" / "estimate" per cell (attribution methods)
 
     # -- construction -------------------------------------------------------------------
 
@@ -173,6 +175,8 @@ class SweepResult:
             window=parsed.window,
             stderr=stderr,
             noise=raw.get("noise"),
+            method=parsed.method,
+            kinds=None if parsed.kinds is None else parsed.kinds.get(hook),  # type: ignore[call-overload]
         )
 
     @classmethod
@@ -202,6 +206,13 @@ class SweepResult:
                 shape = (*shape, len(self.heads))
             return np.zeros(shape)
         return out
+
+    def exact_mask(self) -> np.ndarray:
+        """``True`` where the cell's value is exact, ``False`` where it is a first-order
+        estimate or skipped; the grid's shape. Every computed cell of an exact sweep."""
+        if self.kinds is None:
+            return ~np.isnan(self.to_numpy())
+        return np.asarray(self.kinds, dtype=object) == "exact"
 
     @property
     def by_head(self) -> bool:

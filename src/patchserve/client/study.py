@@ -432,6 +432,9 @@ class AsyncPatchStudy:
         mask: Sequence[int] | Mapping[str, Any] | None = None,
         clean_baseline: float | None = None,
         per_position: bool | None = None,
+        method: str = "exact",
+        verify_top_k: int | None = None,
+        verify_mode: str | None = None,
     ) -> SweepResult | dict[str, SweepResult]:
         """Patch the clean run into ``corrupt_prompt`` over a layers × positions grid.
 
@@ -458,6 +461,13 @@ class AsyncPatchStudy:
         The server's ``warnings`` (an improbable answer, identical prompts, ...)
         are raised as :class:`PatchServeWarning`.
 
+        ``method="attribution"`` estimates every cell to first order from one backward
+        pass; ``"attribution+verify"`` also computes the ``verify_top_k`` (default 10)
+        largest estimated cells exactly (``verify_mode="fast"``: in batches of their own,
+        equal to an exact sweep up to float rounding rather than bit for bit).
+        ``result.exact_mask()`` says which cells are
+        exact; ``on_cell`` sees estimates first, then exact values (``event["kind"]``).
+
         ``server_side=False`` runs the grid from the client instead, one
         ``/v1/completions`` patch request per cell (see
         :mod:`patchserve.client.percell`); it needs a stored run (``clean`` or
@@ -467,6 +477,8 @@ class AsyncPatchStudy:
         hook = _our_hook(hook or self.hook)
         hooks = None if hooks is None else [_our_hook(h) for h in _names(hooks)]
         if not server_side:
+            if method != "exact":
+                raise ValueError("attribution methods are server-side only")
             if hooks is not None:
                 raise ValueError(
                     "hooks (several hooks in one call) is a server-side sweep feature; "
@@ -522,6 +534,12 @@ class AsyncPatchStudy:
             "alpha": alpha,
             "keep_source": keep_source,
         }
+        if method != "exact":
+            body["method"] = method
+        if verify_top_k is not None:
+            body["verify_top_k"] = verify_top_k
+        if verify_mode is not None:
+            body["verify_mode"] = verify_mode
         if source is None:
             if clean_prompt is None:
                 raise ValueError("give clean (a CleanRun or run name), run, or clean_prompt")

@@ -6,18 +6,22 @@ answers here, so the two can never drift.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from patchserve.engine.diagnostics import improbable_answer_warning
 from patchserve.engine.runs import CapturedRun
 from patchserve.engine.sweep import Cell, SweepOutcome, SweepSpec
 from patchserve.text.tokenizer import Tokenizer
+from patchserve.wire.requests import SweepMethod
 from patchserve.wire.sweep import (
     AlignmentSummary,
     Argmax,
     Baseline,
     Baselines,
     CellEvent,
+    CellKind,
     HookGrid,
     NoiseSummary,
     SkippedCell,
@@ -38,7 +42,7 @@ def top_logprobs(tokenizer: Tokenizer, logits: torch.Tensor, k: int) -> list[Top
     ]
 
 
-def cell_event(cell: Cell, done: int, total: int) -> CellEvent:
+def cell_event(cell: Cell, done: int, total: int, method: str = "exact") -> CellEvent:
     return CellEvent(
         hook=cell.hook,
         layer=cell.layer,
@@ -49,6 +53,7 @@ def cell_event(cell: Cell, done: int, total: int) -> CellEvent:
         stderr=cell.stderr,
         done=done,
         total=total,
+        kind=None if method == "exact" else cast(CellKind, cell.kind),
     )
 
 
@@ -143,6 +148,8 @@ def sweep_body(
         window=window,
         stderr_grid=outcome.stderr[first] if outcome.stderr else None,
         noise=noise,
+        method=cast(SweepMethod, outcome.method),
+        kinds=outcome.kinds,
     )
 
 

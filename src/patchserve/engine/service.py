@@ -22,6 +22,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import torch
 
+from patchserve.engine.attribution import check_method_scope
 from patchserve.engine.corruption import noise_of, normalize
 from patchserve.engine.errors import InvalidArgument
 from patchserve.engine.noise import noise_summary, run_noised
@@ -174,8 +175,14 @@ class Study:
             max_batch_tokens=res.max_batch_tokens,
             max_cells=res.max_cells,
             window=req.window,
+            method=req.method,
+            verify_top_k=req.verify_top_k,
+            verify_mode=req.verify_mode,
         )
         self.noise = noise_of(req, res.tokenizer, encoding)
+        check_method_scope(
+            req.method, answer_tokens=1, window=1, per_position=True, noise=self.noise is not None
+        )
         if req.source_module is not None:
             self._check_module_covers(req.source_module)
 
@@ -317,7 +324,8 @@ class Study:
         gate = gate or self.res.gate
         if self.noise is not None:
             return run_noised(model, spec, self.noise, on_cell, cancel, gate)
-        return self.res.sweep(model, spec, on_cell=on_cell, cancel=cancel, gate=gate)
+        sweep = self.res.sweep if spec.method == "exact" else run_sweep  # replicas: exact only
+        return sweep(model, spec, on_cell=on_cell, cancel=cancel, gate=gate)
 
     def run(self, on_cell: Callable[[Cell, int, int], None] | None = None) -> SweepBody:
         """The whole study in this thread: capture, sweep, clean up, the body."""
@@ -358,7 +366,7 @@ class Study:
                 ):
                     if item[0] == "cell":
                         _, cell, done, total = item
-                        yield cell_event(cell, done, total)
+                        yield cell_event(cell, done, total, self.spec.method)
                     else:
                         on_outcome(item[1])
                         yield SummaryEvent(**dict(self.body(item[1])))

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from patchserve.engine.attribution import check_method, check_method_scope
 from patchserve.engine.continuation import Continuation, check_multi_token_metric
 from patchserve.engine.diagnostics import span_warnings
 from patchserve.engine.errors import InvalidArgument
@@ -228,6 +229,9 @@ def prepare_sweep(
     max_cells: int | None = None,
     clean_ids: list[int] | None = None,
     window: int = 1,
+    method: str = "exact",
+    verify_top_k: int | None = None,
+    verify_mode: str | None = None,
 ) -> tuple[SweepSpec, list[str]]:
     """A validated sweep and the corrupt prompt's token strings (axis labels).
 
@@ -258,6 +262,12 @@ def prepare_sweep(
         raise InvalidArgument(f"window must be an integer >= 1, got {window!r}", "window")
     if isinstance(source, CapturedRun) and window > 1:
         _check_layers(source, hook_list, window_span(layer_list, window, cfg.num_layers))
+    check_method_scope(
+        method,
+        answer_tokens=max(len(answer or []), len(foil or [])),
+        window=window,
+        per_position=per_position is not False,
+    )
     if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
         raise InvalidArgument("max_batch_tokens must be a positive integer", "max_batch_tokens")
     spec = SweepSpec(
@@ -279,6 +289,9 @@ def prepare_sweep(
         max_batch_tokens=max_batch_tokens,
         warnings=notes,
         window=window,
+        method=method,
+        verify_top_k=check_method(method, verify_top_k, verify_mode),
+        only_own_batches=verify_mode == "fast",
     )
     if max_cells is not None and spec.num_cells > max_cells:
         raise InvalidArgument(

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -55,6 +55,9 @@ from patchserve.models.state import KVCache, Reuse
 from patchserve.text.alignment import Alignment, align
 from patchserve.wire.grids import assemble_grid
 from patchserve.wire.sweep import UNALIGNED
+
+if TYPE_CHECKING:
+    from patchserve.engine.attribution import AttributionRunner
 
 BRANCH_HOOKS = ("attn_out", "post_attn", "mlp_in", "mlp_out")
 DEFAULT_BATCH_TOKENS = 4096
@@ -100,6 +103,13 @@ class SweepSpec:
     # False: no unpatched probe row (noise_floor 0.0) — a layer block of a sweep split over
     # replicas, whose first block measures the noise floor as the whole sweep would.
     probe_noise: bool = True
+    method: str = "exact"  # or "attribution", "attribution+verify" (engine/attribution.py)
+    verify_top_k: int = 0
+    # Compute only these (hook, layer, position, head) cells: in the full sweep's batches
+    # (bit for bit its values; the other cells of those batches come too), or with
+    # ``only_own_batches`` in batches of their own (equal up to float rounding, far cheaper).
+    only: set[tuple[str, int, int | None, int | None]] | None = None
+    only_own_batches: bool = False
 
     @property
     def num_cells(self) -> int:
@@ -123,6 +133,7 @@ class Cell:
     error: str | None = None
     skipped: str | None = None  # why the cell was not computed (its value stays None)
     stderr: float | None = None  # standard error of value over noise samples
+    kind: str = "exact"  # or "estimate" (method "attribution")
 
 
 @dataclass
@@ -150,6 +161,8 @@ class SweepOutcome:
     per_position: bool = True
     stderr: dict[str, list[Any]] | None = None  # noise: standard error of each cell's mean
     corrupt_stderr: float | None = None  # noise: of the corrupt baseline's mean
+    method: str = "exact"
+    kinds: dict[str, list[Any]] | None = None  # hook -> grid of "exact" / "estimate" (attribution)
 
 
 @dataclass
@@ -186,6 +199,10 @@ class _Corrupt:
     @property
     def reads(self) -> int:
         return self.logits.shape[0]
+
+
+def cell_key(cell: Cell) -> tuple[str, int, int | None, int | None]:
+    return (cell.hook, cell.layer, cell.position, cell.head)
 
 
 def _resume_point(hook: str, layer: int) -> tuple[int, str, str | None]:
@@ -236,6 +253,7 @@ class SweepRunner:
         self.unpatched_positions: set[int] = set()
         self.done = 0
         self.total = spec.num_cells
+        self.free: list[Cell] = []
         self.stats: dict[str, float | int] = {
             "computed": 0,
             "free": 0,
@@ -299,7 +317,7 @@ class SweepRunner:
             )
         return row
 
-    def _answer(self, base: _Corrupt) -> list[int]:
+    def _answer(self, corrupt_logits: torch.Tensor) -> list[int]:
         """The graded answer: given, else the clean run's top-1 (the corrupt run's without)."""
         spec, source = self.spec, self.spec.source
         if spec.answer_ids is not None:
@@ -308,31 +326,37 @@ class SweepRunner:
             return [spec.answer]
         clean_logits = source.last_logits if isinstance(source, CapturedRun) else None
         if clean_logits is None:
-            clean_logits = base.logits[0]
+            clean_logits = corrupt_logits
         return [int(clean_logits.argmax())]
 
     def _grader(self, corrupt: list[_Corrupt]) -> tuple[Score, float | None, float]:
         """The scorer of lane logits, the clean value and the raw corrupt ``m``."""
-        spec, source, cont = self.spec, self.spec.source, self.continuation
-        if cont.multi:
+        if self.continuation.multi:
             return self._continuation_grader(corrupt)
-        corrupt_logits = corrupt[0].logits[0]
+        grader, clean_value = self.token_grader(corrupt[0].logits[0], self.continuation.answer[0])
+        score: Score = lambda lanes: grader(lanes[0][:, 0])
+        assert grader.corrupt_score is not None
+        return score, clean_value, grader.corrupt_score
+
+    def token_grader(
+        self, corrupt_logits: torch.Tensor, answer: int
+    ) -> tuple[Grader, float | None]:
+        """The grader of a one-token answer given the corrupt run's last logits, and the clean
+        value (raw ``m`` for ``recovered``, as the seed reports it; graded otherwise)."""
+        spec, source = self.spec, self.spec.source
         clean_logits = source.last_logits if isinstance(source, CapturedRun) else None
         reference = clean_logits if clean_logits is not None else corrupt_logits
-        answer, foil = cont.answer[0], spec.foil
         clean_lp = torch.log_softmax(reference.double(), dim=-1)
         clean_score = spec.clean_baseline
         if clean_logits is not None and clean_score is None:
-            clean_score = float(raw_score(clean_logits[None], answer, foil)[0])
-        raw_corrupt = float(raw_score(corrupt_logits[None], answer, foil)[0])
-        grader = Grader(spec.metric, answer, foil, clean_score, raw_corrupt, clean_lp)
-        score: Score = lambda lanes: grader(lanes[0][:, 0])
+            clean_score = float(raw_score(clean_logits[None], answer, spec.foil)[0])
+        raw_corrupt = float(raw_score(corrupt_logits[None], answer, spec.foil)[0])
+        grader = Grader(spec.metric, answer, spec.foil, clean_score, raw_corrupt, clean_lp)
         if spec.metric == "recovered":  # clean and corrupt are reported raw (as the seed)
-            return score, clean_score, raw_corrupt
-        clean_value = None
-        if clean_logits is not None:
-            clean_value = float(grader(clean_logits[None].to(corrupt_logits.device))[0])
-        return score, clean_value, raw_corrupt
+            return grader, clean_score
+        if clean_logits is None:
+            return grader, None
+        return grader, float(grader(clean_logits[None].to(corrupt_logits.device))[0])
 
     def _continuation_grader(self, corrupt: list[_Corrupt]) -> tuple[Score, float | None, float]:
         """Totals of a multi-token answer; the clean run's lanes are one forward each."""
@@ -381,7 +405,7 @@ class SweepRunner:
         with torch.inference_mode():
             base = self._corrupt_forward()
             foil = spec.foil_ids or (None if spec.foil is None else [spec.foil])
-            self.continuation = Continuation.plan(self._answer(base), foil)
+            self.continuation = Continuation.plan(self._answer(base.logits[0]), foil)
             corrupt = [self._lane_forward(base, tail) for tail in self.continuation.tails]
             del base
             score, clean_value, raw_corrupt = self._grader(corrupt)
@@ -439,17 +463,20 @@ class SweepRunner:
         cells: list[Cell] = []
         groups: dict[_GroupKey, list[_Row]] = {}
         skipped: list[Cell] = []
+        own = self.spec.only if self.spec.only_own_batches else None  # plan these cells alone
         for hook in self.spec.hooks:
             for layer in self.spec.layers:
                 window = window_layers(layer, self.spec.window, self.cfg.num_layers)
                 targets = [list(self._targets(hook, w, alignment)) for w in window]
                 for i, (cell, _) in enumerate(targets[window.index(layer)]):
+                    if own is not None and cell_key(cell) not in own:
+                        continue
                     cells.append(cell)
                     entries = [per_layer[i][1] for per_layer in targets]
                     if not all(entries):
                         cell.skipped = UNALIGNED
                         skipped.append(cell)
-                        self._emit(cell)
+                        self._emit_planned(cell)
                         continue
                     rows = [
                         self._row(replace(cell, layer=w), e, corrupt)
@@ -459,7 +486,8 @@ class SweepRunner:
                     if low is None:
                         cell.value = baseline
                         self.stats["free"] += 1
-                        self._emit(cell)
+                        self.free.append(cell)
+                        self._emit_planned(cell)
                         continue
                     row = rows[low]
                     assert row is not None
@@ -542,24 +570,30 @@ class SweepRunner:
         n = self.cfg.num_layers
         self.lane_lengths = [lane.length for lane in corrupt]
         noise: float | None = None
-        for (start, site, _, reuse, extra), rows in groups.items():
-            for batch in self._batches(rows):
-                self._check_cancel()
-                if noise is None and start < n and self.spec.probe_noise:
-                    # an unpatched copy of the first row: the corrupt run, resumed
-                    batch = [*batch, self._unpatched(batch[0], start, site, corrupt[0])]
-                lane_logits = [
-                    self._run_lane(start, site, reuse, batch, lane, extra) for lane in corrupt
-                ]
-                values = score(lane_logits)
-                if batch[-1].cell.hook == _PROBE:
-                    noise = abs(float(values[-1]) - baseline)
-                    batch = batch[:-1]
-                for row, value in zip(batch, values.tolist(), strict=False):
-                    row.cell.value = value
-                    self._emit(row.cell)
-                self.stats["computed"] += len(batch)
-                self.stats["batches"] += 1
+        plan = [(key, batch) for key, rows in groups.items() for batch in self._batches(rows)]
+        wanted = self._wanted(plan)
+        probed = False
+        for (start, site, _, reuse, extra), batch in plan:
+            probe = not probed and start < n and self.spec.probe_noise  # as a full sweep would
+            probed = probed or probe
+            if id(batch) not in wanted:
+                continue
+            self._check_cancel()
+            if probe:
+                # an unpatched copy of the first row: the corrupt run, resumed
+                batch = [*batch, self._unpatched(batch[0], start, site, corrupt[0])]
+            lane_logits = [
+                self._run_lane(start, site, reuse, batch, lane, extra) for lane in corrupt
+            ]
+            values = score(lane_logits)
+            if batch[-1].cell.hook == _PROBE:
+                noise = abs(float(values[-1]) - baseline)
+                batch = batch[:-1]
+            for row, value in zip(batch, values.tolist(), strict=False):
+                row.cell.value = value
+                self._emit(row.cell)
+            self.stats["computed"] += len(batch)
+            self.stats["batches"] += 1
         if noise is None:
             noise = self._probe_noise(corrupt, score, baseline) if self.spec.probe_noise else 0.0
         return noise
@@ -575,6 +609,25 @@ class SweepRunner:
             own = corrupt.captured[start, cell.hook][0, index]
         probe = Cell(_PROBE, cell.layer, cell.position, cell.head)
         return _Row(probe, own, row.positions)
+
+    def _wanted(self, plan: list[tuple[_GroupKey, list[_Row]]]) -> set[int]:
+        """The batches to run: all, or (``spec.only``) those holding a wanted cell; then
+        the wanted free cells are reported, out of a total known at last."""
+        only = self.spec.only
+        if only is None:
+            return {id(batch) for _, batch in plan}
+        runs = [batch for _, batch in plan if any(cell_key(r.cell) in only for r in batch)]
+        free = [cell for cell in self.free if cell_key(cell) in only]
+        self.total = len(free) + sum(len(batch) for batch in runs)
+        for cell in free:
+            self._emit(cell)
+        return {id(batch) for batch in runs}
+
+    def _emit_planned(self, cell: Cell) -> None:
+        """Report a cell settled while planning (skipped or free) — with ``spec.only``, later,
+        once the wanted cells are known (:meth:`_wanted`)."""
+        if self.spec.only is None:
+            self._emit(cell)
 
     def _probe_noise(self, corrupt: list[_Corrupt], score: Score, baseline: float) -> float:
         """Run one unpatched row through the sweep path (when no batch carried one)."""
@@ -694,7 +747,13 @@ def run_sweep(
     ``cancel()`` is polled before every batch and between transformer blocks;
     ``gate()`` is entered around every model call (a server's fair scheduler).
     """
-    runner = SweepRunner(model, spec, on_cell, cancel, gate)
+    runner: SweepRunner | AttributionRunner
+    if spec.method == "exact":
+        runner = SweepRunner(model, spec, on_cell, cancel, gate)
+    else:
+        from patchserve.engine.attribution import AttributionRunner
+
+        runner = AttributionRunner(model, spec, on_cell, cancel, gate)
     if cancel is None:
         return runner.run()
     with cancel_scope(cancel):  # also checked inside each forward, between blocks

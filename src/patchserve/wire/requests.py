@@ -31,6 +31,8 @@ FLOAT32_MAX = 3.4028234663852886e38
 
 HookName = Literal[HOOKS]  # type: ignore[valid-type]
 MetricName = Literal[METRICS]  # type: ignore[valid-type]
+SweepMethod = Literal["exact", "attribution", "attribution+verify"]
+VerifyMode = Literal["bitwise", "fast"]
 
 
 def _float32(value: int | float) -> int | float:
@@ -227,6 +229,15 @@ class PatchSweepRequest(Strict, RequestBody):
     window: StrictInt = Field(1, ge=1)
     """Each cell at layer ``l`` restores layers ``l - window//2 .. l + (window-1)//2``
     (clipped) at its position at once, as ROME's traces do."""
+    method: SweepMethod = "exact"
+    """``attribution``: a first-order estimate of every cell from one backward pass;
+    ``attribution+verify``: those estimates with the top ``verify_top_k`` cells exact."""
+    verify_top_k: StrictInt | None = None
+    """How many of the largest estimated cells ``attribution+verify`` computes exactly
+    (default 10)."""
+    verify_mode: VerifyMode | None = None
+    """``bitwise`` (default): verified cells run in the exact sweep's own batches, equal to
+    its values bit for bit; ``fast``: in batches of their own, equal up to float rounding."""
 
 
 class PatchSourceRequest(Strict, RequestBody):

@@ -16,9 +16,11 @@ from pydantic import Field, TypeAdapter
 from patchserve.text.alignment import Alignment, differing_positions
 from patchserve.wire.base import WireModel, omitted_if_none
 from patchserve.wire.errors import ErrorDetail
-from patchserve.wire.requests import HookName, MetricName
+from patchserve.wire.requests import HookName, MetricName, SweepMethod
 
 Grid = list[list[float | None]] | list[list[list[float | None]]]
+CellKind = Literal["exact", "estimate"]
+KindGrid = list[list[CellKind | None]] | list[list[list[CellKind | None]]]
 
 #: The ``reason`` of a skipped cell whose destination position has no clean partner.
 UNALIGNED = "no aligned clean position (differing middle)"
@@ -178,6 +180,12 @@ class SweepBody(WireModel):
         description="noise corruption: the standard error of each cell of `grid`"
     )
     noise: NoiseSummary | None = omitted_if_none()
+    method: SweepMethod = "exact"
+    kinds: dict[HookName, KindGrid] | None = Field(
+        default=None,
+        description="for methods 'attribution' and 'attribution+verify': each hook's grid of "
+        "'exact' / 'estimate' (null: skipped), laid out as its value grid",
+    )
 
 
 class StartEvent(WireModel):
@@ -208,6 +216,10 @@ class CellEvent(WireModel):
     )
     done: int
     total: int
+    kind: CellKind | None = omitted_if_none(
+        description="attribution methods: 'estimate' (sent first) or 'exact' (a verified cell, "
+        "replacing its estimate)"
+    )
 
 
 class SummaryEvent(SweepBody):
