@@ -27,10 +27,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [CommandError, StudyError, SpanError, httpx.HTTPError]
     if _has("torch") and _has("transformers"):
-        from patchserve.models import CheckpointError
+        from patchserve.models import CheckpointError, DeviceMapError
         from patchserve.text.tokenizer import TokenizerError
 
-        errors += [CheckpointError, TokenizerError]
+        errors += [CheckpointError, DeviceMapError, TokenizerError]
     return tuple(errors)
 
 
@@ -77,11 +77,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.replicas and not _has("ray"):
         raise CommandError("--replicas needs Ray: pip install 'patchserve[ray]'")
+    if args.replicas and args.device_map:
+        raise CommandError("--device-map and --replicas together are not supported yet")
     if args.threads:
         torch.set_num_threads(args.threads)
     config = ServerConfig(
         model=args.model,
         device=args.device,
+        device_map=args.device_map,
         dtype=args.dtype,
         api_key=args.api_key,
         source_dir=Path(args.source_dir) if args.source_dir else None,
@@ -146,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     serve.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype")
+    serve.add_argument(
+        "--device-map",
+        help="layers over devices instead of --device: auto, balanced, or '0:0-13,1:14-27'",
+    )
     serve.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 routes")
     serve.add_argument("--source-dir", help="persist kept runs here and reload them at start")
     serve.add_argument(

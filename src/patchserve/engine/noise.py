@@ -62,7 +62,7 @@ def noise_tensor(model: Transformer, noise: Noise, sample: int) -> torch.Tensor:
 
 def noise_edit(model: Transformer, noise: Noise, sample: int) -> SiteEdit:
     """The additive edit at ``pre_attn`` of layer 0 that corrupts one sample."""
-    z = noise_tensor(model, noise, sample).to(model.device)
+    z = noise_tensor(model, noise, sample).to(model.device_of(0))
     return make_edit(0, "pre_attn", [0] * len(noise.positions), noise.positions, z, kind="add")
 
 

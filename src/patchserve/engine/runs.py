@@ -100,10 +100,9 @@ def capture_run(
     ids = torch.tensor([token_ids], device=model.device)
     with torch.inference_mode():
         out = model.prefill(ids, HookContext.build(capture=sites))
-    index = torch.tensor(positions, device=model.device)
+    index = torch.tensor(positions)  # on each capture's device (a device map: its layer's)
     activations = {
-        (hook, layer): out.captured[layer, hook][0].index_select(0, index).clone()
-        for layer, hook in sites
+        (hook, layer): _select(out.captured[layer, hook][0], index) for layer, hook in sites
     }
     return CapturedRun(
         name=name,
@@ -113,3 +112,7 @@ def capture_run(
         activations=activations,
         last_logits=out.logits[0].float().clone(),
     )
+
+
+def _select(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return t.index_select(0, index.to(t.device)).clone()

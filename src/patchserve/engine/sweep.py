@@ -600,7 +600,7 @@ class SweepRunner:
 
     def _unpatched(self, row: _Row, start: int, site: str, corrupt: _Corrupt) -> _Row:
         """A copy of ``row`` writing the corrupt run's own values: the corrupt run, resumed."""
-        cell, index = row.cell, torch.tensor(row.positions, device=self.model.device)
+        cell, index = row.cell, torch.tensor(row.positions, device=self.model.device_of(start))
         if cell.hook == "attn_head":
             own = corrupt.captured[start, "attn_head"][0, index, cell.head]
         elif site == "pre_attn":
@@ -643,7 +643,7 @@ class SweepRunner:
     ) -> SiteEdit:
         """One edit entry per patched position of every row (batch rows ``index``: default
         ``0..len(rows)-1``)."""
-        device = self.model.device
+        device = self.model.device_of(start)  # the edited layer's (a device map)
         counts = torch.tensor([len(r.positions) for r in rows], device=device)
         batch_rows = torch.tensor(index if index is not None else range(len(rows)), device=device)
         entry_rows = torch.repeat_interleave(batch_rows, counts)
@@ -681,7 +681,7 @@ class SweepRunner:
     ) -> torch.Tensor:
         """Logits ``[rows, k, vocab]`` of one lane at its read positions, rows patched."""
         model, cfg = self.model, self.cfg
-        device, k = model.device, lane.reads
+        k = lane.reads
         if start == cfg.num_layers:
             # post_block of the last layer at the last position: unembed the patched residual.
             with self.gate():
@@ -697,7 +697,8 @@ class SweepRunner:
             else:  # the last k tokens of every packed row: the last prompt one, the tail
                 x = model.run_blocks(resumed, start, lane.kv, reused, hooks)
                 ends = torch.cumsum(resumed.lengths, 0)
-                logits = model.unembed(x[(ends - k)[:, None] + torch.arange(k, device=device)])
+                ends = ends.to(x.device)
+                logits = model.unembed(x[(ends - k)[:, None] + torch.arange(k, device=x.device)])
         for r in rows:
             self.stats["flops"] += suffix_flops(cfg, start, r.offset, lane.length, reuse)
         return logits
@@ -707,7 +708,7 @@ class SweepRunner:
     ) -> tuple[ResumeRows, Reuse | None]:
         """The lane's corrupt residual entering block ``start`` from each row's first
         position on, packed, and the reused attention activations at the same tokens."""
-        device, length = self.model.device, lane.length
+        device, length = self.model.device_of(start), lane.length
         offsets = torch.tensor([r.offset for r in rows], device=device)
         index = torch.cat([torch.arange(r.offset, length, device=device) for r in rows])
         hidden = lane.captured[start, "pre_attn"][0].index_select(0, index)

@@ -4,6 +4,7 @@ from patchserve.models.config import CheckpointError, ModelConfig
 from patchserve.models.hooks import HOOKS, INJECTABLE_HOOKS, HookContext, SiteEdit, make_edit
 from patchserve.models.layout import ResumeRows
 from patchserve.models.loading import LoadedModel, load_model
+from patchserve.models.placement import DeviceMapError, Placement
 from patchserve.models.registry import SUPPORTED_ARCHITECTURES
 from patchserve.models.state import KVCache, Reuse
 from patchserve.models.transformer import CachedPass, Transformer
@@ -14,10 +15,12 @@ __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "CachedPass",
     "CheckpointError",
+    "DeviceMapError",
     "HookContext",
     "KVCache",
     "LoadedModel",
     "ModelConfig",
+    "Placement",
     "ResumeRows",
     "Reuse",
     "SiteEdit",

@@ -16,6 +16,7 @@ suffix forward on a prefix cache, or one decoding step.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -68,6 +69,22 @@ class SiteEdit:
             raise ValueError("rows, positions, alpha and source must have one entry per edit")
         if self.mask is not None and self.mask.shape != self.source.shape:
             raise ValueError("mask must have the shape of source")
+
+    def to(self, device: torch.device) -> SiteEdit:
+        """This edit with every tensor on ``device`` (the site's layer's device)."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return dataclasses.replace(
+            self,
+            rows=self.rows.to(device),
+            positions=self.positions.to(device),
+            source=self.source.to(device),
+            alpha=self.alpha.to(device),
+            mask=move(self.mask),
+            heads=move(self.heads),
+        )
 
 
 def make_edit(
@@ -166,6 +183,8 @@ class HookContext:
         return any(site_layer == layer for site_layer, _ in self.capture)
 
     def _apply(self, h: torch.Tensor, edit: SiteEdit, layout: SiteLayout) -> torch.Tensor:
+        if edit.rows.device != h.device or edit.source.device != h.device:
+            edit = edit.to(h.device)  # a device map: the layer is not where the edit was built
         keep, index = layout.locate(edit.rows, edit.positions)
         if not bool(keep.any()):
             return h

@@ -119,7 +119,7 @@ class Rotary(nn.Module):
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``positions`` [*tokens] → cos, sin [*tokens, 1, rotary_dim] (broadcast over heads)."""
-        freqs = positions.float()[..., None] * self.inv_freq.float()
+        freqs = positions.float()[..., None] * self.inv_freq.to(positions.device).float()
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype)[..., None, :], emb.sin().to(dtype)[..., None, :]
 

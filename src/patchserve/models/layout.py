@@ -75,6 +75,7 @@ class Layout:
         prefix_total: int = 0,
     ) -> None:
         self.offsets, self.lengths, self.tmax, self.packed = offsets, lengths, tmax, packed
+        self._prefix = (prefix_lengths, prefix_total)
         self.batch = offsets.shape[0]
         device = offsets.device
         if packed:
@@ -122,6 +123,22 @@ class Layout:
                 )
             )
         return groups
+
+    @property
+    def device(self) -> torch.device:
+        return self.offsets.device
+
+    def to(self, device: torch.device) -> Layout:
+        """The same layout with its index tensors on ``device`` (a layer on another device)."""
+        plens, total = self._prefix
+        return Layout(
+            self.offsets.to(device),
+            self.lengths.to(device),
+            self.tmax,
+            self.packed,
+            plens.to(device) if plens is not None else None,
+            total,
+        )
 
     def locate(
         self, rows: torch.Tensor, positions: torch.Tensor

@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from patchserve.models.config import CheckpointError, ModelConfig
 from patchserve.models.layers import Rotary
+from patchserve.models.placement import Placement, plan
 from patchserve.models.registry import family_for
 from patchserve.models.transformer import Transformer
 
@@ -111,7 +112,10 @@ def load_model(
     *,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = torch.float32,
+    device_map: str | None = None,
 ) -> LoadedModel:
+    """``device_map`` (``auto``, ``balanced`` or ``"0:0-13,1:14-27"``, see
+    ``models/placement.py``) places the layers over devices instead of all on ``device``."""
     folder = resolve_checkpoint(path_or_id)
     raw = read_config(folder)
     family, architecture = family_for(raw)
@@ -119,6 +123,7 @@ def load_model(
     torch_dtype = parse_dtype(dtype)
     with torch.device("meta"):
         model = Transformer(cfg)
+    placement = _placement(model, device, torch_dtype, device_map)
     params = dict(model.named_parameters())
     tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     loaded: dict[str, torch.Tensor] = {}
@@ -146,7 +151,8 @@ def load_model(
                             f"{file.name}: tensor {name!r} has shape {tuple(value.shape)}, "
                             f"expected {expected} from config.json"
                         )
-                    loaded[target] = value.to(device=device, dtype=torch_dtype)
+                    where = _device_of_param(target, placement)
+                    loaded[target] = value.to(device=where, dtype=torch_dtype)
     missing = sorted(set(params) - set(loaded) - tied)
     if missing:
         shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
@@ -154,8 +160,38 @@ def load_model(
     model.load_state_dict(loaded, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
+        if placement.output_device != placement.input_device:  # a copy: the same values
+            model.lm_head.weight = torch.nn.Parameter(
+                model.embed_tokens.weight.to(placement.output_device), requires_grad=False
+            )
     for module in model.modules():
         if isinstance(module, Rotary):
-            module.reset(device)
+            module.reset(placement.input_device)
+    model.device_map = placement if device_map is not None else None
     model.eval().requires_grad_(False)
     return LoadedModel(model=model, config=cfg, path=folder, raw_config=raw)
+
+
+def _placement(
+    model: Transformer, device: str | torch.device, dtype: torch.dtype, spec: str | None
+) -> Placement:
+    """The stages of ``spec`` (sized from the meta-built ``model``), or all on ``device``."""
+    n = model.cfg.num_layers
+    if spec is None:
+        return Placement.single(device, n)
+    width = torch.empty((), dtype=dtype).element_size()
+    sizes = [sum(p.numel() for p in block.parameters()) * width for block in model.blocks]
+    first: list[torch.nn.Module | None] = [model.embed_tokens, model.embed_positions]
+    last: list[torch.nn.Module | None] = [model.final_norm, model.lm_head]
+    for i, modules in ((0, first), (n - 1, last)):
+        sizes[i] += sum(p.numel() for m in modules if m is not None for p in m.parameters()) * width
+    return plan(spec, sizes)
+
+
+def _device_of_param(name: str, placement: Placement) -> torch.device:
+    """Blocks on their stage's device; embeddings on the first, final norm and head on the last."""
+    if name.startswith("blocks."):
+        return placement.device_of(int(name.split(".")[1]))
+    if name.startswith(("final_norm.", "lm_head.")):
+        return placement.output_device
+    return placement.input_device

@@ -3,7 +3,7 @@ block reuses, and the per-pass tables (layout, masks, rope) that every block sha
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -58,6 +58,12 @@ class Reuse:
     attn_out: torch.Tensor | None = None
     attn_head: torch.Tensor | None = None
 
+    def to(self, device: torch.device) -> Reuse:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return Reuse(move(self.attn_out), move(self.attn_head))
+
 
 @dataclass
 class PassState:
@@ -80,6 +86,26 @@ class PassState:
     )
     _masks: dict[tuple[int, int | None, bool], AttentionMasks] = field(default_factory=dict)
     _last_layout: Layout | None = None
+    _views: dict[torch.device, PassState] = field(default_factory=dict)
+    _root: PassState | None = None
+
+    def on(self, device: torch.device) -> PassState:
+        """This pass as seen by a layer on ``device`` (a device map): the same hooks, caches
+        and kept keys; layout and masks there, rotary tables copied from the first device."""
+        root = self._root or self
+        if device == root.layout.device:
+            return root
+        if device not in root._views:
+            root._views[device] = replace(
+                root,
+                layout=root.layout.to(device),
+                _tables={},
+                _masks={},
+                _last_layout=None,
+                _views={},
+                _root=root,
+            )
+        return root._views[device]
 
     def site(self, layer: int, hook: str, h: torch.Tensor) -> torch.Tensor:
         return self.hooks.site(layer, hook, h, self.layout)
@@ -109,6 +135,14 @@ class PassState:
             return None
         key = (rope, last)
         if key not in self._tables:
+            if self._root is not None:  # computed once, copied: every device sees the same bits
+                tables = self._root.rope_tables(rope, last)
+                assert tables is not None
+                self._tables[key] = (
+                    tables[0].to(self.layout.device),
+                    tables[1].to(self.layout.device),
+                )
+                return self._tables[key]
             layout = self.layout
             positions = layout.offsets + layout.lengths - 1 if last else layout.positions
             self._tables[key] = self.rotaries[rope].tables(positions, self.dtype)

@@ -24,11 +24,13 @@ import torch
 from torch import nn
 
 from patchserve.cancel import raise_if_cancelled
+from patchserve.models import placement as placing
 from patchserve.models.block import DecoderBlock
 from patchserve.models.config import ModelConfig
 from patchserve.models.hooks import HookContext
 from patchserve.models.layers import Rotary, make_norm
 from patchserve.models.layout import Layout, ResumeRows
+from patchserve.models.placement import Placement
 from patchserve.models.state import KVCache, PassState, Reuse
 
 
@@ -61,10 +63,34 @@ class Transformer(nn.Module):
         ropes = sorted({r for r in cfg.rope if r is not None}, key=repr)
         self._rotaries = {r: Rotary(r) for r in ropes}
         self.rotary_modules = nn.ModuleList(self._rotaries.values())  # registered as submodules
+        self.device_map: Placement | None = None  # None: every layer on ``device``
+
+    @property
+    def placement(self) -> Placement:
+        """The stages the layers run in (one stage unless loaded with a device map)."""
+        if self.device_map is not None:
+            return self.device_map
+        return Placement.single(self.device, self.cfg.num_layers)
 
     @property
     def device(self) -> torch.device:
+        """The input device (the embedding's): where token ids go."""
         return self.embed_tokens.weight.device
+
+    @property
+    def input_device(self) -> torch.device:
+        return self.device
+
+    @property
+    def output_device(self) -> torch.device:
+        """Where the final norm and ``lm_head`` live, and logits come out."""
+        return self.lm_head.weight.device
+
+    def device_of(self, layer: int) -> torch.device:
+        """The device of block ``layer`` (``num_layers``: the output device)."""
+        if layer >= self.cfg.num_layers:
+            return self.output_device
+        return self.placement.device_of(layer)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -81,6 +107,7 @@ class Transformer(nn.Module):
 
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of a residual stream leaving the last block."""
+        hidden = hidden.to(self.output_device)
         logits = self.lm_head(self.final_norm(hidden))
         cap = self.cfg.final_softcap
         if cap is not None:
@@ -99,7 +126,7 @@ class Transformer(nn.Module):
         """
         layout = self._padded_layout(input_ids, lengths, None)
         state = self._state(layout, hooks, None, keep_cache=False)
-        x = self._run(self.embed(input_ids, layout.positions), state, 0, self.cfg.num_layers)
+        x, _ = self._run(self.embed(input_ids, layout.positions), state, 0, self.cfg.num_layers)
         return self.unembed(x)
 
     def prefill(self, input_ids: torch.Tensor, hooks: HookContext | None = None) -> CachedPass:
@@ -135,11 +162,14 @@ class Transformer(nn.Module):
         narrow = start_layer <= final and not hooks.captures_layer(final)
         stop = final if narrow else final + 1
         state = self._state(self._rows_layout(rows, start_layer, cache), hooks, cache, False)
-        x = self._run(rows.hidden, state, start_layer, stop, reuse)
+        x, state = self._run(rows.hidden, state, start_layer, stop, reuse)
         if narrow:
             block = self.blocks[final]
             assert isinstance(block, DecoderBlock)
-            last = block.forward_last(x, state, reuse if start_layer == final else None)
+            if final == start_layer or final in self._stage_starts():
+                x, state = self._enter(x, state, final)
+            own = reuse.to(x.device) if reuse is not None and start_layer == final else None
+            last = block.forward_last(x, state, own)
         else:
             last = state.last_tokens(x)
         return self.unembed(last)
@@ -155,7 +185,7 @@ class Transformer(nn.Module):
         """The residual stream of every token of ``rows`` after blocks ``start_layer..L-1``."""
         layout = self._rows_layout(rows, start_layer, cache)
         state = self._state(layout, hooks, cache, keep_cache=False)
-        return self._run(rows.hidden, state, start_layer, self.cfg.num_layers, reuse)
+        return self._run(rows.hidden, state, start_layer, self.cfg.num_layers, reuse)[0]
 
     # -- the stages the entry points share -------------------------------------------
 
@@ -164,8 +194,8 @@ class Transformer(nn.Module):
     ) -> CachedPass:
         layout = self._padded_layout(input_ids, None, cache)
         state = self._state(layout, hooks, cache, keep_cache=True)
-        x = self._run(self.embed(input_ids, layout.positions), state, 0, self.cfg.num_layers)
-        logits = self.unembed(state.last_tokens(x))
+        x, last = self._run(self.embed(input_ids, layout.positions), state, 0, self.cfg.num_layers)
+        logits = self.unembed(last.last_tokens(x))
         return CachedPass(logits, state.cache(self.cfg.num_layers), state.hooks.captured, x)
 
     def _padded_layout(
@@ -204,9 +234,26 @@ class Transformer(nn.Module):
         start: int,
         stop: int,
         reuse: Reuse | None = None,
-    ) -> torch.Tensor:
-        """Blocks ``start..stop-1`` on the residual ``x``; ``reuse`` serves block ``start``."""
-        for block in self.blocks[start:stop]:
+    ) -> tuple[torch.Tensor, PassState]:
+        """Blocks ``start..stop-1`` on the residual ``x``; ``reuse`` serves block ``start``.
+
+        Entering each stage of a device map moves ``x`` there and switches to the
+        pass state of that device; the result comes with the state of the last block.
+        """
+        starts = self._stage_starts()
+        for i in range(start, stop):
             raise_if_cancelled()  # a long batch stops within one block of a cancel
-            x = block(x, state, reuse if block.layer == start else None)
-        return x
+            if i == start or i in starts:
+                x, state = self._enter(x, state, i)
+            own = reuse.to(x.device) if reuse is not None and i == start else None
+            x = self.blocks[i](x, state, own)
+        return x, state
+
+    def _stage_starts(self) -> set[int]:
+        return {stage.start for stage in self.placement.stages}
+
+    def _enter(
+        self, x: torch.Tensor, state: PassState, layer: int
+    ) -> tuple[torch.Tensor, PassState]:
+        device = self.placement.device_of(layer)
+        return placing.transfer(x, device), state.on(device)

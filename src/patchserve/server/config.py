@@ -21,6 +21,7 @@ def default_cache_bytes(fraction: float = 0.25) -> int:
 class ServerConfig:
     model: str | None = None  # None: the bundled demo model
     device: str = "cpu"
+    device_map: str | None = None  # auto, balanced or "0:0-13,1:14-27" (models/placement.py)
     dtype: str = "float32"
     api_key: str | None = None
     source_dir: Path | None = None

@@ -84,7 +84,9 @@ class ServerState:
         from patchserve.assets import default_model_path
 
         path = config.model or str(default_model_path())
-        loaded = load_model(path, device=config.device, dtype=config.dtype)
+        loaded = load_model(
+            path, device=config.device, dtype=config.dtype, device_map=config.device_map
+        )
         torch.set_grad_enabled(False)
         return cls(config, loaded, Tokenizer.from_folder(loaded.path))
 

@@ -24,21 +24,6 @@ def _select(edit: SiteEdit, index: list[int]) -> SiteEdit:
     )
 
 
-def _to_device(edit: SiteEdit, device: torch.device) -> SiteEdit:
-    def move(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.to(device)
-
-    return dataclasses.replace(
-        edit,
-        rows=edit.rows.to(device),
-        positions=edit.positions.to(device),
-        source=edit.source.to(device),
-        alpha=edit.alpha.to(device),
-        mask=move(edit.mask),
-        heads=move(edit.heads),
-    )
-
-
 class Interventions:
     """The edits and steering of every pass, split by the positions each pass computes."""
 
@@ -48,7 +33,7 @@ class Interventions:
         self.prompt_edits: list[SiteEdit] = []
         self.step_edits: dict[int, list[SiteEdit]] = {}
         for edit in request.edits:
-            edit = _to_device(edit, device)
+            edit = edit.to(device)
             positions = edit.positions.tolist()
             inside = [i for i, p in enumerate(positions) if p < prompt_len]
             if inside:

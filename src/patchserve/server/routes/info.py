@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from patchserve.models import Transformer
 from patchserve.server.errors import error_responses
 from patchserve.server.state import ServerState
 from patchserve.wire.info import Health, ModelCard, ModelList
@@ -29,7 +30,7 @@ async def models(request: Request) -> ModelList:
         head_dim=cfg.head_dim,
         vocab_size=cfg.vocab_size,
         dtype=str(state.model.dtype).removeprefix("torch."),
-        device=str(state.model.device),
+        device=_placement(state.model),
         chat_template=state.tokenizer.has_chat_template,
     )
     return ModelList(data=[card])
@@ -55,3 +56,10 @@ async def metrics(request: Request) -> Response:
     state: ServerState = request.app.state.patchserve
     state.refresh_gauges()
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _placement(model: Transformer) -> str:
+    """The model's device, or its device map's stages (``cuda:0:0-13,cuda:1:14-27``)."""
+    if model.device_map is not None:
+        return model.device_map.describe()
+    return str(model.device)
