@@ -75,10 +75,10 @@ def _serve(args: argparse.Namespace) -> int:
     from patchserve.server.shutdown import serve
     from patchserve.server.state import ServerState
 
-    if args.replicas and not _has("ray"):
-        raise CommandError("--replicas needs Ray: pip install 'patchserve[ray]'")
     if args.replicas and args.device_map:
         raise CommandError("--device-map and --replicas together are not supported yet")
+    if args.replicas and not _has("ray"):
+        raise CommandError("--replicas needs Ray: pip install 'patchserve[ray]'")
     if args.threads:
         torch.set_num_threads(args.threads)
     config = ServerConfig(
