@@ -119,9 +119,12 @@ class Rotary(nn.Module):
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``positions`` [*tokens] → cos, sin [*tokens, 1, rotary_dim] (broadcast over heads)."""
-        freqs = positions.float()[..., None] * self.inv_freq.to(positions.device).float()
+        # On the frequencies' device (a device map's first), whichever device asks: every
+        # pass sees the same bits, and copies them over.
+        freqs = positions.to(self.inv_freq.device).float()[..., None] * self.inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[..., None, :], emb.sin().to(dtype)[..., None, :]
+        cos, sin = emb.cos().to(dtype)[..., None, :], emb.sin().to(dtype)[..., None, :]
+        return cos.to(positions.device), sin.to(positions.device)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
