@@ -245,9 +245,7 @@ def prepare_sweep(
     hook_list = parse_hooks(hook, hooks)
     layer_list = parse_layers(layers, cfg.num_layers)
     position_list = resolve_positions(tokenizer, prompt, encoding, positions)
-    head_list = parse_heads(heads, cfg.num_heads) if "attn_head" in hook_list else None
-    if heads is not None and head_list is None:
-        raise InvalidArgument("heads apply to the attn_head hook only", "heads")
+    head_list = _heads(heads, hook_list, cfg.num_heads)
     check_metric(metric)
     _check_numbers(alpha, clean_baseline)
     _check_per_position(per_position, hook_list)
@@ -258,10 +256,7 @@ def prepare_sweep(
     check_multi_token_metric(metric, Continuation.plan(answer or [0], foil))
     cells = _Cells(hook_list, layer_list, position_list, encoding.ids)
     _check_source(source, cells, metric, clean_baseline, clean_ids)
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise InvalidArgument(f"window must be an integer >= 1, got {window!r}", "window")
-    if isinstance(source, CapturedRun) and window > 1:
-        _check_layers(source, hook_list, window_span(layer_list, window, cfg.num_layers))
+    _check_window(window, source, hook_list, layer_list, cfg.num_layers)
     check_method_scope(
         method,
         answer_tokens=max(len(answer or []), len(foil or [])),
@@ -293,12 +288,32 @@ def prepare_sweep(
         verify_top_k=check_method(method, verify_top_k, verify_mode),
         only_own_batches=verify_mode == "fast",
     )
+    _check_size(spec, max_cells)
+    return spec, tokenizer.token_strings(encoding.ids)
+
+
+def _heads(heads: Any, hooks: list[str], num_heads: int) -> list[int] | None:
+    head_list = parse_heads(heads, num_heads) if "attn_head" in hooks else None
+    if heads is not None and head_list is None:
+        raise InvalidArgument("heads apply to the attn_head hook only", "heads")
+    return head_list
+
+
+def _check_window(
+    window: int, source: Source | None, hooks: list[str], layers: list[int], num_layers: int
+) -> None:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise InvalidArgument(f"window must be an integer >= 1, got {window!r}", "window")
+    if isinstance(source, CapturedRun) and window > 1:
+        _check_layers(source, hooks, window_span(layers, window, num_layers))
+
+
+def _check_size(spec: SweepSpec, max_cells: int | None) -> None:
     if max_cells is not None and spec.num_cells > max_cells:
         raise InvalidArgument(
             f"the sweep has {spec.num_cells} cells; this server allows at most {max_cells}",
             "layers",
         )
-    return spec, tokenizer.token_strings(encoding.ids)
 
 
 def window_span(layers: list[int], window: int, num_layers: int) -> list[int]:
