@@ -34,34 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from patchserve.bench.sweep import build_checkpoint, prompts
+from patchserve.bench.peers import Study, transformers_hooks
+from patchserve.bench.sweep import SHAPES, build_checkpoint, prompts
 from patchserve.cli.help import HelpFormatter
 from patchserve.engine.runs import capture_run
 from patchserve.engine.sweep import SweepOutcome, SweepSpec, run_sweep
 from patchserve.models import Transformer, load_model
-
-
-def qwen3_06b_checkpoint(folder: Path) -> Path:
-    """A random checkpoint of Qwen3-0.6B's shape (28 x 1024, 16/8 heads of 128, 3072, 151,936)."""
-    import transformers as tf
-
-    path = folder / "qwen3-0.6b-shape"
-    if (path / "config.json").exists():
-        return path
-    config = tf.Qwen3Config(
-        vocab_size=151936,
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    tf.AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    return path
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -94,45 +72,6 @@ def timed(model: Transformer, spec: SweepSpec, **changes: Any) -> tuple[SweepOut
     start = time.perf_counter()
     outcome = run_sweep(model, run_spec)
     return outcome, time.perf_counter() - start
-
-
-def transformers_peer(
-    checkpoint: Path, clean: list[int], corrupt: list[int], answer: int
-) -> tuple[np.ndarray, float]:
-    """The idiomatic exact grid: a forward hook per layer, every position a batch row."""
-    import transformers as tf
-
-    ref = tf.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    layers, t = list(ref.model.layers), len(corrupt)
-    start = time.perf_counter()
-    saved: dict[int, torch.Tensor] = {}
-
-    def keep(i: int):
-        def hook(_module, _inputs, output):
-            saved[i] = (output[0] if isinstance(output, tuple) else output)[0].clone()
-
-        return hook
-
-    handles = [layer.register_forward_hook(keep(i)) for i, layer in enumerate(layers)]
-    with torch.inference_mode():
-        ref(torch.tensor([clean]), logits_to_keep=1)
-    for handle in handles:
-        handle.remove()
-    rows, grid = torch.arange(t), []
-    for i, layer in enumerate(layers):
-
-        def patch(_module, _inputs, output, i=i):
-            h = output[0] if isinstance(output, tuple) else output
-            h = h.clone()
-            h[rows, rows] = saved[i][rows]
-            return (h, *output[1:]) if isinstance(output, tuple) else h
-
-        handle = layer.register_forward_hook(patch)
-        with torch.inference_mode():
-            logits = ref(torch.tensor([corrupt]).expand(t, -1), logits_to_keep=1).logits
-        handle.remove()
-        grid.append(torch.log_softmax(logits[:, -1].double(), -1)[:, answer].numpy())
-    return np.stack(grid), time.perf_counter() - start
 
 
 def study(
@@ -211,7 +150,7 @@ def random_report(args: argparse.Namespace) -> dict[str, Any]:
     folder = Path(args.cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
     if args.qwen3_06b:
-        checkpoint = qwen3_06b_checkpoint(folder)
+        checkpoint = build_checkpoint(**SHAPES["qwen3-0.6b"], folder=folder)
     else:
         checkpoint = build_checkpoint("qwen3", args.layers, args.width, args.vocab, folder)
     model = load_model(checkpoint).model
@@ -221,7 +160,9 @@ def random_report(args: argparse.Namespace) -> dict[str, Any]:
     truth = row.pop("_truth", None)
     row["model"] = f"qwen3 {cfg.num_layers}x{cfg.hidden_size}, vocab {cfg.vocab_size}"
     if not args.no_peer:
-        peer, peer_s = transformers_peer(checkpoint, clean, corrupt, row["answer"])
+        layers = list(range(cfg.num_layers))
+        result, grid = transformers_hooks(Study(checkpoint, clean, corrupt, layers, row["answer"]))
+        peer, peer_s = np.asarray(grid), result.seconds
         row["peer_s"] = peer_s
         row["peer_over_verify"] = peer_s / row["verify_s"]
         row["peer_over_verify_fast"] = peer_s / row["verify_fast_s"]
