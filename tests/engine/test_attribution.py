@@ -184,6 +184,14 @@ def test_verified_cells_are_the_exact_sweeps_bit_for_bit_and_the_rest_estimates(
     for hook in spec.hooks:
         values = as_array(out.grids[hook])
         assert out.argmax[hook].value == np.nanmax(values)
+    # Estimates are said to be estimates; an estimated argmax is named as one.
+    for outcome in (estimates, out):
+        assert any("first-order estimates" in w for w in outcome.warnings)
+        for hook in spec.hooks:
+            named = any(f"argmax of {hook} " in w for w in outcome.warnings)
+            assert named == (outcome.argmax[hook].kind == "estimate")
+    assert all(any(f"argmax of {h} " in w for w in estimates.warnings) for h in spec.hooks)
+    assert not any("first-order" in w for w in exact.warnings)
 
 
 def test_unaligned_cells_are_skipped_as_in_the_exact_sweep(checkpoint_root):

@@ -332,7 +332,7 @@ class AttributionRunner:
             corrupt_logits=est.logits,
             corrupt_ids=list(spec.corrupt_ids),
             stats={"estimated": len(est.change), "verified": 0, "computed": 0, "free": 0},
-            warnings=self.exact._warnings(),
+            warnings=self.exact._warnings() + estimate_warnings(best),
             method=spec.method,
             kinds=kinds,
         )
@@ -360,6 +360,22 @@ class AttributionRunner:
         outcome.stats.update(verified.stats)
         outcome.stats.update(estimated=len(est.change), verified=len(exact))
         return outcome
+
+
+def estimate_warnings(best: dict[str, Cell | None]) -> list[str]:
+    """Say loudly that the grid holds estimates, and when a reported argmax is one."""
+    out = [
+        "cells marked 'estimate' in kinds are first-order estimates, which can be far off "
+        "where a patch saturates the answer; only cells marked 'exact' are computed"
+    ]
+    for hook, cell in best.items():
+        if cell is not None and cell.kind == "estimate":
+            out.append(
+                f"the argmax of {hook} (layer {cell.layer}, position {cell.position}) is an "
+                "estimate, not an exact value; verify more cells (a larger verify_top_k with "
+                "'attribution+verify', or method 'exact')"
+            )
+    return out
 
 
 def kinds_grid(cells: list[Cell], spec: SweepSpec, hook: str) -> list[Any]:
