@@ -98,7 +98,7 @@ def test_batch_planner_keeps_every_row_once_and_respects_the_budget(length, budg
 
     starts = [p % length for p in starts]
     runner = SweepRunner.__new__(SweepRunner)
-    runner.cfg = SimpleNamespace(num_heads=4)
+    runner.cfg = SimpleNamespace(num_heads=4, head_dim=16, attn_softcap=None)
     runner.length = length
     runner.lane_lengths = [length]
     runner.spec = SimpleNamespace(max_batch_tokens=budget)

@@ -5,8 +5,8 @@
 
 * exactly by the sweep engine (``method="exact"``);
 * by attribution patching (``method="attribution"``: one corrupt forward, one backward);
-* by ``method="attribution+verify"`` with the top ``--top-k`` cells exact, in the
-  exact sweep's batches (``verify_mode="bitwise"``) and in their own (``"fast"``);
+* by ``method="attribution+verify"`` with the top ``--top-k`` cells exact (checked
+  bit for bit against the exact grid: ``verified_bit_equal``);
 * and, unless ``--no-peer``, by the idiomatic peer: ``transformers`` with a forward
   hook on each decoder layer, one batched forward per layer (row ``r`` patched at
   position ``r``), last-position logits only (``logits_to_keep=1``);
@@ -90,9 +90,6 @@ def study(
     timed(model, spec, method="attribution", layers=layers[-2:])  # warm-up
     est, est_s = timed(model, spec, method="attribution")
     verified, verify_s = timed(model, spec, method="attribution+verify", verify_top_k=top_k)
-    fast, fast_s = timed(
-        model, spec, method="attribution+verify", verify_top_k=top_k, only_own_batches=True
-    )
     out: dict[str, Any] = {
         "tokens": len(corrupt),
         "cells": len(layers) * len(corrupt),
@@ -100,19 +97,18 @@ def study(
         "attribution_s": est_s,
         "verify_s": verify_s,
         "verified_cells": int(verified.stats["verified"]),
-        "verify_fast_s": fast_s,
-        "verified_cells_fast": int(fast.stats["verified"]),
     }
     if exact:
         grid, exact_s = timed(model, spec, answer=est.answer)
         truth, guess, merged = flat(grid), flat(est), flat(verified)
+        exact_mask = np.asarray(verified.kinds["post_block"], dtype=object) == "exact"
         keep = ~np.isnan(truth)
         out.update(
             exact_s=exact_s,
             spearman=spearman(truth[keep], guess[keep]),
             top_recall=top_recall(truth[keep], guess[keep], grid.corrupt, top_k),
             verified_top_recall=top_recall(truth[keep], merged[keep], grid.corrupt, top_k),
-            verified_fast_top_recall=top_recall(truth[keep], flat(fast)[keep], grid.corrupt, top_k),
+            verified_bit_equal=bool(np.array_equal(truth[exact_mask], merged[exact_mask])),
             max_abs_error=float(np.nanmax(np.abs(truth - guess))),
             _truth=truth,
         )
@@ -136,7 +132,7 @@ def examples_report(top_k: int) -> dict[str, Any]:
         row = study(model, clean, corrupt, answer, top_k)
         row.pop("_truth")
         rows.append(row)
-    keys = ["exact_s", "attribution_s", "verify_s", "verify_fast_s", "spearman", "top_recall"]
+    keys = ["exact_s", "attribution_s", "verify_s", "spearman", "top_recall"]
     return {
         "model": f"bundled demo ({model.cfg.num_layers}x{model.cfg.hidden_size})",
         "examples": len(rows),
@@ -165,7 +161,6 @@ def random_report(args: argparse.Namespace) -> dict[str, Any]:
         peer, peer_s = np.asarray(grid), result.seconds
         row["peer_s"] = peer_s
         row["peer_over_verify"] = peer_s / row["verify_s"]
-        row["peer_over_verify_fast"] = peer_s / row["verify_fast_s"]
         row["peer_over_attribution"] = peer_s / row["attribution_s"]
         if truth is not None:
             row["max_abs_diff_vs_peer"] = float(np.nanmax(np.abs(truth - peer)))

@@ -108,11 +108,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--verify-top-k", type=int, help="attribution+verify: cells computed exactly (10)"
     )
-    p.add_argument(
-        "--verify-mode",
-        choices=["bitwise", "fast"],
-        help="attribution+verify: in the exact sweep's batches (bitwise) or their own (fast)",
-    )
     p.add_argument("--url", help="a running patchserve server (else in-process)")
     p.add_argument("--api-key", help="API key for --url")
     p.add_argument("--model", help="checkpoint for the in-process run (default: bundled demo)")
@@ -141,8 +136,6 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.verify_top_k is not None:
         body["verify_top_k"] = args.verify_top_k
-    if args.verify_mode is not None:
-        body["verify_mode"] = args.verify_mode
     if args.answer is not None:
         body["answer_token"] = args.answer
     if args.answer_ids:

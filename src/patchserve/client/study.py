@@ -434,7 +434,6 @@ class AsyncPatchStudy:
         per_position: bool | None = None,
         method: str = "exact",
         verify_top_k: int | None = None,
-        verify_mode: str | None = None,
     ) -> SweepResult | dict[str, SweepResult]:
         """Patch the clean run into ``corrupt_prompt`` over a layers × positions grid.
 
@@ -463,8 +462,7 @@ class AsyncPatchStudy:
 
         ``method="attribution"`` estimates every cell to first order from one backward
         pass; ``"attribution+verify"`` also computes the ``verify_top_k`` (default 10)
-        largest estimated cells exactly (``verify_mode="fast"``: in batches of their own,
-        equal to an exact sweep up to float rounding rather than bit for bit).
+        largest estimated cells exactly, bit for bit the exact sweep's values.
         ``result.exact_mask()`` says which cells are
         exact; ``on_cell`` sees estimates first, then exact values (``event["kind"]``).
 
@@ -538,8 +536,6 @@ class AsyncPatchStudy:
             body["method"] = method
         if verify_top_k is not None:
             body["verify_top_k"] = verify_top_k
-        if verify_mode is not None:
-            body["verify_mode"] = verify_mode
         if source is None:
             if clean_prompt is None:
                 raise ValueError("give clean (a CleanRun or run name), run, or clean_prompt")

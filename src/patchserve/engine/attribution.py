@@ -20,11 +20,9 @@ site so that autograd sees it.
 
 ``method="attribution+verify"`` ranks the aligned cells by the magnitude of
 their estimated change ``|value − value_corrupt|`` and recomputes the top
-``verify_top_k`` with the exact sweep engine, in the very batches the full
-exact sweep would use (so their values equal the exact sweep's bit for bit;
-the other cells of those batches come exact too, at no extra cost); with
-``verify_mode="fast"`` in batches of their own instead — far cheaper, equal
-to the exact sweep's values up to float rounding. Cells
+``verify_top_k`` with the exact sweep engine, in batches of their own; the
+sweep's passes are batch-invariant (:mod:`patchserve.models.invariance`), so
+their values equal the full exact sweep's bit for bit. Cells
 stream as estimates first, then as exact values as they land; each cell is
 marked ``kind="exact"`` or ``"estimate"``.
 """
@@ -48,11 +46,10 @@ from patchserve.models import HookContext, Transformer
 from patchserve.models.hooks import SiteLayout, blend
 from patchserve.text.alignment import Alignment, align
 from patchserve.wire.grids import assemble_grid
-from patchserve.wire.requests import SweepMethod, VerifyMode
+from patchserve.wire.requests import SweepMethod
 from patchserve.wire.sweep import UNALIGNED
 
 METHODS: tuple[str, ...] = get_args(SweepMethod)
-VERIFY_MODES: tuple[str, ...] = get_args(VerifyMode)
 DEFAULT_VERIFY_TOP_K = 10
 CellKey = tuple[str, int, int | None, int | None]
 
@@ -77,22 +74,15 @@ def check_method_scope(
             )
 
 
-def check_method(method: str, verify_top_k: int | None, verify_mode: str | None = None) -> int:
-    """Validate ``method`` / ``verify_top_k`` / ``verify_mode``; the number of cells to
-    verify (0: none)."""
+def check_method(method: str, verify_top_k: int | None) -> int:
+    """Validate ``method`` / ``verify_top_k``; the number of cells to verify (0: none)."""
     if method not in METHODS:
         raise InvalidArgument(
             f"unknown method {method!r}; expected one of {', '.join(METHODS)}", "method"
         )
-    if verify_mode not in (None, *VERIFY_MODES):
-        raise InvalidArgument(
-            f"unknown verify_mode {verify_mode!r}; expected one of {', '.join(VERIFY_MODES)}",
-            "verify_mode",
-        )
     if method != "attribution+verify":
-        for name, value in (("verify_top_k", verify_top_k), ("verify_mode", verify_mode)):
-            if value is not None:
-                raise InvalidArgument(f"{name} needs method 'attribution+verify'", name)
+        if verify_top_k is not None:
+            raise InvalidArgument("verify_top_k needs method 'attribution+verify'", "verify_top_k")
         return 0
     k = DEFAULT_VERIFY_TOP_K if verify_top_k is None else verify_top_k
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:

@@ -177,7 +177,6 @@ class Study:
             window=req.window,
             method=req.method,
             verify_top_k=req.verify_top_k,
-            verify_mode=req.verify_mode,
         )
         self.noise = noise_of(req, res.tokenizer, encoding)
         check_method_scope(

@@ -231,7 +231,6 @@ def prepare_sweep(
     window: int = 1,
     method: str = "exact",
     verify_top_k: int | None = None,
-    verify_mode: str | None = None,
 ) -> tuple[SweepSpec, list[str]]:
     """A validated sweep and the corrupt prompt's token strings (axis labels).
 
@@ -285,8 +284,7 @@ def prepare_sweep(
         warnings=notes,
         window=window,
         method=method,
-        verify_top_k=check_method(method, verify_top_k, verify_mode),
-        only_own_batches=verify_mode == "fast",
+        verify_top_k=check_method(method, verify_top_k),
     )
     _check_size(spec, max_cells)
     return spec, tokenizer.token_strings(encoding.ids)

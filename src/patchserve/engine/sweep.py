@@ -50,6 +50,7 @@ from patchserve.engine.metrics import Grader, raw_score
 from patchserve.engine.runs import CapturedRun
 from patchserve.models import HookContext, Transformer, make_edit
 from patchserve.models.hooks import SiteEdit, blend
+from patchserve.models.invariance import batch_invariant
 from patchserve.models.layout import ResumeRows
 from patchserve.models.state import KVCache, Reuse
 from patchserve.text.alignment import Alignment, align
@@ -105,11 +106,9 @@ class SweepSpec:
     probe_noise: bool = True
     method: str = "exact"  # or "attribution", "attribution+verify" (engine/attribution.py)
     verify_top_k: int = 0
-    # Compute only these (hook, layer, position, head) cells: in the full sweep's batches
-    # (bit for bit its values; the other cells of those batches come too), or with
-    # ``only_own_batches`` in batches of their own (equal up to float rounding, far cheaper).
+    # Compute only these (hook, layer, position, head) cells, in batches of their own: bit
+    # for bit the full sweep's values (the sweep's passes are batch-invariant).
     only: set[tuple[str, int, int | None, int | None]] | None = None
-    only_own_batches: bool = False
 
     @property
     def num_cells(self) -> int:
@@ -463,7 +462,7 @@ class SweepRunner:
         cells: list[Cell] = []
         groups: dict[_GroupKey, list[_Row]] = {}
         skipped: list[Cell] = []
-        own = self.spec.only if self.spec.only_own_batches else None  # plan these cells alone
+        own = self.spec.only  # plan these cells alone
         for hook in self.spec.hooks:
             for layer in self.spec.layers:
                 window = window_layers(layer, self.spec.window, self.cfg.num_layers)
@@ -547,10 +546,13 @@ class SweepRunner:
         batches: list[list[_Row]] = []
         current: list[_Row] = []
         tokens = 0
+        # attention sees every row at all ``length`` slots (batch-invariant geometry):
+        # written-out scores (soft-capped models) hold length x length per head, flash
+        # attention's working set length x head_dim
+        per_slot = length if cfg.attn_softcap is not None else cfg.head_dim
         for row in rows:
             size = sum(lane - row.offset for lane in lanes)
-            longest = length - current[0].offset if current else length - row.offset
-            scores = (len(current) + 1) * len(lanes) * cfg.num_heads * longest * (length + longest)
+            scores = (len(current) + 1) * len(lanes) * cfg.num_heads * length * per_slot
             if current and (tokens + size > budget or scores > SCORE_ELEMENTS_CAP):
                 batches.append(current)
                 current, tokens = [], 0
@@ -684,18 +686,20 @@ class SweepRunner:
         k = lane.reads
         if start == cfg.num_layers:
             # post_block of the last layer at the last position: unembed the patched residual.
-            with self.gate():
+            with self.gate(), batch_invariant():
                 logits = model.unembed(torch.cat([r.patched for r in rows]))[:, None]
             self.stats["flops"] += len(rows) * unembed_flops(cfg)
             tail = lane.logits[1:][None].expand(len(rows), -1, -1)  # the tail is unchanged
             return logits if k == 1 else torch.cat([logits, tail.to(logits.dtype)], dim=1)
         resumed, reused = self._resume_rows(start, reuse, rows, lane)
         hooks = HookContext.build([self._edit(start, site, rows), *self._window_edits(rows, extra)])
-        with self.gate():
+        # batch-invariant: a cell's value does not depend on the cells batched with it
+        with self.gate(), batch_invariant():
             if k == 1:
-                logits = model.resume(resumed, start, lane.kv, reused, hooks)[:, None]
+                logits = model.resume(resumed, start, lane.kv, reused, hooks, invariant=True)
+                logits = logits[:, None]
             else:  # the last k tokens of every packed row: the last prompt one, the tail
-                x = model.run_blocks(resumed, start, lane.kv, reused, hooks)
+                x = model.run_blocks(resumed, start, lane.kv, reused, hooks, invariant=True)
                 ends = torch.cumsum(resumed.lengths, 0)
                 ends = ends.to(x.device)
                 logits = model.unembed(x[(ends - k)[:, None] + torch.arange(k, device=x.device)])

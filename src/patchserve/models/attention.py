@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from patchserve.models.config import ModelConfig
+from patchserve.models.invariance import Linear
 from patchserve.models.layers import RMSNorm, apply_rotary
 
 if TYPE_CHECKING:
@@ -47,10 +48,10 @@ class Attention(nn.Module):
             cfg.num_kv_heads,
             cfg.head_dim,
         )
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.q_size, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_proj = Linear(cfg.hidden_size, cfg.q_size, bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
         one_plus = cfg.norm_kind == "rms_one_plus"
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, one_plus) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, one_plus) if cfg.qk_norm else None
@@ -68,6 +69,8 @@ class Attention(nn.Module):
         cos_sin = state.rope_tables(self.rope)
         k, v = self.keys_values(x, cos_sin)
         q = self.queries(x, cos_sin)
+        if state.layout.absolute:
+            return self._attend_absolute(state, q, k, v, last=False)
         groups = state.layout.groups
         if len(groups) == 1:  # padded rows (or one packed group): no scatter back
             g = groups[0]
@@ -89,6 +92,8 @@ class Attention(nn.Module):
         """
         k, v = self.keys_values(x, state.rope_tables(self.rope))
         q = self.queries(state.last_tokens(x), state.rope_tables(self.rope, last=True))
+        if state.layout.absolute:
+            return self._attend_absolute(state, q, k, v, last=True)
         z = torch.empty_like(q)
         for i, g in enumerate(state.layout.groups):
             kg, vg = g.pad(k).transpose(1, 2), g.pad(v).transpose(1, 2)
@@ -108,6 +113,27 @@ class Attention(nn.Module):
         prefix = state.prefix_kv(self.layer, state.layout.groups[index].prefix_limit)
         masks = state.masks(index, self.window, last)
         return attend(q.transpose(1, 2), k, v, prefix, masks, self.scale, self.softcap)
+
+    def _attend_absolute(
+        self, state: PassState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: bool
+    ) -> torch.Tensor:
+        """Attention of packed rows in absolute geometry (a batch-invariant pass, see
+        :mod:`~patchserve.models.invariance`): each row's keys fill every slot up to the
+        rows' common end (cached prefix, then its own), its queries sit at their absolute
+        slots (``last``: one query, each row's last token) — the same shapes for every row,
+        so its result does not depend on the rows beside it."""
+        masks = state.absolute_masks(self.window, last)
+        end = state.layout.end
+        z = torch.empty_like(q)
+        for g in state.layout.groups:
+            kg, vg = state.absolute_kv(self.layer, g, k, v)
+            qg = q[g.rows, None] if last else g.place(q, end)
+            out = attend(qg.transpose(1, 2), kg, vg, None, masks, self.scale, self.softcap)
+            if last:
+                z[g.rows] = out[:, 0]
+            else:
+                z[g.tokens] = g.take(out)
+        return z
 
     def queries(
         self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor] | None

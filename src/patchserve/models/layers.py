@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from patchserve.models.config import NormKind, RopeConfig
+from patchserve.models.invariance import Linear
 
 
 class RMSNorm(nn.Module):
@@ -69,9 +70,9 @@ class MLP(nn.Module):
         super().__init__()
         self.gated = gated
         self.act = activation(act)
-        self.gate_proj = nn.Linear(dim, hidden, bias=bias) if gated else None
-        self.up_proj = nn.Linear(dim, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.gate_proj = Linear(dim, hidden, bias=bias) if gated else None
+        self.up_proj = Linear(dim, hidden, bias=bias)
+        self.down_proj = Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_proj is not None:

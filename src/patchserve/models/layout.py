@@ -47,6 +47,23 @@ class AttentionGroup:
     def unpad(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.tokens is None else t[self.row_of, self.local_of]
 
+    def place(self, t: torch.Tensor, end: int) -> torch.Tensor:
+        """The group's packed tokens of ``t`` at their absolute slots of ``[rows, end, ...]``
+        (zeros elsewhere): every row laid out the same way, whatever its length."""
+        assert self.tokens is not None and self.row_of is not None
+        out = t.new_zeros(self.lengths.shape[0], end, *t.shape[1:])
+        return out.index_put_((self.row_of, self.absolute_of), t[self.tokens])
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        """The group's tokens back out of absolute slots ``[rows, end, ...]``, packed."""
+        return t[self.row_of, self.absolute_of]
+
+    @property
+    def absolute_of(self) -> torch.Tensor:
+        """Packed: the absolute position of each of the group's tokens."""
+        assert self.row_of is not None and self.local_of is not None
+        return self.offsets[self.row_of] + self.local_of
+
 
 # A packed group closes when a row is this much shorter than its first row and the
 # group already holds this many padded query slots (so short tails stay together).
@@ -73,9 +90,13 @@ class Layout:
         packed: bool,
         prefix_lengths: torch.Tensor | None = None,
         prefix_total: int = 0,
+        absolute: bool = False,
     ) -> None:
         self.offsets, self.lengths, self.tmax, self.packed = offsets, lengths, tmax, packed
         self._prefix = (prefix_lengths, prefix_total)
+        self.absolute = absolute
+        if absolute:
+            self.end = self._common_end(prefix_lengths, prefix_total)
         self.batch = offsets.shape[0]
         device = offsets.device
         if packed:
@@ -138,7 +159,20 @@ class Layout:
             self.packed,
             plens.to(device) if plens is not None else None,
             total,
+            self.absolute,
         )
+
+    def _common_end(self, prefix_lengths: torch.Tensor | None, prefix_total: int) -> int:
+        """Absolute geometry (:mod:`~patchserve.models.invariance`): packed rows that all end
+        at one position, each reading the cached prefix up to its own first token."""
+        ends = (self.offsets + self.lengths).tolist()
+        if not self.packed or len(set(ends)) != 1:
+            raise ValueError("absolute attention needs packed rows that end together")
+        if prefix_lengths is not None and not torch.equal(prefix_lengths, self.offsets):
+            raise ValueError("absolute attention reads the prefix up to each row's offset")
+        if int(self.offsets.max()) > prefix_total:
+            raise ValueError("absolute attention needs a cached prefix up to every row's offset")
+        return int(ends[0])
 
     def locate(
         self, rows: torch.Tensor, positions: torch.Tensor
@@ -214,9 +248,11 @@ class ResumeRows:
         tmax = max(lens) if packed else hidden.shape[1]
         return cls(hidden, offsets_t.expand(len(lens)), lengths, tmax, packed, prefix_lengths)
 
-    def layout(self, prefix_total: int | None) -> Layout:
-        """Where these rows sit on a cached prefix of ``prefix_total`` tokens (None: no cache)."""
+    def layout(self, prefix_total: int | None, absolute: bool = False) -> Layout:
+        """Where these rows sit on a cached prefix of ``prefix_total`` tokens (None: no cache);
+        ``absolute``: attention in absolute geometry (a batch-invariant pass)."""
         plens = self.prefix_lengths
         if plens is None and prefix_total is not None:
             plens = self.offsets
-        return Layout(self.offsets, self.lengths, self.tmax, self.packed, plens, prefix_total or 0)
+        total = prefix_total or 0
+        return Layout(self.offsets, self.lengths, self.tmax, self.packed, plens, total, absolute)

@@ -164,6 +164,38 @@ class PassState:
             k, v = k[:, :, :limit], v[:, :, :limit]
         return k, v
 
+    def absolute_kv(
+        self, layer: int, group: AttentionGroup, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[rows, kv_heads, end, head_dim]`` of a group in absolute geometry:
+        the cached prefix before each row's first token, the row's own new keys from there."""
+        end = self.layout.end
+        own_k, own_v = group.place(k, end), group.place(v, end)  # [rows, end, KV, D]
+        prefix = self.prefix_kv(layer)
+        if prefix is not None:
+            pk, pv = prefix
+            if pk.shape[0] != 1:
+                raise ValueError("absolute attention shares one cached prefix (batch 1)")
+            n = min(pk.shape[2], end)
+            slots = torch.arange(n, device=own_k.device)
+            before = (slots[None, :] < group.offsets[:, None])[:, :, None, None]  # [rows, n]
+            own_k[:, :n] = torch.where(before, pk[0, :, :n].transpose(0, 1)[None], own_k[:, :n])
+            own_v[:, :n] = torch.where(before, pv[0, :, :n].transpose(0, 1)[None], own_v[:, :n])
+        return own_k.transpose(1, 2), own_v.transpose(1, 2)
+
+    def absolute_masks(self, window: int | None, last: bool) -> AttentionMasks:
+        """Masks of absolute geometry: causal (or the last slot's) over ``end`` slots."""
+        key = (-1, window, last)
+        if key not in self._masks:
+            end, device = self.layout.end, self.layout.device
+            if window is None or end - 1 < window:  # the window does not bind
+                self._masks[key] = AttentionMasks(None, None, causal_only=not last)
+            else:
+                j = torch.arange(end, device=device)
+                i = j[-1:, None] if last else j[:, None]  # query slots
+                self._masks[key] = AttentionMasks((j <= i) & (i - j < window), None, False)
+        return self._masks[key]
+
     def masks(self, group_index: int, window: int | None, last: bool = False) -> AttentionMasks:
         """Masks of one attention group; ``last``: for queries of each row's last token."""
         key = (group_index, window, last)

@@ -18,6 +18,7 @@ rows, residual out). Interventions and captures travel in a
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ from patchserve.models import placement as placing
 from patchserve.models.block import DecoderBlock
 from patchserve.models.config import ModelConfig
 from patchserve.models.hooks import HookContext
+from patchserve.models.invariance import Linear, batch_invariant
 from patchserve.models.layers import Rotary, make_norm
 from patchserve.models.layout import Layout, ResumeRows
 from patchserve.models.placement import Placement
@@ -57,7 +59,8 @@ class Transformer(nn.Module):
         )
         self.blocks = nn.ModuleList(DecoderBlock(cfg, layer) for layer in range(cfg.num_layers))
         self.final_norm = make_norm(cfg.norm_kind, d, cfg.norm_eps)
-        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(d, cfg.vocab_size, bias=False)
+        self.lm_head.packed_always = True  # every pass's logits from one kernel
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         ropes = sorted({r for r in cfg.rope if r is not None}, key=repr)
@@ -149,19 +152,35 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         reuse: Reuse | None = None,
         hooks: HookContext | None = None,
+        invariant: bool = False,
     ) -> torch.Tensor:
         """Last-token logits ``[rows, vocab]`` of ``rows`` entering block ``start_layer``.
 
         Three stages: blocks ``start_layer..L-2`` on every token; the final
         block for each row's last token only (keys and values still cover every
         token; run in full instead when a site of it is captured); unembedding.
-        ``reuse``: the unchanged attention of block ``start_layer``.
+        ``reuse``: the unchanged attention of block ``start_layer``. ``invariant``:
+        a batch-invariant pass (each row's logits bit for bit the same whatever rows share
+        the batch, see :mod:`~patchserve.models.invariance`); the rows must then end together.
         """
+        with batch_invariant() if invariant else nullcontext():
+            return self._resume(rows, start_layer, cache, reuse, hooks, invariant)
+
+    def _resume(
+        self,
+        rows: ResumeRows,
+        start_layer: int,
+        cache: KVCache | None,
+        reuse: Reuse | None,
+        hooks: HookContext | None,
+        absolute: bool,
+    ) -> torch.Tensor:
         hooks = hooks if hooks is not None else HookContext()
         final = self.cfg.num_layers - 1
         narrow = start_layer <= final and not hooks.captures_layer(final)
         stop = final if narrow else final + 1
-        state = self._state(self._rows_layout(rows, start_layer, cache), hooks, cache, False)
+        layout = self._rows_layout(rows, start_layer, cache, absolute)
+        state = self._state(layout, hooks, cache, False)
         x, state = self._run(rows.hidden, state, start_layer, stop, reuse)
         if narrow:
             block = self.blocks[final]
@@ -181,11 +200,14 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         reuse: Reuse | None = None,
         hooks: HookContext | None = None,
+        invariant: bool = False,
     ) -> torch.Tensor:
-        """The residual stream of every token of ``rows`` after blocks ``start_layer..L-1``."""
-        layout = self._rows_layout(rows, start_layer, cache)
-        state = self._state(layout, hooks, cache, keep_cache=False)
-        return self._run(rows.hidden, state, start_layer, self.cfg.num_layers, reuse)[0]
+        """The residual stream of every token of ``rows`` after blocks ``start_layer..L-1``
+        (``invariant``: batch-invariant, as :meth:`resume`)."""
+        with batch_invariant() if invariant else nullcontext():
+            layout = self._rows_layout(rows, start_layer, cache, invariant)
+            state = self._state(layout, hooks, cache, keep_cache=False)
+            return self._run(rows.hidden, state, start_layer, self.cfg.num_layers, reuse)[0]
 
     # -- the stages the entry points share -------------------------------------------
 
@@ -214,12 +236,14 @@ class Transformer(nn.Module):
         prefix = offsets if cache is not None else None
         return Layout(offsets, lengths.to(device), t, False, prefix, start)
 
-    def _rows_layout(self, rows: ResumeRows, start_layer: int, cache: KVCache | None) -> Layout:
+    def _rows_layout(
+        self, rows: ResumeRows, start_layer: int, cache: KVCache | None, absolute: bool
+    ) -> Layout:
         if not 0 <= start_layer <= self.cfg.num_layers:
             raise ValueError(f"start_layer must be in 0..{self.cfg.num_layers}")
         if cache is not None and cache.batch not in (0, 1, rows.lengths.shape[0]):
             raise ValueError("the cache must have batch 1 or one row per resumed row")
-        return rows.layout(cache.length if cache is not None else None)
+        return rows.layout(cache.length if cache is not None else None, absolute)
 
     def _state(
         self, layout: Layout, hooks: HookContext | None, cache: KVCache | None, keep_cache: bool

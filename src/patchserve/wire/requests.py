@@ -32,7 +32,6 @@ FLOAT32_MAX = 3.4028234663852886e38
 HookName = Literal[HOOKS]  # type: ignore[valid-type]
 MetricName = Literal[METRICS]  # type: ignore[valid-type]
 SweepMethod = Literal["exact", "attribution", "attribution+verify"]
-VerifyMode = Literal["bitwise", "fast"]
 
 
 def _float32(value: int | float) -> int | float:
@@ -234,10 +233,7 @@ class PatchSweepRequest(Strict, RequestBody):
     ``attribution+verify``: those estimates with the top ``verify_top_k`` cells exact."""
     verify_top_k: StrictInt | None = None
     """How many of the largest estimated cells ``attribution+verify`` computes exactly
-    (default 10)."""
-    verify_mode: VerifyMode | None = None
-    """``bitwise`` (default): verified cells run in the exact sweep's own batches, equal to
-    its values bit for bit; ``fast``: in batches of their own, equal up to float rounding."""
+    (default 10), each equal bit for bit to the exact sweep's value."""
 
 
 class PatchSourceRequest(Strict, RequestBody):

@@ -1,0 +1,144 @@
+"""Batch-invariant passes: a row's result, bit for bit, whatever rows share its batch.
+
+A sweep packs many patched rows into one pass, and which rows share a batch
+depends on the request (the grid, the batch budget, the cells an
+``attribution+verify`` request recomputes). Floating-point results depend on
+the shapes the kernels see: a matrix product picks its kernel and the order of
+its sums by the number of rows (a few rows take another path than many; with
+several threads the split of the work moves too), and attention's sums depend
+on how many keys and queries it is handed. So the same cell computed in two
+differently composed batches could differ in the last bits.
+
+Inside :func:`batch_invariant`:
+
+* every projection of the model (:class:`Linear`) multiplies by a weight that
+  MKL packed once (``cblas_sgemm_pack``, through ``torch.ops.mkl``): with the
+  packing fixed, each output row's sums run in one order whatever the number of
+  rows — checked when a weight is packed, on 1, 7 and 61 rows. Where that path
+  is missing or the check fails (no MKL, another device or dtype), rows run in
+  fixed blocks of :data:`ROW_BLOCK` (the last one zero-padded): the same kernel
+  on the same shape for every row, at some cost;
+* resumed attention (``Layout.absolute``) gives every row the same geometry:
+  all of its prompt's positions as keys (cached prefix, then its own), a query
+  slot for each.
+
+Rows are then computed independently of one another, and a sweep cell's value
+is a function of the cell alone (``tests/engine/test_batch_invariance.py``, every
+family).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ROW_BLOCK = 64
+_invariant: ContextVar[bool] = ContextVar("patchserve_batch_invariant", default=False)
+_PROBE_ROWS = (1, 7, 61)
+
+
+@contextmanager
+def batch_invariant() -> Iterator[None]:
+    """Run this thread's :class:`Linear` projections batch-invariantly (see module doc)."""
+    token = _invariant.set(True)
+    try:
+        yield
+    finally:
+        _invariant.reset(token)
+
+
+def blocked_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int = ROW_BLOCK
+) -> torch.Tensor:
+    """``F.linear`` computed ``rows`` rows at a time (the last block zero-padded), each
+    block written in place into the output."""
+    flat = x.reshape(-1, x.shape[-1])
+    n, full = flat.shape[0], flat.shape[0] - flat.shape[0] % rows
+    out = flat.new_empty(n, weight.shape[0])
+    wt = weight.t()
+    for start in range(0, full, rows):
+        _project(flat[start : start + rows], wt, bias, out[start : start + rows])
+    if full < n:
+        block = flat.new_zeros(rows, flat.shape[1])
+        block[: n - full] = flat[full:]
+        out[full:] = _project(block, wt, bias)[: n - full]
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _project(
+    x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    if bias is None:
+        return torch.mm(x, wt, out=out)
+    return torch.addmm(bias, x, wt, out=out)
+
+
+def _mkl_packable(weight: torch.Tensor) -> bool:
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and torch.backends.mkl.is_available()
+        and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
+    )
+
+
+def _packed_linear(
+    x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.ops.mkl._mkl_linear(flat, packed, weight, bias, flat.shape[0])
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def pack_checked(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The MKL-packed ``weight``, if this machine has the path and its products are
+    row-count invariant on a probe; else None (blocks are used instead)."""
+    if not _mkl_packable(weight):
+        return None
+    with torch.no_grad():
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), ROW_BLOCK)
+        gen = torch.Generator().manual_seed(0)
+        probe = torch.randn(max(_PROBE_ROWS), weight.shape[1], generator=gen)
+        ref = _packed_linear(probe, packed, weight.detach(), bias)
+        for n in _PROBE_ROWS:
+            if not torch.equal(_packed_linear(probe[-n:], packed, weight.detach(), bias), ref[-n:]):
+                log.debug("packed %s products vary with the row count: blocks", tuple(weight.shape))
+                return None
+    return packed
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state-dict keys) that runs batch-invariantly
+    inside :func:`batch_invariant`. ``packed_always`` (the unembedding): takes the
+    packed path in every pass where it has one, so logits from any pass — a prefill's
+    baseline, a sweep's cell — come from the same kernel and agree bit for bit."""
+
+    packed_always = False
+    _packed: tuple[tuple[object, ...], torch.Tensor | None] | None = None  # (weight key, pack)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        invariant = _invariant.get()
+        if not (invariant or self.packed_always):
+            return super().forward(x)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            # the packed path has no backward (attribution's gradient pass)
+            return blocked_linear(x, self.weight, self.bias) if invariant else super().forward(x)
+        packed = self._pack()
+        if packed is not None:
+            return _packed_linear(x, packed, self.weight.detach(), self.bias)
+        return blocked_linear(x, self.weight, self.bias) if invariant else super().forward(x)
+
+    def _pack(self) -> torch.Tensor | None:
+        """The packed weight, made once (again when the weight changes: moved, reloaded)."""
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.device, w.dtype, tuple(w.shape))
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, pack_checked(w, self.bias))
+        return self._packed[1]
