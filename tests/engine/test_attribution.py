@@ -237,9 +237,7 @@ def test_verification_computes_only_the_top_cells_bit_for_bit(checkpoint_root):
     run = clean_run(model, tok)
     common = {"hooks": ["post_block", "mlp_out"], "prompt": OTHER, "source": run}
     exact = run_sweep(model, prepare_sweep(model, tok, **common)[0])
-    spec, _ = prepare_sweep(
-        model, tok, method="attribution+verify", verify_top_k=5, **common
-    )
+    spec, _ = prepare_sweep(model, tok, method="attribution+verify", verify_top_k=5, **common)
     out = run_sweep(model, spec)
     assert out.stats["verified"] == out.stats["computed"] == 5
     for hook in spec.hooks:

@@ -101,6 +101,7 @@ def study(
     if exact:
         grid, exact_s = timed(model, spec, answer=est.answer)
         truth, guess, merged = flat(grid), flat(est), flat(verified)
+        assert verified.kinds is not None  # an attribution+verify outcome marks its cells
         exact_mask = np.asarray(verified.kinds["post_block"], dtype=object) == "exact"
         keep = ~np.isnan(truth)
         out.update(
