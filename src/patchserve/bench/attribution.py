@@ -39,7 +39,7 @@ from patchserve.bench.sweep import SHAPES, build_checkpoint, prompts
 from patchserve.cli.help import HelpFormatter
 from patchserve.engine.runs import capture_run
 from patchserve.engine.sweep import SweepOutcome, SweepSpec, run_sweep
-from patchserve.models import Transformer, load_model
+from patchserve.models import Transformer, load_model, pack_weights
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -87,6 +87,7 @@ def study(
     run = capture_run(model, "clean", "", clean, {"post_block": layers})
     spec = SweepSpec(corrupt, ["post_block"], layers, list(range(len(corrupt))), run)
     spec.answer = answer
+    pack_weights(model)  # as a server does at start-up (models/invariance.py)
     timed(model, spec, method="attribution", layers=layers[-2:])  # warm-up
     est, est_s = timed(model, spec, method="attribution")
     verified, verify_s = timed(model, spec, method="attribution+verify", verify_top_k=top_k)

@@ -2,6 +2,7 @@
 
 from patchserve.models.config import CheckpointError, ModelConfig
 from patchserve.models.hooks import HOOKS, INJECTABLE_HOOKS, HookContext, SiteEdit, make_edit
+from patchserve.models.invariance import pack_weights
 from patchserve.models.layout import ResumeRows
 from patchserve.models.loading import LoadedModel, load_model
 from patchserve.models.placement import DeviceMapError, Placement
@@ -27,4 +28,5 @@ __all__ = [
     "Transformer",
     "load_model",
     "make_edit",
+    "pack_weights",
 ]

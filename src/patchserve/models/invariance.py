@@ -114,6 +114,13 @@ def pack_checked(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tenso
     return packed
 
 
+def pack_weights(model: nn.Module) -> tuple[int, int]:
+    """Pack every :class:`Linear` of ``model`` now (else its first batch-invariant pass
+    does): (packed, projections). A server does it at start-up."""
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    return sum(m.pack() is not None for m in layers), len(layers)
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state-dict keys) that runs batch-invariantly
     inside :func:`batch_invariant`. ``packed_always`` (the unembedding): takes the
@@ -130,12 +137,12 @@ class Linear(nn.Linear):
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             # the packed path has no backward (attribution's gradient pass)
             return blocked_linear(x, self.weight, self.bias) if invariant else super().forward(x)
-        packed = self._pack()
+        packed = self.pack()
         if packed is not None:
             return _packed_linear(x, packed, self.weight.detach(), self.bias)
         return blocked_linear(x, self.weight, self.bias) if invariant else super().forward(x)
 
-    def _pack(self) -> torch.Tensor | None:
+    def pack(self) -> torch.Tensor | None:
         """The packed weight, made once (again when the weight changes: moved, reloaded)."""
         w = self.weight
         key = (w.data_ptr(), w._version, w.device, w.dtype, tuple(w.shape))

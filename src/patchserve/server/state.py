@@ -19,7 +19,7 @@ from patchserve.cancel import cancel_scope
 from patchserve.engine.service import StudyResources
 from patchserve.engine.sweep import SweepOutcome, run_sweep
 from patchserve.errors import InvalidArgument, NotFound, TooLarge
-from patchserve.models import LoadedModel, Transformer, load_model
+from patchserve.models import LoadedModel, Transformer, load_model, pack_weights
 from patchserve.server.config import ServerConfig, default_cache_bytes
 from patchserve.server.modules import ModuleRegistry
 from patchserve.server.scheduler import FairGate
@@ -88,6 +88,14 @@ class ServerState:
             path, device=config.device, dtype=config.dtype, device_map=config.device_map
         )
         torch.set_grad_enabled(False)
+        start = time.perf_counter()
+        packed, total = pack_weights(loaded.model)
+        log.info(
+            "packed %d of %d projection weights for batch-invariant sweeps in %.2f s",
+            packed,
+            total,
+            time.perf_counter() - start,
+        )
         return cls(config, loaded, Tokenizer.from_folder(loaded.path))
 
     def encode(self, prompt: str, param: str = "prompt") -> Encoding:
