@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -72,6 +73,39 @@ def test_every_cell_is_reported_once_and_the_stream_equals_the_plain_call(study)
         i, j = spec.layers.index(cell.layer), spec.positions.index(cell.position)
         value = grid[i][j] if cell.head is None else grid[i][j][spec.heads.index(cell.head)]
         assert value == cell.value
+
+
+def test_a_streamed_cell_is_what_it_was_when_emitted(study):
+    """attribution+verify updates its estimate cells in place once verified; events read
+    after the whole sweep ran (a slow consumer) still show the estimates first."""
+    model, tok, run = study
+    spec, _ = prepare_sweep(
+        model, tok, prompt=CORRUPT, source=run, method="attribution+verify", verify_top_k=3
+    )
+
+    finished = threading.Event()
+
+    async def in_a_thread(work):
+        outcome = await asyncio.to_thread(work)
+        finished.set()
+        return outcome
+
+    async def collect():
+        items = []
+        async for item in stream_sweep(model, spec, runner=in_a_thread):
+            if not items:  # a slow consumer: the sweep ends before the next event is read
+                await asyncio.to_thread(finished.wait, 60)
+            items.append(item)
+        return items
+
+    items = asyncio.run(collect())
+    cells = [item[1] for item in items if item[0] == "cell"]
+    n = spec.num_cells
+    assert [c.kind for c in cells] == ["estimate"] * n + ["exact"] * 3
+    summary = items[-1][1]
+    grid = summary.grids["post_block"]
+    for cell in cells[n:]:
+        assert grid[cell.layer][cell.position] == cell.value
 
 
 def test_cancel_stops_before_the_next_batch(study):

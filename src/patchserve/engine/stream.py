@@ -12,6 +12,7 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from typing import Any
 
 from patchserve.engine.sweep import Cell, SweepOutcome, SweepSpec, run_sweep
@@ -40,7 +41,10 @@ async def stream_sweep(
     cancelled = threading.Event()
 
     def on_cell(cell: Cell, done: int, total: int) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, ("cell", cell, done, total))
+        # a copy: the consumer reads the cell later, and attribution+verify turns the very
+        # estimate cells it streamed into exact ones once they are computed
+        snapshot = replace(cell)
+        loop.call_soon_threadsafe(queue.put_nowait, ("cell", snapshot, done, total))
 
     def work() -> SweepOutcome:
         return sweep(model, spec, on_cell=on_cell, cancel=cancelled.is_set, gate=gate)
