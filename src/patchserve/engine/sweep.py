@@ -573,13 +573,11 @@ class SweepRunner:
         self.lane_lengths = [lane.length for lane in corrupt]
         noise: float | None = None
         plan = [(key, batch) for key, rows in groups.items() for batch in self._batches(rows)]
-        wanted = self._wanted(plan)
+        self._report_free_wanted(plan)
         probed = False
         for (start, site, _, reuse, extra), batch in plan:
-            probe = not probed and start < n and self.spec.probe_noise  # as a full sweep would
+            probe = not probed and start < n and self.spec.probe_noise
             probed = probed or probe
-            if id(batch) not in wanted:
-                continue
             self._check_cancel()
             if probe:
                 # an unpatched copy of the first row: the corrupt run, resumed
@@ -612,22 +610,17 @@ class SweepRunner:
         probe = Cell(_PROBE, cell.layer, cell.position, cell.head)
         return _Row(probe, own, row.positions)
 
-    def _wanted(self, plan: list[tuple[_GroupKey, list[_Row]]]) -> set[int]:
-        """The batches to run: all, or (``spec.only``) those holding a wanted cell; then
-        the wanted free cells are reported, out of a total known at last."""
-        only = self.spec.only
-        if only is None:
-            return {id(batch) for _, batch in plan}
-        runs = [batch for _, batch in plan if any(cell_key(r.cell) in only for r in batch)]
-        free = [cell for cell in self.free if cell_key(cell) in only]
-        self.total = len(free) + sum(len(batch) for batch in runs)
-        for cell in free:
+    def _report_free_wanted(self, plan: list[tuple[_GroupKey, list[_Row]]]) -> None:
+        """With ``spec.only`` (planned alone): the total, known at last, and the free cells."""
+        if self.spec.only is None:
+            return
+        self.total = len(self.free) + sum(len(batch) for _, batch in plan)
+        for cell in self.free:
             self._emit(cell)
-        return {id(batch) for batch in runs}
 
     def _emit_planned(self, cell: Cell) -> None:
         """Report a cell settled while planning (skipped or free) — with ``spec.only``, later,
-        once the wanted cells are known (:meth:`_wanted`)."""
+        once the total is known (:meth:`_report_free_wanted`)."""
         if self.spec.only is None:
             self._emit(cell)
 
