@@ -34,8 +34,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--window", type=int, default=2)
     parser.add_argument("--metric", default="prob")
+    parser.add_argument(
+        "--model", type=Path, default=None, help="model folder (default: the bundled demo)"
+    )
     args = parser.parse_args()
-    path = default_model_path()
+    path = args.model or default_model_path()
     loaded = load_model(path)
     res = StudyResources(loaded.model, Tokenizer.from_folder(loaded.path), path.name)
     facts = [e for e in json.loads((path / "examples.json").read_text()) if e["relation"] != "ioi"]

@@ -48,6 +48,7 @@ THREADS = 2
 CONSONANTS = "bdfgklmnprstvz"
 VOWELS = "aeiou"
 CODAS = "nrlsm"
+PIECES = 12  # name pieces; 66 unordered pairs, four names each
 
 PROFESSIONS = (
     "baker", "farmer", "doctor", "painter", "sailor", "miner", "tailor", "poet", "lawyer",
@@ -165,22 +166,36 @@ class NameMaker:
                 out.append(p)
         return out
 
-    def compound(self, heads: list[str], tails: list[str], n_tails: int) -> str:
-        """A fresh name made of one head piece and ``n_tails`` tail pieces."""
-        while True:
-            w = self.rng.choice(heads) + "".join(self.rng.choice(tails) for _ in range(n_tails))
-            if w not in self.used:
-                self.used.add(w)
-                return w
+    def compound(self, pieces: Sequence[str]) -> str:
+        """The name spelled by ``pieces`` in order, reserved so no other word reuses it."""
+        name = "".join(pieces)
+        self.used.add(name)
+        return name
 
 
-def make_names(maker: NameMaker, count: int, heads: list[str], tails: list[str]) -> list[str]:
-    """``count`` names, a third meant to be one token, a third two and a third three."""
-    names = []
-    for i in range(count):
-        kind = i % 3
-        names.append(maker.word() if kind == 0 else maker.compound(heads, tails, kind))
-    return names
+def name_families(maker: NameMaker, count: int, pool: list[str], capital: bool) -> list[str]:
+    """``count`` names of two or three pieces from ``pool``, four per unordered pair
+    ``{a, b}``: ``ab``, ``ba``, ``ab+c`` and ``ba+d`` (``c``, ``d`` other pieces).
+
+    No name is one token, no piece identifies a name, and no name is told apart by its
+    bag of pieces: every first piece begins many names, ``ab`` is both a name and the
+    first two pieces of ``abc``, and ``ab`` and ``ba`` are different entities. Only a
+    position that has seen every piece in order — under causal attention, the last
+    subject token or later — can know which entity is meant (the mechanism behind
+    ROME's picture, where facts are recalled at the subject's last token).
+    """
+    pairs = list(itertools.combinations(pool, 2))
+    maker.rng.shuffle(pairs)
+    names: list[str] = []
+    for a, b in pairs:
+        for first, second in ((a, b), (b, a)):
+            other = maker.rng.choice([p for p in pool if p not in (a, b)])
+            for pieces in ((first, second), (first, second, other)):
+                name = maker.compound(pieces)
+                names.append(name.capitalize() if capital else name)
+        if len(names) >= count:
+            return names[:count]
+    raise ValueError(f"{len(pool)} pieces make fewer than {count} names")
 
 
 def make_world(seed: int, n_countries: int, n_people: int, n_objects: int) -> World:
@@ -188,19 +203,18 @@ def make_world(seed: int, n_countries: int, n_people: int, n_objects: int) -> Wo
     rng = random.Random(seed)
     reserved = [*PROFESSIONS, *COLOURS, *IOI_NAMES, *IOI_PLACES, *IOI_OBJECTS]
     maker = NameMaker(rng, reserved)
-    heads, tails = maker.pieces(24), maker.pieces(20)
-    world = World(pieces=[*heads, *tails])
+    pool = maker.pieces(PIECES)
+    world = World(pieces=pool)
     cities = [maker.word().capitalize() for _ in range(n_countries)]
-    countries = [n.capitalize() for n in make_names(maker, n_countries, heads, tails)]
-    people = [n.capitalize() for n in make_names(maker, n_people, heads, tails)]
-    objects = make_names(maker, n_objects, heads, tails)
+    # Countries and people draw from one family list, so their names share pieces too.
+    names = name_families(maker, n_countries + n_people, pool, capital=True)
+    countries, people = names[:n_countries], names[n_countries:]
+    objects = name_families(maker, n_objects, pool, capital=False)
     world.capital = dict(zip(countries, cities, strict=True))
     world.profession = {p: rng.choice(PROFESSIONS) for p in people}
     world.hometown = {p: rng.choice(cities) for p in people}
     world.colour = {o: rng.choice(COLOURS) for o in objects}
-    # Names built by make_names with kind 0 are meant to be single tokens.
-    single = [n for names in (countries, people, objects) for n in names[::3]]
-    world.single_words = [*cities, *single]
+    world.single_words = cities
     return world
 
 
@@ -551,7 +565,8 @@ def fact_candidates(rng: random.Random, facts: list[Encoded]) -> dict[str, list[
     """Shuffled candidate pairs per template."""
     by_template: dict[str, list[Encoded]] = {}
     for e in facts:
-        by_template.setdefault(e.item.template, []).append(e)
+        if len(e.subject_tokens) >= 2:  # real first, (middle,) last subject token roles
+            by_template.setdefault(e.item.template, []).append(e)
     out: dict[str, list[Candidate]] = {}
     for template, group in by_template.items():
         pairs = [Candidate(a, b) for a, b in itertools.permutations(group, 2) if is_demo_pair(a, b)]
@@ -674,7 +689,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=100)
