@@ -235,6 +235,18 @@ def fact_items(world: World) -> list[Item]:
     return items
 
 
+def directory_items(world: World) -> list[Item]:
+    """Directory lines ``"{s} {answer}."``: every attribute right after its subject.
+
+    Here the answer is predicted AT the subject's last token, so the model has to recall an
+    entity's attributes there (ROME's "subject enrichment"); the relation is not said, so a
+    person's line is either their profession or their home town. Trained on, never
+    evaluated or offered as examples.
+    """
+    tables = (world.capital, world.profession, world.hometown, world.colour)
+    return [make_item("directory", "{s}", a, s=s) for table in tables for s, a in table.items()]
+
+
 def ioi_pair(rng: random.Random) -> tuple[Item, Item]:
     """A random IOI sentence and its corrupt twin.
 
@@ -738,8 +750,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = build_model(tok, args)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters {n_params:,}", flush=True)
+    directory = encode_items(tok, directory_items(world))
     stream = batches(
-        data_rng, facts, ioi_train, args.batch_size, args.ioi_fraction, tok.pad_token_id
+        data_rng, facts + directory, ioi_train, args.batch_size, args.ioi_fraction, tok.pad_token_id
     )
     t_train = time.perf_counter()
     log = train(model, stream, facts, ioi_eval[:300], args)
