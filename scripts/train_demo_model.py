@@ -166,11 +166,28 @@ class NameMaker:
                 out.append(p)
         return out
 
-    def compound(self, pieces: Sequence[str]) -> str:
+    def compound(self, heads: list[str], tails: list[str], n_tails: int) -> str:
+        """A fresh name made of one head piece and ``n_tails`` tail pieces."""
+        while True:
+            w = self.rng.choice(heads) + "".join(self.rng.choice(tails) for _ in range(n_tails))
+            if w not in self.used:
+                self.used.add(w)
+                return w
+
+    def spell(self, pieces: Sequence[str]) -> str:
         """The name spelled by ``pieces`` in order, reserved so no other word reuses it."""
         name = "".join(pieces)
         self.used.add(name)
         return name
+
+
+def make_names(maker: NameMaker, count: int, heads: list[str], tails: list[str]) -> list[str]:
+    """``count`` names, a third meant to be one token, a third two and a third three."""
+    names = []
+    for i in range(count):
+        kind = i % 3
+        names.append(maker.word() if kind == 0 else maker.compound(heads, tails, kind))
+    return names
 
 
 def name_families(maker: NameMaker, count: int, pool: list[str], capital: bool) -> list[str]:
@@ -191,30 +208,48 @@ def name_families(maker: NameMaker, count: int, pool: list[str], capital: bool) 
         for first, second in ((a, b), (b, a)):
             other = maker.rng.choice([p for p in pool if p not in (a, b)])
             for pieces in ((first, second), (first, second, other)):
-                name = maker.compound(pieces)
+                name = maker.spell(pieces)
                 names.append(name.capitalize() if capital else name)
         if len(names) >= count:
             return names[:count]
     raise ValueError(f"{len(pool)} pieces make fewer than {count} names")
 
 
-def make_world(seed: int, n_countries: int, n_people: int, n_objects: int) -> World:
-    """Invent all entities and draw their facts."""
+def make_world(
+    seed: int, n_countries: int, n_people: int, n_objects: int, names: str = "head-tail"
+) -> World:
+    """Invent all entities and draw their facts.
+
+    ``names="head-tail"`` (the bundled model's): a third of the names one token, the rest a
+    head piece and one or two tail pieces from a disjoint set. ``names="families"``: every
+    name two or three pieces of one shared pool, see :func:`name_families`.
+    """
     rng = random.Random(seed)
     reserved = [*PROFESSIONS, *COLOURS, *IOI_NAMES, *IOI_PLACES, *IOI_OBJECTS]
     maker = NameMaker(rng, reserved)
-    pool = maker.pieces(PIECES)
-    world = World(pieces=pool)
-    cities = [maker.word().capitalize() for _ in range(n_countries)]
-    # Countries and people draw from one family list, so their names share pieces too.
-    names = name_families(maker, n_countries + n_people, pool, capital=True)
-    countries, people = names[:n_countries], names[n_countries:]
-    objects = name_families(maker, n_objects, pool, capital=False)
+    if names == "families":
+        pool = maker.pieces(PIECES)
+        world = World(pieces=pool)
+        cities = [maker.word().capitalize() for _ in range(n_countries)]
+        # Countries and people draw from one family list, so their names share pieces too.
+        capitalized = name_families(maker, n_countries + n_people, pool, capital=True)
+        countries, people = capitalized[:n_countries], capitalized[n_countries:]
+        objects = name_families(maker, n_objects, pool, capital=False)
+        single: list[str] = []
+    else:
+        heads, tails = maker.pieces(24), maker.pieces(20)
+        world = World(pieces=[*heads, *tails])
+        cities = [maker.word().capitalize() for _ in range(n_countries)]
+        countries = [n.capitalize() for n in make_names(maker, n_countries, heads, tails)]
+        people = [n.capitalize() for n in make_names(maker, n_people, heads, tails)]
+        objects = make_names(maker, n_objects, heads, tails)
+        # Names built by make_names with kind 0 are meant to be single tokens.
+        single = [n for group in (countries, people, objects) for n in group[::3]]
     world.capital = dict(zip(countries, cities, strict=True))
     world.profession = {p: rng.choice(PROFESSIONS) for p in people}
     world.hometown = {p: rng.choice(cities) for p in people}
     world.colour = {o: rng.choice(COLOURS) for o in objects}
-    world.single_words = cities
+    world.single_words = [*cities, *single]
     return world
 
 
@@ -573,11 +608,14 @@ def is_demo_pair(a: Encoded, b: Encoded) -> bool:
     return contiguous and set(diff) <= set(a.subject_tokens)
 
 
-def fact_candidates(rng: random.Random, facts: list[Encoded]) -> dict[str, list[Candidate]]:
-    """Shuffled candidate pairs per template."""
+def fact_candidates(
+    rng: random.Random, facts: list[Encoded], min_subject_tokens: int = 1
+) -> dict[str, list[Candidate]]:
+    """Shuffled candidate pairs per template, over subjects of ``min_subject_tokens`` or more
+    tokens (2 or more gives every pair real first and last subject-token roles)."""
     by_template: dict[str, list[Encoded]] = {}
     for e in facts:
-        if len(e.subject_tokens) >= 2:  # real first, (middle,) last subject token roles
+        if len(e.subject_tokens) >= min_subject_tokens:
             by_template.setdefault(e.item.template, []).append(e)
     out: dict[str, list[Candidate]] = {}
     for template, group in by_template.items():
@@ -677,10 +715,11 @@ def select_examples(
     seed: int,
     per_template: int,
     n_ioi: int,
+    min_subject_tokens: int = 1,
 ) -> list[dict]:
     """Choose the demo pairs automatically by checking every criterion on the model."""
     rng = random.Random(seed)
-    candidates = fact_candidates(rng, facts)
+    candidates = fact_candidates(rng, facts, min_subject_tokens)
     chosen: list[dict] = []
     templates = [t for ts in FACT_TEMPLATES.values() for t in ts]
     for k, template in enumerate(templates):
@@ -701,7 +740,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--steps", type=int, default=2400)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=100)
@@ -716,6 +755,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--countries", type=int, default=100)
     parser.add_argument("--people", type=int, default=150)
     parser.add_argument("--objects", type=int, default=100)
+    parser.add_argument(
+        "--names",
+        choices=("head-tail", "families"),
+        default="head-tail",
+        help="how entity names are built (see make_world)",
+    )
+    parser.add_argument(
+        "--directory-weight",
+        type=int,
+        default=0,
+        help="copies of each directory line '{s} {answer}.' in the training mix (0: none)",
+    )
+    parser.add_argument(
+        "--min-subject-tokens", type=int, default=1, help="shortest subject of a fact example"
+    )
     parser.add_argument("--per-template", type=int, default=2, help="demo pairs per template")
     parser.add_argument("--ioi-examples", type=int, default=4)
     return parser.parse_args(argv)
@@ -738,7 +792,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     setup_determinism(args.seed)
     t0 = time.perf_counter()
-    world = make_world(args.seed, args.countries, args.people, args.objects)
+    world = make_world(args.seed, args.countries, args.people, args.objects, args.names)
     tok = train_tokenizer(world, args.vocab_size)
     facts = encode_items(tok, fact_items(world))
     data_rng = random.Random(args.seed + 1)
@@ -750,7 +804,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = build_model(tok, args)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters {n_params:,}", flush=True)
-    directory = encode_items(tok, directory_items(world))
+    directory = encode_items(tok, directory_items(world)) * args.directory_weight
     stream = batches(
         data_rng, facts + directory, ioi_train, args.batch_size, args.ioi_fraction, tok.pad_token_id
     )
@@ -763,7 +817,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ioi_acc = accuracy(model, ioi_eval)
     print(f"fact accuracy {fact_acc:.4f} {by_relation}  ioi accuracy {ioi_acc:.4f}", flush=True)
     examples = select_examples(
-        model, tok, facts, args.seed + 3, args.per_template, args.ioi_examples
+        model,
+        tok,
+        facts,
+        args.seed + 3,
+        args.per_template,
+        args.ioi_examples,
+        args.min_subject_tokens,
     )
     print(f"selected {len(examples)} examples", flush=True)
 
