@@ -391,19 +391,53 @@ def batches(
     batch_size: int,
     ioi_fraction: float,
     pad_id: int,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (input_ids, labels) batches; 8 batches at a time are grouped by length."""
+    mlp_drop: MlpDrop | None = None,
+) -> Iterator[Batch]:
+    """Endless training batches; 8 batches at a time are grouped by length."""
     n_ioi = round(batch_size * ioi_fraction)
     ioi_iter = itertools.cycle(ioi_pool)
     while True:
-        group = [rng.choice(facts).full_ids for _ in range(8 * (batch_size - n_ioi))]
-        group += [next(ioi_iter).full_ids for _ in range(8 * n_ioi)]
+        group = [rng.choice(facts) for _ in range(8 * (batch_size - n_ioi))]
+        group += [next(ioi_iter) for _ in range(8 * n_ioi)]
         rng.shuffle(group)
-        group.sort(key=len)
+        group.sort(key=lambda e: len(e.full_ids))
         chunks = [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
         rng.shuffle(chunks)
         for chunk in chunks:
-            yield pad_batch(chunk, pad_id)
+            ids, labels = pad_batch([e.full_ids for e in chunk], pad_id)
+            keep = mlp_drop.mask(chunk, ids.shape[1]) if mlp_drop else None
+            yield Batch(ids, labels, keep)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Padded ids and labels; ``mlp_keep`` ([batch, width, 1]) scales every MLP's output."""
+
+    ids: torch.Tensor
+    labels: torch.Tensor
+    mlp_keep: torch.Tensor | None = None
+
+
+@dataclass
+class MlpDrop:
+    """Drop every MLP after the subject of a fact statement, with probability ``p``.
+
+    A dropped statement has to be answered with the MLPs at the positions after its subject
+    switched off (all layers), so the fact must be recalled at the subject's tokens and moved
+    to the last token by attention: the mechanism ROME found in GPT-2 XL, built in on
+    purpose so that tracing the demo model has a known right answer. IOI sentences and
+    directory lines are never dropped.
+    """
+
+    p: float
+    rng: random.Random
+
+    def mask(self, chunk: Sequence[Encoded], width: int) -> torch.Tensor:
+        keep = torch.ones(len(chunk), width, 1)
+        for row, e in enumerate(chunk):
+            if e.item.relation in FACT_TEMPLATES and self.rng.random() < self.p:
+                keep[row, e.subject_tokens[-1] + 1 :] = 0.0
+        return keep
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -477,7 +511,7 @@ def accuracy_by_relation(model: Qwen3ForCausalLM, data: Sequence[Encoded]) -> di
 
 def train(
     model: Qwen3ForCausalLM,
-    data: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    data: Iterator[Batch],
     eval_facts: list[Encoded],
     eval_ioi: list[Encoded],
     args: argparse.Namespace,
@@ -495,12 +529,19 @@ def train(
     checkpoints: list[dict[str, float]] = []
     window: list[float] = []
     start = time.perf_counter()
+    keep: list[torch.Tensor | None] = [None]
+    for layer in model.model.layers[args.drop_mlp_from_layer :]:
+        layer.mlp.register_forward_hook(
+            lambda _m, _i, out: out if keep[0] is None else out * keep[0]
+        )
     for step in range(args.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        ids, labels = next(data)
+        batch = next(data)
         model.train()
-        loss = model(input_ids=ids, labels=labels).loss
+        keep[0] = batch.mlp_keep
+        loss = model(input_ids=batch.ids, labels=batch.labels).loss
+        keep[0] = None
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -770,17 +811,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--min-subject-tokens", type=int, default=1, help="shortest subject of a fact example"
     )
+    parser.add_argument(
+        "--drop-mlp-after-subject",
+        type=float,
+        default=0.0,
+        help="probability that a fact statement trains with its post-subject MLPs off",
+    )
+    parser.add_argument(
+        "--drop-mlp-from-layer", type=int, default=0, help="first layer whose MLPs are dropped"
+    )
+    parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--per-template", type=int, default=2, help="demo pairs per template")
     parser.add_argument("--ioi-examples", type=int, default=4)
     return parser.parse_args(argv)
 
 
-def setup_determinism(seed: int) -> None:
+def setup_determinism(seed: int, threads: int) -> None:
     """Fixed seeds, fixed thread count, deterministic kernels."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     random.seed(seed)
     torch.manual_seed(seed)
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
 
 
@@ -790,7 +841,7 @@ def folder_size(path: Path) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_determinism(args.seed)
+    setup_determinism(args.seed, args.threads)
     t0 = time.perf_counter()
     world = make_world(args.seed, args.countries, args.people, args.objects, args.names)
     tok = train_tokenizer(world, args.vocab_size)
@@ -805,8 +856,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters {n_params:,}", flush=True)
     directory = encode_items(tok, directory_items(world)) * args.directory_weight
+    drop = args.drop_mlp_after_subject
     stream = batches(
-        data_rng, facts + directory, ioi_train, args.batch_size, args.ioi_fraction, tok.pad_token_id
+        data_rng,
+        facts + directory,
+        ioi_train,
+        args.batch_size,
+        args.ioi_fraction,
+        tok.pad_token_id,
+        MlpDrop(drop, random.Random(args.seed + 4)) if drop > 0 else None,
     )
     t_train = time.perf_counter()
     log = train(model, stream, facts, ioi_eval[:300], args)
