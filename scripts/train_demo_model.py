@@ -423,10 +423,10 @@ class MlpDrop:
     """Drop every MLP after the subject of a fact statement, with probability ``p``.
 
     A dropped statement has to be answered with the MLPs at the positions after its subject
-    switched off (all layers), so the fact must be recalled at the subject's tokens and moved
-    to the last token by attention: the mechanism ROME found in GPT-2 XL, built in on
-    purpose so that tracing the demo model has a known right answer. IOI sentences and
-    directory lines are never dropped.
+    switched off (in the layers ``train`` hooks: ``--drop-mlp-from-layer`` on), meant to push
+    the recall onto the subject's tokens, as ROME found in GPT-2 XL. IOI sentences and
+    directory lines are never dropped. An experiment, off by default: docs/demo-model.md
+    measures that it moves the recall to the last token's earliest MLP instead.
     """
 
     p: float
@@ -820,7 +820,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--drop-mlp-from-layer", type=int, default=0, help="first layer whose MLPs are dropped"
     )
-    parser.add_argument("--threads", type=int, default=THREADS)
+    parser.add_argument("--threads", type=int, default=THREADS, help="torch threads")
     parser.add_argument("--per-template", type=int, default=2, help="demo pairs per template")
     parser.add_argument("--ioi-examples", type=int, default=4)
     return parser.parse_args(argv)
