@@ -530,10 +530,11 @@ def train(
     window: list[float] = []
     start = time.perf_counter()
     keep: list[torch.Tensor | None] = [None]
-    for layer in model.model.layers[args.drop_mlp_from_layer :]:
-        layer.mlp.register_forward_hook(
-            lambda _m, _i, out: out if keep[0] is None else out * keep[0]
-        )
+    if args.drop_mlp_after_subject > 0:
+        for layer in model.model.layers[args.drop_mlp_from_layer :]:
+            layer.mlp.register_forward_hook(
+                lambda _m, _i, out: out if keep[0] is None else out * keep[0]
+            )
     for step in range(args.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
@@ -823,7 +824,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=THREADS, help="torch threads")
     parser.add_argument("--per-template", type=int, default=2, help="demo pairs per template")
     parser.add_argument("--ioi-examples", type=int, default=4)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.drop_mlp_after_subject <= 1.0:
+        parser.error("--drop-mlp-after-subject is a probability: 0 to 1")
+    if not 0 <= args.drop_mlp_from_layer < args.layers:
+        parser.error(f"--drop-mlp-from-layer must name a layer: 0 to {args.layers - 1}")
+    return args
 
 
 def setup_determinism(seed: int, threads: int) -> None:
