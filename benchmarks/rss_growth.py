@@ -15,10 +15,10 @@ import time
 import httpx
 
 BODY = {
-    "prompt": "The capital of Kurbul is",
-    "clean_prompt": "The capital of Rilsis is",
-    "answer_token": " Gapon",
-    "foil_token": " Rimler",
+    "prompt": "The capital of Sunror is",
+    "clean_prompt": "The capital of Rorsun is",
+    "answer_token": " Pesmum",
+    "foil_token": " Terzir",
     "metric": "recovered",
     "hooks": ["post_block", "mlp_out"],
 }

@@ -5,7 +5,9 @@ this script generates deterministically:
 
 * factual-recall statements over invented entities (countries and their capitals, people
   and their professions and home towns, objects and their colours), several templates per
-  relation, subjects of one to three tokens, answers of exactly one token;
+  relation, answers of exactly one token; the names are built so that only the subject's
+  last token can know which entity is meant (``--names families``), and "directory" lines
+  ``"{subject} {answer}."`` teach recall at that token — ROME's mechanism;
 * indirect-object-identification (IOI) sentences ("When Mary and John went to the store,
   John gave a drink to Mary.") so that name-mover structure exists.
 
@@ -14,9 +16,10 @@ and IOI accuracy, picks clean/corrupt example pairs on which causal tracing find
 structure (checked automatically, see :func:`select_examples`) and writes a standard
 Hugging Face checkpoint plus ``examples.json`` and ``training_log.json``.
 
-Everything is seeded and runs with ``torch.use_deterministic_algorithms(True)`` and two
-threads, so re-running the command reproduces the shipped weights on the same machine
-type::
+Everything is seeded and runs with ``torch.use_deterministic_algorithms(True)`` and one
+thread, so re-running the command reproduces the shipped weights on the same machine
+type (the defaults are the bundled model's; docs/demo-model.md has the flags of the
+earlier designs)::
 
     python scripts/train_demo_model.py --out src/patchserve/assets/demo_facts
 """
@@ -43,7 +46,7 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 DEFAULT_OUT = Path("src/patchserve/assets/demo_facts")
 SPECIAL = "<|endoftext|>"
-THREADS = 2
+THREADS = 1  # the bundled model was trained with one thread (rounding depends on it)
 
 CONSONANTS = "bdfgklmnprstvz"
 VOWELS = "aeiou"
@@ -216,13 +219,14 @@ def name_families(maker: NameMaker, count: int, pool: list[str], capital: bool) 
 
 
 def make_world(
-    seed: int, n_countries: int, n_people: int, n_objects: int, names: str = "head-tail"
+    seed: int, n_countries: int, n_people: int, n_objects: int, names: str = "families"
 ) -> World:
     """Invent all entities and draw their facts.
 
-    ``names="head-tail"`` (the bundled model's): a third of the names one token, the rest a
-    head piece and one or two tail pieces from a disjoint set. ``names="families"``: every
-    name two or three pieces of one shared pool, see :func:`name_families`.
+    ``names="families"`` (the bundled model's): every name two or three pieces of one
+    shared pool, see :func:`name_families`. ``names="head-tail"`` (the model bundled until
+    2026-11): a third of the names one token, the rest a head piece and one or two tail
+    pieces from a disjoint set.
     """
     rng = random.Random(seed)
     reserved = [*PROFESSIONS, *COLOURS, *IOI_NAMES, *IOI_PLACES, *IOI_OBJECTS]
@@ -781,8 +785,8 @@ def select_examples(
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=99)
+    parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=100)
@@ -800,17 +804,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--names",
         choices=("head-tail", "families"),
-        default="head-tail",
+        default="families",
         help="how entity names are built (see make_world)",
     )
     parser.add_argument(
         "--directory-weight",
         type=int,
-        default=0,
+        default=1,
         help="copies of each directory line '{s} {answer}.' in the training mix (0: none)",
     )
     parser.add_argument(
-        "--min-subject-tokens", type=int, default=1, help="shortest subject of a fact example"
+        "--min-subject-tokens", type=int, default=2, help="shortest subject of a fact example"
     )
     parser.add_argument(
         "--drop-mlp-after-subject",

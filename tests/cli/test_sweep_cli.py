@@ -124,14 +124,14 @@ def test_user_mistakes_are_one_line_and_exit_2(tmp_path):
 
 def test_kl_top_cells_are_the_lowest_and_warnings_are_printed(tmp_path):
     out = tmp_path / "kl.json"
-    done = patchserve(*study_args("--metric", "kl", "--answer", "Gapon", "--json", str(out)))
+    done = patchserve(*study_args("--metric", "kl", "--answer", "Pesmum", "--json", str(out)))
     assert done.returncode == 0, done.stderr
     assert "top 5 cells (lowest kl first)" in done.stdout
     listed = [float(line.split()[0]) for line in done.stdout.split("first):")[1].splitlines()[1:6]]
     assert listed == sorted(listed)
     body = json.loads(out.read_text())
     assert listed[0] == round(body["argmax"]["value"], 4)
-    assert "warning: answer_token 'Gapon'" in done.stdout
+    assert "warning: answer_token 'Pesmum'" in done.stdout
 
 
 def test_two_hooks_go_into_one_figure(tmp_path):
@@ -148,13 +148,13 @@ def test_head_grid_and_multi_token_answer(tmp_path):
     grades a continuation and the body reports its ids."""
     out = tmp_path / "heads.json"
     args = ("--hooks", "attn_head", "--no-per-position", "--metric", "logit_diff")
-    ids = ("--answer-ids", "1210,14", "--foil-ids", "1486,14", "--json", str(out))
+    ids = ("--answer-ids", "877,14", "--foil-ids", "935,14", "--json", str(out))
     done = patchserve(*study_args(*args, *ids))
     assert done.returncode == 0, done.stderr
     assert "attn_head (every position) — logit_diff" in done.stdout
     assert "H3" in done.stdout and "(every position)" in done.stdout.split("first):")[1]
     body = json.loads(out.read_text())
-    assert body["answer_token_ids"] == [1210, 14] and body["foil_token_ids"] == [1486, 14]
+    assert body["answer_token_ids"] == [877, 14] and body["foil_token_ids"] == [935, 14]
     assert len(body["grid"]) == 4 and all(len(row) == 4 for row in body["grid"])
     best = body["argmax"]
     listed = done.stdout.split("first):")[1].splitlines()[1]

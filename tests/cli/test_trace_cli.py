@@ -17,7 +17,7 @@ def test_noise_and_window_on_one_fact(tmp_path):
         "--clean",
         EXAMPLE["clean"],
         "--noise",
-        "Rilsis",
+        "Rorsun",
         "--samples",
         "2",
         "--window",

@@ -15,9 +15,9 @@ assert importlib.util.find_spec("torch") is None, "torch is installed"
 from patchserve import PatchStudy, Span
 with PatchStudy(sys.argv[1]) as study:
     result = study.sweep_layers_positions(
-        "The capital of Kurbul is", clean_prompt="The capital of Rilsis is",
-        answer_token=" Gapon", foil_token=" Rimler", metric="recovered",
-        positions=[Span("Kurbul"), -1], on_cell=lambda event: None,
+        "The capital of Sunror is", clean_prompt="The capital of Rorsun is",
+        answer_token=" Pesmum", foil_token=" Terzir", metric="recovered",
+        positions=[Span("Sunror"), -1], on_cell=lambda event: None,
     )
 print(json.dumps({"argmax": result.argmax, "torch": "torch" in sys.modules}))
 """
@@ -52,11 +52,11 @@ def test_the_base_install_runs_a_study_without_torch(demo_server, tmp_path):
             "--url",
             demo_server.url,
             "--clean",
-            "The capital of Rilsis is",
+            "The capital of Rorsun is",
             "--corrupt",
-            "The capital of Kurbul is",
+            "The capital of Sunror is",
             "--answer",
-            " Gapon",
+            " Pesmum",
             "--metric",
             "recovered",
         ],

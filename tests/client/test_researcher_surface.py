@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 EXAMPLES = json.loads((default_model_path() / "examples.json").read_text())
-FACT = EXAMPLES[0]  # "The capital of Rilsis is" -> " Gapon"; corrupt subject "Kurbul"
+FACT = EXAMPLES[0]  # "The capital of Rorsun is" -> " Pesmum"; corrupt subject "Sunror"
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +39,13 @@ def sweep(demo: PatchStudy, **kwargs):
 
 
 def test_an_answer_without_its_leading_space_is_flagged(demo):
-    assert FACT["answer"] == " Gapon"
-    with pytest.warns(PatchServeWarning, match=r"'Gapon'.*' Gapon'.*#1.*leading space"):
-        result = sweep(demo, answer_token="Gapon", layers=[0])
+    assert FACT["answer"] == " Pesmum"
+    with pytest.warns(PatchServeWarning, match=r"'Pesmum'.*' Pesmum'.*#1.*leading space"):
+        result = sweep(demo, answer_token="Pesmum", layers=[0])
     assert len(result.warnings) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error", PatchServeWarning)
-        assert sweep(demo, answer_token=" Gapon", layers=[0]).warnings == []
+        assert sweep(demo, answer_token=" Pesmum", layers=[0]).warnings == []
 
 
 def test_identical_prompts_and_repeated_spans_are_flagged(demo):
@@ -61,7 +61,7 @@ def test_skipped_cells_are_listed_and_warnings_reach_the_stream(demo_server):
         body = c.post(
             "/v1/patch_sweep",
             json={
-                "prompt": "The capital of Kurbul Gapon Vegas is",
+                "prompt": "The capital of Sunror Pesmum Vegas is",
                 "clean_prompt": FACT["clean"],
                 "layers": [0],
                 "positions": [0, 4],
@@ -120,7 +120,7 @@ def test_negative_positions_count_from_the_end(demo):
 def test_progress_bar_follows_the_stream(demo, capsys):
     sweep(demo, layers=[0, 1], progress=True)
     err = capsys.readouterr().err
-    assert "sweep" in err and "12/12" in err
+    assert "sweep" in err and "14/14" in err  # 2 layers x 7 positions
 
 
 # -- kl: lower is better everywhere -----------------------------------------------------------
@@ -150,8 +150,8 @@ def test_recovered_is_drawn_on_a_fixed_scale_with_a_full_title(demo):
     for part in (
         "post_block",
         "recovered",
-        "' Gapon'",
-        "' Rimler'",
+        "' Pesmum'",
+        "' Terzir'",
         "demo_facts",
         "clean",
         "corrupt",
@@ -159,7 +159,7 @@ def test_recovered_is_drawn_on_a_fixed_scale_with_a_full_title(demo):
         assert part in title
     assert f"{result.clean:.3g}" in title and f"{result.corrupt:.3g}" in title
     starred = [t for t in ax.get_xticklabels() if t.get_text().endswith("*")]
-    assert [t.get_text() for t in starred] == ["4 ' Kurbul' *"]
+    assert [t.get_text() for t in starred] == ["4 ' Sun' *", "5 'ror' *"]
     assert matplotlib.colors.same_color(starred[0].get_color(), "#b2182b")
     plt.close(ax.figure)
     small = result.heatmap(vmin=-0.5, vmax=2.0, center=0.25)
@@ -199,14 +199,14 @@ def test_two_hooks_share_one_scale_and_one_colour_bar(demo):
 
 
 def test_heads_are_labelled_and_skipped_cells_have_a_legend(demo):
-    heads = sweep(demo, hook="attn_head", heads=[0, 2], layers=[0, 1], positions=[4, 5])
+    heads = sweep(demo, hook="attn_head", heads=[0, 2], layers=[0, 1], positions=[5, 6])
     ax = heads.heatmap()
     labels = [t.get_text() for t in ax.get_xticklabels()]
-    assert labels == ["4 ' Kurbul' h0 *", "4 ' Kurbul' h2 *", "5 ' is' h0", "5 ' is' h2"]
+    assert labels == ["5 'ror' h0 *", "5 'ror' h2 *", "6 ' is' h0", "6 ' is' h2"]
     assert ax.images[0].get_array().shape == (2, 4)
     plt.close(ax.figure)
     longer = demo.sweep_layers_positions(
-        "The capital of Kurbul Vegas is", clean_prompt=FACT["clean"], layers=[0]
+        "The capital of Sunror Vegas is", clean_prompt=FACT["clean"], layers=[0]
     )
     ax = longer.heatmap()
     legend = ax.get_legend()

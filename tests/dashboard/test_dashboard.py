@@ -42,7 +42,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-CLEAN, CORRUPT = "The capital of Rilsis is", "The capital of Kurbul is"
+CLEAN, CORRUPT = "The capital of Rorsun is", "The capital of Sunror is"
 ALL_HOOKS = ["pre_attn", "attn_out", "post_attn", "mlp_in", "mlp_out", "post_block"]
 
 
@@ -173,13 +173,13 @@ def test_a_sweep_from_the_form_fills_every_heatmap_with_the_apis_values(
     page = tab.page
     # The page opens on the demo study: the form holds it, the corrupt prompt as chips.
     assert tab.testid("clean").input_value() == CLEAN
-    assert tab.testid("answer").input_value() == " Gapon"
+    assert tab.testid("answer").input_value() == " Pesmum"
     page.wait_for_selector("[data-testid=chip]")
     chips = page.eval_on_selector_all("[data-testid=chip]", "els => els.map(e => e.textContent)")
-    assert chips == ["0<|endoftext|>", "1The", "2·capital", "3·of", "4·Kurbul", "5·is"]
+    assert chips == ["0<|endoftext|>", "1The", "2·capital", "3·of", "4·Sun", "5ror", "6·is"]
     assert page.eval_on_selector_all(
         ".chip.corrupted", "els => els.map(e => e.dataset.position)"
-    ) == ["4"]
+    ) == ["4", "5"]
     tab.testid("hooks").select_option(hooks)
     tab.testid("layers").fill("all")
     tab.testid("positions").fill("all")
@@ -188,16 +188,16 @@ def test_a_sweep_from_the_form_fills_every_heatmap_with_the_apis_values(
     tab.wait_done()
 
     body = {
-        "prompt": CORRUPT, "clean_prompt": CLEAN, "answer_token": " Gapon",
-        "foil_token": " Rimler", "metric": "recovered", "hooks": hooks, "layers": "all",
+        "prompt": CORRUPT, "clean_prompt": CLEAN, "answer_token": " Pesmum",
+        "foil_token": " Terzir", "metric": "recovered", "hooks": hooks, "layers": "all",
         "positions": "all_prompt",
     }  # fmt: skip
     answer = api_grids(tab.server, body)
     for hook in hooks:
-        assert tab.filled(hook) == (4 * 6, 4 * 6)
+        assert tab.filled(hook) == (4 * 7, 4 * 7)
         assert_same(tab.cells(hook), grid_cells(answer, hook))
     post = tab.cells("post_block")
-    assert post[0, 4, None] >= 0.5 and post[3, 5, None] >= 0.99  # the demo model's fact
+    assert post[0, 4, None] >= 0.4 and post[3, 6, None] >= 0.99  # the demo model's fact
     # Token strings on the x axis, the corrupted one starred; the fixed recovered scale.
     labels = page.eval_on_selector_all(
         "[data-testid=heatmap-post_block] text[data-token]",
@@ -207,15 +207,16 @@ def test_a_sweep_from_the_form_fills_every_heatmap_with_the_apis_values(
         "The",
         "capital",
         "of",
-        "*Kurbul",
+        "*Sun",
+        "*ror",
         "is",
     ]
     legend = tab.testid("legend").inner_text()
     assert "recovered (1 = clean, 0 = corrupt)" in legend and "-1.00" in legend
     summary = tab.testid("summary").inner_text()
     assert f"{answer['clean']:.4f}" in summary and f"{answer['corrupt']:.4f}" in summary
-    assert "corrupted positions [4]" in summary
-    assert "post_block: 1.00" in summary and 'layer 2, position 5 " is"' in summary
+    assert "corrupted positions [4, 5]" in summary
+    assert "post_block: 1.00" in summary and 'layer 3, position 6 " is"' in summary
     assert tab.testid("error").is_hidden()
 
     # Exports: the JSON is the API's answer; the PNG a real image.
@@ -232,7 +233,7 @@ def test_a_sweep_from_the_form_fills_every_heatmap_with_the_apis_values(
     page.hover("[data-testid=heatmap-post_block] rect.cell[data-layer='0'][data-position='4']")
     tip = page.locator("#tooltip")
     assert f"recovered = {post[0, 4, None]:.4f}" in tip.inner_text()
-    assert 'position 4 " Kurbul"' in tip.inner_text()
+    assert 'position 4 " Sun"' in tip.inner_text()
     shot = tmp_path / "dashboard.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 50_000
@@ -241,7 +242,7 @@ def test_a_sweep_from_the_form_fills_every_heatmap_with_the_apis_values(
 
     # The URL holds the study: opened afresh it runs it again, with the same cells.
     link = page.url
-    assert "hooks=attn_out%2Cmlp_out%2Cpost_block" in link and "answer=+Gapon" in link
+    assert "hooks=attn_out%2Cmlp_out%2Cpost_block" in link and "answer=+Pesmum" in link
     again = tab.page.context.new_page()
     again.goto(link)
     again.wait_for_selector("[data-testid=summary][data-state=done]", timeout=60_000)
@@ -255,18 +256,18 @@ def test_a_sweep_from_the_form_fills_every_heatmap_with_the_apis_values(
 
 
 def test_attn_head_columns_are_positions_by_heads_at_half_alpha(tab: Tab) -> None:
-    tab.open("?corrupt=The+capital+of+Kurbul+is&hooks=attn_head,post_block&layers=0-1"
-             "&positions=%22Kurbul%22,-1&heads=all&metric=logit_diff&alpha=0.5")  # fmt: skip
+    tab.open("?corrupt=The+capital+of+Sunror+is&hooks=attn_head,post_block&layers=0-1"
+             "&positions=%22Sunror%22,-1&heads=all&metric=logit_diff&alpha=0.5")  # fmt: skip
     tab.wait_done()
     body = {
-        "prompt": CORRUPT, "clean_prompt": CLEAN, "answer_token": " Gapon",
-        "foil_token": " Rimler", "metric": "logit_diff", "hooks": ["attn_head", "post_block"],
-        "layers": [0, 1], "positions": [{"span": "Kurbul"}, -1], "heads": "all", "alpha": 0.5,
+        "prompt": CORRUPT, "clean_prompt": CLEAN, "answer_token": " Pesmum",
+        "foil_token": " Terzir", "metric": "logit_diff", "hooks": ["attn_head", "post_block"],
+        "layers": [0, 1], "positions": [{"span": "Sunror"}, -1], "heads": "all", "alpha": 0.5,
     }  # fmt: skip
     answer = api_grids(tab.server, body)
     assert answer["heads"] == [0, 1, 2, 3]
-    assert tab.filled("attn_head") == (2 * 2 * 4, 2 * 2 * 4)
-    assert tab.filled("post_block") == (2 * 2, 2 * 2)
+    assert tab.filled("attn_head") == (2 * 3 * 4, 2 * 3 * 4)
+    assert tab.filled("post_block") == (2 * 3, 2 * 3)
     assert_same(tab.cells("attn_head"), grid_cells(answer, "attn_head"))
     assert_same(tab.cells("post_block"), grid_cells(answer, "post_block"))
     heads = tab.page.eval_on_selector_all(
@@ -277,12 +278,12 @@ def test_attn_head_columns_are_positions_by_heads_at_half_alpha(tab: Tab) -> Non
 
 
 def test_a_head_sweep_over_every_position_is_a_layer_by_head_map(tab: Tab) -> None:
-    tab.open("?corrupt=The+capital+of+Kurbul+is&hooks=attn_head&heads=all"
+    tab.open("?corrupt=The+capital+of+Sunror+is&hooks=attn_head&heads=all"
              "&metric=logit_diff&by_head=1")  # fmt: skip
     tab.wait_done()
     body = {
-        "prompt": CORRUPT, "clean_prompt": CLEAN, "answer_token": " Gapon",
-        "foil_token": " Rimler", "metric": "logit_diff", "hook": "attn_head", "heads": "all",
+        "prompt": CORRUPT, "clean_prompt": CLEAN, "answer_token": " Pesmum",
+        "foil_token": " Terzir", "metric": "logit_diff", "hook": "attn_head", "heads": "all",
         "per_position": False,
     }  # fmt: skip
     answer = api_grids(tab.server, body)
@@ -309,7 +310,7 @@ def test_a_head_sweep_over_every_position_is_a_layer_by_head_map(tab: Tab) -> No
 
 def test_a_bad_input_shows_the_servers_error(tab: Tab) -> None:
     tab.open()
-    tab.testid("answer").fill(" Gapon Rimler")  # two tokens: a continuation, which kl refuses
+    tab.testid("answer").fill(" Pesmum Terzir")  # two tokens: a continuation, which kl refuses
     tab.testid("metric").select_option("kl")
     tab.testid("run").click()
     error = tab.testid("error")
@@ -320,7 +321,7 @@ def test_a_bad_input_shows_the_servers_error(tab: Tab) -> None:
             json={
                 "prompt": CORRUPT,
                 "clean_prompt": CLEAN,
-                "answer_token": " Gapon Rimler",
+                "answer_token": " Pesmum Terzir",
                 "metric": "kl",
             },
         )
@@ -411,7 +412,7 @@ def test_api_key_is_asked_once_and_kept_for_the_session(browser: Browser) -> Non
             tab.open()
             tab.testid("run").click()
             tab.wait_done()
-            assert tab.filled("post_block") == (24, 24)
+            assert tab.filled("post_block") == (28, 28)
             assert len(asked) == 1 and "API key" in asked[0]
             assert tab.page.evaluate("sessionStorage.getItem('patchserve.apiKey')") == "s3cret"
             assert tab.errors == [] and tab.foreign_requests() == []
@@ -420,24 +421,24 @@ def test_api_key_is_asked_once_and_kept_for_the_session(browser: Browser) -> Non
 
 
 def test_unaligned_positions_are_hatched_skipped_cells(tab: Tab) -> None:
-    corrupt = "The old capital city of Kurbul is"  # 9 tokens against the clean 6
-    tab.open("?corrupt=The+old+capital+city+of+Kurbul+is&hooks=post_block&metric=recovered")
+    corrupt = "The old capital city of Sunror is"  # 10 tokens against the clean 7
+    tab.open("?corrupt=The+old+capital+city+of+Sunror+is&hooks=post_block&metric=recovered")
     tab.wait_done()
     body = {
-        "prompt": corrupt, "clean_prompt": CLEAN, "answer_token": " Gapon",
-        "foil_token": " Rimler", "metric": "recovered", "hooks": ["post_block"],
+        "prompt": corrupt, "clean_prompt": CLEAN, "answer_token": " Pesmum",
+        "foil_token": " Terzir", "metric": "recovered", "hooks": ["post_block"],
     }  # fmt: skip
     answer = api_grids(tab.server, body)
-    assert len(answer["skipped"]) == 4 * 6
-    assert tab.filled("post_block") == (4 * 9, 4 * 9)
+    assert len(answer["skipped"]) == 4 * 7
+    assert tab.filled("post_block") == (4 * 10, 4 * 10)
     assert_same(tab.cells("post_block"), grid_cells(answer, "post_block"))
     fills = tab.page.eval_on_selector_all(
         "[data-testid=heatmap-post_block] rect.cell[data-state=skipped]",
         "els => els.map(e => e.getAttribute('fill'))",
     )
-    assert fills == ["url(#hatch-post_block)"] * (4 * 6)
+    assert fills == ["url(#hatch-post_block)"] * (4 * 7)
     assert "skipped (no aligned clean token)" in tab.testid("legend").inner_text()
-    assert "24 cells" in tab.testid("summary").inner_text()
+    assert "28 cells" in tab.testid("summary").inner_text()
 
 
 def test_the_page_and_its_files_are_in_the_wheel(tmp_path: Path) -> None:
@@ -476,9 +477,9 @@ def test_clicking_token_chips_picks_positions(tab: Tab) -> None:
     chip.nth(5).click()
     assert positions.input_value() == "4"
     # Edited, the prompt is tokenized again by the server (" not" is " n" + "ot" here).
-    tab.testid("corrupt").fill("The capital of Kurbul is not")
-    tab.page.wait_for_function("document.querySelectorAll('[data-testid=chip]').length === 8")
-    assert chip.nth(7).text_content() == "7ot"
+    tab.testid("corrupt").fill("The capital of Sunror is not")
+    tab.page.wait_for_function("document.querySelectorAll('[data-testid=chip]').length === 9")
+    assert chip.nth(8).text_content() == "8ot"
 
 
 SSE_READER = """async () => {
@@ -526,16 +527,16 @@ def test_the_pages_stream_reader_and_colour_scale_match_the_python_ones(tab: Tab
 
 
 def test_noise_tracing_with_a_window_from_the_form(tab: Tab) -> None:
-    tab.open("?noise=Rilsis&window=2&hooks=mlp_out&metric=prob&positions=all&layers=all")
+    tab.open("?noise=Rorsun&window=2&hooks=mlp_out&metric=prob&positions=all&layers=all")
     tab.testid("run").click()
     tab.wait_done()
     assert (
-        tab.testid("noise").input_value() == "Rilsis" and tab.testid("window").input_value() == "2"
+        tab.testid("noise").input_value() == "Rorsun" and tab.testid("window").input_value() == "2"
     )
     body = {
-        "prompt": CLEAN, "corruption": {"type": "noise", "span": "Rilsis", "samples": 10,
+        "prompt": CLEAN, "corruption": {"type": "noise", "span": "Rorsun", "samples": 10,
         "seed": 0}, "window": 2, "hooks": ["mlp_out"], "metric": "prob", "layers": "all",
-        "positions": "all_prompt", "answer_token": " Gapon", "foil_token": " Rimler",
+        "positions": "all_prompt", "answer_token": " Pesmum", "foil_token": " Terzir",
     }  # fmt: skip
     answer = api_grids(tab.server, body)
     assert answer["window"] == 2 and answer["noise"]["samples"] == 10

@@ -53,19 +53,19 @@ def test_readme_curl_examples_succeed_on_the_bundled_model(demo_server):
             assert "error" not in bodies[-1]
     study, stream, capture, listing, fetched, heads, ablation, completion = bodies[:8]
     # The one-call study: the subject and the last token; the fact comes back in full.
-    assert study["positions"] == [4, 5] and study["auto_captured"] is True
-    assert study["argmax"]["value"] >= 0.99 and study["grid"][0][0] >= 0.5
+    assert study["positions"] == [4, 5, 6] and study["auto_captured"] is True
+    assert study["argmax"]["value"] >= 0.99 and study["grid"][0][0] >= 0.4
     assert study["warnings"] == []
     # Two hooks on one stream, each with its grid.
     assert [g["hook"] for g in stream["hook_grids"]] == ["attn_out", "mlp_out"]
     # The stored run: listed, its activations fetched, patched from by head (kl: lower = better).
-    assert capture["graded"]["logprob"] > -0.01  # the clean run is sure of " Gapon"
-    assert "rilsis" in [m["run"] for m in listing["data"]]
+    assert capture["graded"]["logprob"] > -0.01  # the clean run is sure of " Pesmum"
+    assert "rorsun" in [m["run"] for m in listing["data"]]
     assert fetched["activations"]["shape"][0] == len(fetched["token_ids"])
     assert heads["argmax"]["value"] == min(v for row in heads["grid"] for cell in row for v in cell)
     # Zeroing half the subject's MLP output moves the answer's log-probability.
     assert ablation["corrupt"] > -0.01 and ablation["grid"][0][0] != ablation["corrupt"]
     # The patched completion answers with the clean fact.
     choice = completion["choices"][0]
-    assert choice["text"].startswith(" Gapon")
-    assert set(choice["logprob_token_ids"][0]) == {"1210", "1486"}
+    assert choice["text"].startswith(" Pesmum")
+    assert set(choice["logprob_token_ids"][0]) == {"877", "935"}

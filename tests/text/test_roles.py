@@ -39,7 +39,7 @@ def test_bad_subjects_are_refused():
 @pytest.mark.parametrize(
     ("clean", "corrupt", "subject"),
     [
-        ("The capital of Rilsis is", "The capital of Kurbul is", "Rilsis"),
+        ("The capital of Rorsun is", "The capital of Sunror is", "Rorsun"),
         ("By profession, Sisnus is a", "By profession, Rornus is a", "Sisnus"),  # shared "nus"
         ("Foskel's capital city is", "Sisves's capital city is", "Foskel"),
         ("Every suskindos is painted", "Every lusmamzis is painted", "suskindos"),

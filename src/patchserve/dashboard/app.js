@@ -8,12 +8,12 @@ import { FONT, Heatmap, fmt, legend, scaleBounds, tokenLabel } from "./heatmap.j
 const HOOKS = ["pre_attn", "attn_out", "post_attn", "mlp_in", "mlp_out", "post_block", "attn_head"];
 const METRICS = ["recovered", "logit_diff", "logprob", "prob", "kl"];
 // The bundled demo model's fact (docs/demo-model.md): the subject restores it at layer 0,
-// the last token at layers 2-3.
+// the last token from layer 1 on.
 const DEFAULTS = {
-  clean: "The capital of Rilsis is",
-  corrupt: "The capital of Kurbul is",
-  answer: " Gapon",
-  foil: " Rimler",
+  clean: "The capital of Rorsun is",
+  corrupt: "The capital of Sunror is",
+  answer: " Pesmum",
+  foil: " Terzir",
   hooks: ["post_block"],
   layers: "all",
   positions: "all",
