@@ -89,6 +89,12 @@ def study_args(*extra: str) -> list[str]:
     return ["sweep", "--clean", EXAMPLE["clean"], "--corrupt", EXAMPLE["corrupt"], *extra]
 
 
+def test_a_negative_top_is_refused_not_sliced():
+    done = patchserve(*study_args("--top", "-3"))
+    assert done.returncode == 2 and "--top: '-3' is not a whole number >= 0" in done.stderr
+    assert "top -3 cells" not in done.stdout
+
+
 def test_version_module_entry_point_and_type_marker():
     import patchserve as package
 
@@ -110,6 +116,7 @@ def test_user_mistakes_are_one_line_and_exit_2(tmp_path):
     cases = [
         (study_args("--layers", "9"), "layer 9 is out of range"),
         (study_args("--layers", "-1"), "bad layers '-1'"),
+        (study_args("--hooks", "attn_head", "--heads", "two"), "bad head 'two'"),
         (study_args("--hooks", "blocks.0.hook_resid_post"), "layers=[0]"),
         (study_args("--url", "http://127.0.0.1:9"), "cannot reach http://127.0.0.1:9"),
         (study_args("--model", str(no_tokenizer)), "has no tokenizer: it needs tokenizer.json"),
@@ -159,5 +166,12 @@ def test_head_grid_and_multi_token_answer(tmp_path):
     best = body["argmax"]
     listed = done.stdout.split("first):")[1].splitlines()[1]
     assert f"layer {best['layer']} head {best['head']} (every position)" in listed
+    # --heads takes the API's "all" as well as numbers and ranges.
+    every = patchserve(*study_args(*args, *ids, "--heads", "all"))
+    assert every.returncode == 0, every.stderr
+    assert json.loads(out.read_text())["heads"] == [0, 1, 2, 3]
+    some = patchserve(*study_args(*args, *ids, "--heads", "0,2-3"))
+    assert some.returncode == 0, some.stderr
+    assert json.loads(out.read_text())["heads"] == [0, 2, 3]
     wrong = patchserve(*study_args("--no-per-position"))
     assert wrong.returncode == 2 and "per_position applies to the attn_head hook" in wrong.stderr

@@ -29,6 +29,13 @@ from patchserve.wire.hooks import LOWER_IS_BETTER, METRICS
 from patchserve.wire.sweep import CellEvent, ErrorEvent, SummaryEvent, SweepBody
 
 
+def _count(text: str) -> int:
+    """An argparse type: a whole number >= 0 (``--top -3`` would silently list all but 3)."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
+
+
 def _int_list(text: str, what: str) -> list[int]:
     """``0,2,5`` and inclusive ranges ``2-6``, mixed."""
     out: list[int] = []
@@ -85,7 +92,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--positions", nargs="*", help="ints, ranges 3-7, span:TEXT[@N] (default: every token)"
     )
     p.add_argument("--hooks", default="post_block", help="comma-separated hook names")
-    p.add_argument("--heads", help="comma-separated heads for attn_head (default all)")
+    p.add_argument("--heads", help="attn_head: all | 0,2 | 1-3 (default all)")
     p.add_argument(
         "--per-position",
         action=argparse.BooleanOptionalAction,
@@ -120,7 +127,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", help="write a PNG heatmap here")
     p.add_argument("--json", help="write the response body here")
-    p.add_argument("--top", type=int, default=5, help="how many top cells to list")
+    p.add_argument("--top", type=_count, default=5, help="how many top cells to list")
     add_tracing_arguments(p)
 
 
@@ -147,7 +154,8 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
     if args.per_position is not None:
         body["per_position"] = args.per_position
     if args.heads:
-        body["heads"] = [int(h) for h in args.heads.split(",")]
+        heads = args.heads.strip()
+        body["heads"] = "all" if heads == "all" else _int_list(heads, "head")
     return body
 
 
