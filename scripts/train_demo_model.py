@@ -39,6 +39,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -534,20 +535,40 @@ def train(
     window: list[float] = []
     start = time.perf_counter()
     keep: list[torch.Tensor | None] = [None]
-    if args.drop_mlp_after_subject > 0:
+    penalties: list[torch.Tensor] = []
+
+    def drop(_m: Any, _i: Any, out: torch.Tensor) -> torch.Tensor:
+        return out if keep[0] is None else out * keep[0]
+
+    def penalise(_m: Any, _i: Any, out: torch.Tensor) -> torch.Tensor:
+        """Mean square of the MLP's output over the positions ``keep`` marks 0.
+
+        ``--mlp-penalty-after-subject``: an experiment, off by default; docs/demo-model.md
+        measures that it silences the last token's MLPs but moves the recall onto the
+        subject's middle tokens rather than its last.
+        """
+        if keep[0] is not None:
+            off = 1.0 - keep[0]
+            penalties.append((off * out.pow(2)).sum() / (off.sum() * out.shape[-1]).clamp(min=1.0))
+        return out
+
+    penalty = args.mlp_penalty_after_subject
+    if args.drop_mlp_after_subject > 0 or penalty > 0:
         for layer in model.model.layers[args.drop_mlp_from_layer :]:
-            layer.mlp.register_forward_hook(
-                lambda _m, _i, out: out if keep[0] is None else out * keep[0]
-            )
+            layer.mlp.register_forward_hook(penalise if penalty > 0 else drop)
     for step in range(args.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         batch = next(data)
         model.train()
         keep[0] = batch.mlp_keep
+        penalties.clear()
         loss = model(input_ids=batch.ids, labels=batch.labels).loss
         keep[0] = None
-        loss.backward()
+        if penalty > 0 and penalties:
+            (loss + penalty * torch.stack(penalties).sum()).backward()
+        else:
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -823,7 +844,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="probability that a fact statement trains with its post-subject MLPs off",
     )
     parser.add_argument(
-        "--drop-mlp-from-layer", type=int, default=0, help="first layer whose MLPs are dropped"
+        "--drop-mlp-from-layer",
+        type=int,
+        default=0,
+        help="first layer whose MLPs are dropped (or penalised)",
+    )
+    parser.add_argument(
+        "--mlp-penalty-after-subject",
+        type=float,
+        default=0.0,
+        help="weight of a loss term: the mean square of every MLP's output after the subject "
+        "of a fact statement (0: none)",
     )
     parser.add_argument("--threads", type=int, default=THREADS, help="torch threads")
     parser.add_argument("--per-template", type=int, default=2, help="demo pairs per template")
@@ -831,6 +862,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0.0 <= args.drop_mlp_after_subject <= 1.0:
         parser.error("--drop-mlp-after-subject is a probability: 0 to 1")
+    if args.mlp_penalty_after_subject < 0:
+        parser.error("--mlp-penalty-after-subject is a loss weight: 0 or more")
+    if args.mlp_penalty_after_subject > 0 and args.drop_mlp_after_subject > 0:
+        parser.error("--mlp-penalty-after-subject and --drop-mlp-after-subject exclude each other")
     if not 0 <= args.drop_mlp_from_layer < args.layers:
         parser.error(f"--drop-mlp-from-layer must name a layer: 0 to {args.layers - 1}")
     return args
@@ -866,7 +901,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters {n_params:,}", flush=True)
     directory = encode_items(tok, directory_items(world)) * args.directory_weight
-    drop = args.drop_mlp_after_subject
+    # --mlp-penalty-after-subject marks the same positions as dropping with p = 1 (and
+    # penalises the MLPs' output there instead of zeroing it)
+    drop = 1.0 if args.mlp_penalty_after_subject > 0 else args.drop_mlp_after_subject
     stream = batches(
         data_rng,
         facts + directory,
