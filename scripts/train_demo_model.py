@@ -416,7 +416,8 @@ def batches(
 
 @dataclass(frozen=True)
 class Batch:
-    """Padded ids and labels; ``mlp_keep`` ([batch, width, 1]) scales every MLP's output."""
+    """Padded ids and labels; ``mlp_keep`` ([batch, width, 1], 0 after a marked subject)
+    scales every hooked MLP's output (dropping) or marks where it is penalised."""
 
     ids: torch.Tensor
     labels: torch.Tensor
@@ -431,7 +432,8 @@ class MlpDrop:
     switched off (in the layers ``train`` hooks: ``--drop-mlp-from-layer`` on), meant to push
     the recall onto the subject's tokens, as ROME found in GPT-2 XL. IOI sentences and
     directory lines are never dropped. An experiment, off by default: docs/demo-model.md
-    measures that it moves the recall to the last token's earliest MLP instead.
+    measures that it moves the recall to the last token's earliest MLP instead. With
+    ``p = 1`` it also marks the positions ``--mlp-penalty-after-subject`` penalises.
     """
 
     p: float
