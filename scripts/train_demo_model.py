@@ -27,6 +27,7 @@ earlier designs)::
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -36,7 +37,7 @@ import random
 import shlex
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,8 @@ CONSONANTS = "bdfgklmnprstvz"
 VOWELS = "aeiou"
 CODAS = "nrlsm"
 PIECES = 12  # name pieces; 66 unordered pairs, four names each
+PAIR_PIECES = 17  # --names pairs: 272 ordered pairs, one name each
+TRIPLE_PIECES = (5, 13)  # --names triples: 20 ordered first-two pieces x 13 last pieces
 
 PROFESSIONS = (
     "baker", "farmer", "doctor", "painter", "sailor", "miner", "tailor", "poet", "lawyer",
@@ -219,6 +222,41 @@ def name_families(maker: NameMaker, count: int, pool: list[str], capital: bool) 
     raise ValueError(f"{len(pool)} pieces make fewer than {count} names")
 
 
+def spell_some(
+    maker: NameMaker, candidates: Iterable[tuple[str, ...]], count: int, capital: bool
+) -> list[str]:
+    """``count`` of the ``candidates`` (piece tuples), drawn at random, spelled as names."""
+    spellings = list(candidates)
+    if len(spellings) < count:
+        raise ValueError(f"{len(spellings)} spellings make fewer than {count} names")
+    maker.rng.shuffle(spellings)
+    names = [maker.spell(pieces) for pieces in spellings[:count]]
+    return [n.capitalize() for n in names] if capital else names
+
+
+def name_pairs(maker: NameMaker, count: int, pool: list[str], capital: bool) -> list[str]:
+    """``count`` names of exactly two pieces, ``ab`` for distinct ``a``, ``b`` of ``pool``.
+
+    Every first piece begins many names and every second piece ends many, so no single
+    token tells an entity apart, and there is no middle token: under causal attention only
+    the subject's last token can know which entity is meant.
+    """
+    return spell_some(maker, itertools.permutations(pool, 2), count, capital)
+
+
+def name_triples(
+    maker: NameMaker, count: int, heads: list[str], tails: list[str], capital: bool
+) -> list[str]:
+    """``count`` names ``abc``: ``a``, ``b`` distinct pieces of ``heads``, ``c`` of ``tails``.
+
+    The first two tokens narrow a name to one of ``len(tails)``, the last alone to one of
+    ``len(heads) * (len(heads) - 1)``; no name is the start of another, so no directory line
+    ends inside a subject and only its last token can know which entity is meant.
+    """
+    spellings = ((a, b, c) for a, b in itertools.permutations(heads, 2) for c in tails)
+    return spell_some(maker, spellings, count, capital)
+
+
 def make_world(
     seed: int, n_countries: int, n_people: int, n_objects: int, names: str = "families"
 ) -> World:
@@ -232,14 +270,22 @@ def make_world(
     rng = random.Random(seed)
     reserved = [*PROFESSIONS, *COLOURS, *IOI_NAMES, *IOI_PLACES, *IOI_OBJECTS]
     maker = NameMaker(rng, reserved)
-    if names == "families":
-        pool = maker.pieces(PIECES)
-        world = World(pieces=pool)
+    if names != "head-tail":
+        build: Callable[[int, bool], list[str]]
+        if names == "triples":
+            heads, tails = maker.pieces(TRIPLE_PIECES[0]), maker.pieces(TRIPLE_PIECES[1])
+            world = World(pieces=[*heads, *tails])
+            build = functools.partial(name_triples, maker, heads=heads, tails=tails)
+        else:
+            pool = maker.pieces(PIECES if names == "families" else PAIR_PIECES)
+            world = World(pieces=pool)
+            namer = name_families if names == "families" else name_pairs
+            build = functools.partial(namer, maker, pool=pool)
         cities = [maker.word().capitalize() for _ in range(n_countries)]
-        # Countries and people draw from one family list, so their names share pieces too.
-        capitalized = name_families(maker, n_countries + n_people, pool, capital=True)
+        # Countries and people draw from one name list, so their names share pieces too.
+        capitalized = build(n_countries + n_people, capital=True)
         countries, people = capitalized[:n_countries], capitalized[n_countries:]
-        objects = name_families(maker, n_objects, pool, capital=False)
+        objects = build(n_objects, capital=False)
         single: list[str] = []
     else:
         heads, tails = maker.pieces(24), maker.pieces(20)
@@ -826,7 +872,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--objects", type=int, default=100)
     parser.add_argument(
         "--names",
-        choices=("head-tail", "families"),
+        choices=("head-tail", "families", "pairs", "triples"),
         default="families",
         help="how entity names are built (see make_world)",
     )
