@@ -11,6 +11,13 @@ this script generates deterministically:
 * indirect-object-identification (IOI) sentences ("When Mary and John went to the store,
   John gave a drink to Mary.") so that name-mover structure exists.
 
+Besides next-token prediction, training has two terms that give the model ROME's
+division of labour (``--mlp-penalty-after-subject``, ``--subject-lens-weight``; both on
+by default, docs/demo-model.md measures what each design gave): the MLPs after the
+subject of a fact statement are kept quiet, and the subject's last token must hold the
+fact early (its answer read off layer 1's output through the unembedding), so the fact is
+recalled by MLPs at the subject's last token and moved to the last token by attention.
+
 It trains a byte-level BPE tokenizer, trains the model with plain AdamW, measures fact
 and IOI accuracy, picks clean/corrupt example pairs on which causal tracing finds real
 structure (checked automatically, see :func:`select_examples`) and writes a standard
@@ -443,6 +450,7 @@ def batches(
     ioi_fraction: float,
     pad_id: int,
     mlp_drop: MlpDrop | None = None,
+    subject_lens: bool = False,
 ) -> Iterator[Batch]:
     """Endless training batches; 8 batches at a time are grouped by length."""
     n_ioi = round(batch_size * ioi_fraction)
@@ -457,7 +465,7 @@ def batches(
         for chunk in chunks:
             ids, labels = pad_batch([e.full_ids for e in chunk], pad_id)
             keep = mlp_drop.mask(chunk, ids.shape[1]) if mlp_drop else None
-            yield Batch(ids, labels, keep)
+            yield Batch(ids, labels, keep, *(subject_answers(chunk) if subject_lens else ()))
 
 
 @dataclass(frozen=True)
@@ -468,6 +476,28 @@ class Batch:
     ids: torch.Tensor
     labels: torch.Tensor
     mlp_keep: torch.Tensor | None = None
+    subject_end: torch.Tensor | None = None  # [batch]: last subject position, -1: none
+    subject_answer: torch.Tensor | None = None  # [batch]: the fact's answer id there
+
+
+def subject_answers(chunk: Sequence[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each fact statement's or directory line's last subject position and answer id
+    (-1 and 0 for IOI sentences), for ``--subject-lens-weight``."""
+    has_subject = [e.item.relation != "ioi" for e in chunk]
+    end = [e.subject_tokens[-1] if on else -1 for e, on in zip(chunk, has_subject, strict=True)]
+    answer = [e.answer_id if on else 0 for e, on in zip(chunk, has_subject, strict=True)]
+    return torch.tensor(end), torch.tensor(answer)
+
+
+def subject_lens_loss(
+    model: Qwen3ForCausalLM, hidden: torch.Tensor, end: torch.Tensor, answer: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy of the answer read off the residual stream at the subject's last token
+    through the final norm and the unembedding (a logit lens), over the rows that have one."""
+    rows = (end >= 0).nonzero().squeeze(1)
+    states = hidden[rows, end[rows]]
+    logits = model.lm_head(model.model.norm(states))
+    return torch.nn.functional.cross_entropy(logits, answer[rows])
 
 
 @dataclass
@@ -591,9 +621,10 @@ def train(
     def penalise(_m: Any, _i: Any, out: torch.Tensor) -> torch.Tensor:
         """Mean square of the MLP's output over the positions ``keep`` marks 0.
 
-        ``--mlp-penalty-after-subject``: an experiment, off by default; docs/demo-model.md
-        measures that it silences the last token's MLPs but moves the recall onto the
-        subject's middle tokens rather than its last.
+        ``--mlp-penalty-after-subject`` (on by default): docs/demo-model.md measures that
+        alone it silences the last token's MLPs but moves the recall onto the subject's
+        middle tokens (or into attention); with ``--subject-lens-weight`` the recall sits
+        at the subject's last token.
         """
         if keep[0] is not None:
             off = 1.0 - keep[0]
@@ -611,12 +642,19 @@ def train(
         model.train()
         keep[0] = batch.mlp_keep
         penalties.clear()
-        loss = model(input_ids=batch.ids, labels=batch.labels).loss
+        end, answer = batch.subject_end, batch.subject_answer
+        lens = end is not None and answer is not None
+        out = model(input_ids=batch.ids, labels=batch.labels, output_hidden_states=lens)
+        loss = out.loss
         keep[0] = None
+        total = loss
         if penalty > 0 and penalties:
-            (loss + penalty * torch.stack(penalties).sum()).backward()
-        else:
-            loss.backward()
+            total = total + penalty * torch.stack(penalties).sum()
+        if end is not None and answer is not None:
+            hidden = out.hidden_states[args.subject_lens_layer + 1]
+            aux = subject_lens_loss(model, hidden, end, answer)
+            total = total + args.subject_lens_weight * aux
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -900,9 +938,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--mlp-penalty-after-subject",
         type=float,
-        default=0.0,
+        default=1.0,
         help="weight of a loss term: the mean square of every MLP's output after the subject "
         "of a fact statement (0: none)",
+    )
+    parser.add_argument(
+        "--subject-lens-weight",
+        type=float,
+        default=1.0,
+        help="weight of a loss term: the answer read off the subject's last token after "
+        "layer --subject-lens-layer through the unembedding (0: none)",
+    )
+    parser.add_argument(
+        "--subject-lens-layer", type=int, default=1, help="layer --subject-lens-weight reads"
     )
     parser.add_argument("--threads", type=int, default=THREADS, help="torch threads")
     parser.add_argument("--per-template", type=int, default=2, help="demo pairs per template")
@@ -913,7 +961,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.mlp_penalty_after_subject < 0:
         parser.error("--mlp-penalty-after-subject is a loss weight: 0 or more")
     if args.mlp_penalty_after_subject > 0 and args.drop_mlp_after_subject > 0:
-        parser.error("--mlp-penalty-after-subject and --drop-mlp-after-subject exclude each other")
+        parser.error(
+            "--mlp-penalty-after-subject and --drop-mlp-after-subject exclude each other "
+            "(--mlp-penalty-after-subject 0 turns the penalty off)"
+        )
+    if args.subject_lens_weight < 0:
+        parser.error("--subject-lens-weight is a loss weight: 0 or more")
+    if args.subject_lens_weight > 0 and not 0 <= args.subject_lens_layer < args.layers:
+        parser.error(f"--subject-lens-layer must name a layer: 0 to {args.layers - 1}")
     if not 0 <= args.drop_mlp_from_layer < args.layers:
         parser.error(f"--drop-mlp-from-layer must name a layer: 0 to {args.layers - 1}")
     return args
@@ -960,6 +1015,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.ioi_fraction,
         tok.pad_token_id,
         MlpDrop(drop, random.Random(args.seed + 4)) if drop > 0 else None,
+        subject_lens=args.subject_lens_weight > 0,
     )
     t_train = time.perf_counter()
     log = train(model, stream, facts, ioi_eval[:300], args)

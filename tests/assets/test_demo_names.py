@@ -9,6 +9,7 @@ can know which entity is meant. These tests check it on the worlds the script bu
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from functools import cache
 from pathlib import Path
@@ -80,3 +81,12 @@ def test_pairs_and_triples_never_end_a_name_inside_another() -> None:
         for names in groups:
             lowered = {n.lower() for n in names}
             assert not any(a != b and b.startswith(a) for a in lowered for b in lowered)
+
+
+def test_the_scripts_defaults_are_the_bundled_models_arguments() -> None:
+    """docs/demo-model.md: running the script with no flags reproduces the bundled model."""
+    from patchserve.assets import default_model_path
+
+    log = json.loads((default_model_path() / "training_log.json").read_text())
+    defaults = {k: str(v) for k, v in vars(script().parse_args([])).items()}
+    assert defaults == {k: str(v) for k, v in log["arguments"].items()}
