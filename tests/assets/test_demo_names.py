@@ -3,7 +3,8 @@
 The bundled model's design, and the two variants docs/demo-model.md records, rest on one
 property: reading a subject left to right, no piece before its last narrows the name to a
 single entity, so under causal attention only the subject's last token (or a later one)
-can know which entity is meant. These tests check it on the worlds the script builds.
+can know which entity is meant. These tests check it on the worlds the script builds, and
+that the script's defaults are the arguments the bundled model was trained with.
 """
 
 from __future__ import annotations
