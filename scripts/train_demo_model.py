@@ -465,7 +465,7 @@ def batches(
         for chunk in chunks:
             ids, labels = pad_batch([e.full_ids for e in chunk], pad_id)
             keep = mlp_drop.mask(chunk, ids.shape[1]) if mlp_drop else None
-            yield Batch(ids, labels, keep, *(subject_answers(chunk) if subject_lens else ()))
+            yield Batch(ids, labels, keep, subject_answers(chunk) if subject_lens else None)
 
 
 @dataclass(frozen=True)
@@ -476,8 +476,8 @@ class Batch:
     ids: torch.Tensor
     labels: torch.Tensor
     mlp_keep: torch.Tensor | None = None
-    subject_end: torch.Tensor | None = None  # [batch]: last subject position, -1: none
-    subject_answer: torch.Tensor | None = None  # [batch]: the fact's answer id there
+    # ([batch] last subject position, -1: none; [batch] the fact's answer id there)
+    subject_lens: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def subject_answers(chunk: Sequence[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -642,17 +642,16 @@ def train(
         model.train()
         keep[0] = batch.mlp_keep
         penalties.clear()
-        end, answer = batch.subject_end, batch.subject_answer
-        lens = end is not None and answer is not None
-        out = model(input_ids=batch.ids, labels=batch.labels, output_hidden_states=lens)
+        lens = batch.subject_lens
+        out = model(input_ids=batch.ids, labels=batch.labels, output_hidden_states=lens is not None)
         loss = out.loss
         keep[0] = None
         total = loss
         if penalty > 0 and penalties:
             total = total + penalty * torch.stack(penalties).sum()
-        if end is not None and answer is not None:
+        if lens is not None:
             hidden = out.hidden_states[args.subject_lens_layer + 1]
-            aux = subject_lens_loss(model, hidden, end, answer)
+            aux = subject_lens_loss(model, hidden, *lens)
             total = total + args.subject_lens_weight * aux
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
