@@ -230,11 +230,11 @@ def test_a_sweep_from_the_form_fills_every_heatmap_with_the_apis_values(
     png = Path(download.value.path()).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 
-    # Hover: the subject's cell at layer 0 shows its exact value.
-    page.hover("[data-testid=heatmap-post_block] rect.cell[data-layer='0'][data-position='4']")
+    # Hover: the subject's last token at layer 0, where the fact sits, shows its exact value.
+    page.hover("[data-testid=heatmap-post_block] rect.cell[data-layer='0'][data-position='5']")
     tip = page.locator("#tooltip")
-    assert f"recovered = {post[0, 4, None]:.4f}" in tip.inner_text()
-    assert 'position 4 " Sun"' in tip.inner_text()
+    assert f"recovered = {post[0, 5, None]:.4f}" in tip.inner_text()
+    assert 'position 5 "ror"' in tip.inner_text()
     shot = tmp_path / "dashboard.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 50_000

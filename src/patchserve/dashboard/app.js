@@ -7,8 +7,8 @@ import { FONT, Heatmap, fmt, legend, scaleBounds, tokenLabel } from "./heatmap.j
 
 const HOOKS = ["pre_attn", "attn_out", "post_attn", "mlp_in", "mlp_out", "post_block", "attn_head"];
 const METRICS = ["recovered", "logit_diff", "logprob", "prob", "kl"];
-// The bundled demo model's fact (docs/demo-model.md): the subject restores it at layer 0,
-// the last token from layer 1 on.
+// The bundled demo model's fact (docs/demo-model.md): the subject's last token restores it
+// at layers 0-1, the last token at layers 2-3.
 const DEFAULTS = {
   clean: "The capital of Rorsun is",
   corrupt: "The capital of Sunror is",
