@@ -178,6 +178,37 @@ def build_checkpoint(family: str, root: Path, seed: int = 0) -> Path:
     return folder
 
 
+#: Where ``transformers`` keeps each family's decoder layers and the modules whose outputs are
+#: our ``attn_out`` and ``mlp_out`` (dotted paths from a decoder layer), for the capture,
+#: module-hook and steering checks. A family not named here uses the Llama layout.
+REFERENCE_MODULES: dict[str, tuple[str, str, str]] = {
+    "gpt2": ("transformer.h", "attn", "mlp"),
+    "gpt_neox": ("gpt_neox.layers", "attention", "mlp"),
+    "gemma": ("model.layers", "post_attention_layernorm", "post_feedforward_layernorm"),
+}
+LLAMA_MODULES = ("model.layers", "self_attn", "mlp")
+
+
+def _path(root: object, dotted: str) -> object:
+    for part in dotted.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def reference_modules(ref: torch.nn.Module, family: str) -> tuple[list[torch.nn.Module], str, str]:
+    """``transformers``' decoder layers of ``ref`` and the dotted paths (from a layer) of the
+    modules whose outputs are ``attn_out`` and ``mlp_out``: the longest matching family prefix."""
+    matches = [name for name in REFERENCE_MODULES if family.startswith(name)]
+    layers, attn, mlp = REFERENCE_MODULES[max(matches, key=len)] if matches else LLAMA_MODULES
+    return list(_path(ref, layers)), attn, mlp  # type: ignore[call-overload]
+
+
+def submodule(layer: torch.nn.Module, dotted: str) -> torch.nn.Module:
+    module = _path(layer, dotted)
+    assert isinstance(module, torch.nn.Module)
+    return module
+
+
 def load_reference(folder: Path, dtype: torch.dtype = torch.float32) -> tf.PreTrainedModel:
     """The same checkpoint through ``transformers`` (eager attention): the oracle."""
     model = tf.AutoModelForCausalLM.from_pretrained(

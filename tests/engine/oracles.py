@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from checkpoints import reference_modules, submodule
 from patchserve.engine.metrics import Grader, raw_score
 from patchserve.models import Transformer
 from patchserve.models.reference import reference_forward
@@ -96,17 +97,6 @@ def naive_total(
     return total
 
 
-def reference_modules(ref, family: str) -> tuple[list, str, str]:
-    """transformers decoder layers and the names of their attention / MLP branch modules."""
-    if family.startswith("gpt2"):
-        return list(ref.transformer.h), "attn", "mlp"
-    if family.startswith("gpt_neox"):
-        return list(ref.gpt_neox.layers), "attention", "mlp"
-    if family.startswith("gemma"):
-        return list(ref.model.layers), "post_attention_layernorm", "post_feedforward_layernorm"
-    return list(ref.model.layers), "self_attn", "mlp"
-
-
 def transformers_cell(
     ref, family: str, corrupt_ids: list[int], hook: str, layer: int, position: int, source
 ) -> torch.Tensor:
@@ -134,9 +124,9 @@ def transformers_cell(
     elif hook == "pre_attn":
         handle = block.register_forward_pre_hook(on_input, with_kwargs=True)
     elif hook == "attn_out":
-        handle = getattr(block, attn).register_forward_hook(on_output)
+        handle = submodule(block, attn).register_forward_hook(on_output)
     elif hook == "mlp_out":
-        handle = getattr(block, mlp).register_forward_hook(on_output)
+        handle = submodule(block, mlp).register_forward_hook(on_output)
     else:
         raise ValueError(hook)
     try:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from checkpoints import build_checkpoint, load_reference
+from checkpoints import build_checkpoint, load_reference, reference_modules
 from models.helpers import PROMPT, loaded, tokenizer
 from patchserve.engine.errors import InvalidArgument
 from patchserve.engine.generation import (
@@ -146,6 +146,61 @@ def test_greedy_matches_transformers_generate(family_checkpoint):
         assert ours.finish_reason == "length"
     assert ours.token_ids == theirs
     assert ours.text == tokenizer(folder).decode(theirs)
+
+
+def _transformers_greedy(folder: Path, n: int) -> list[int]:
+    """``transformers``' greedy ``generate`` of the prompt, cut at EOS."""
+    ref = load_reference(folder)
+    ids = torch.tensor([prompt_ids(folder)])
+    with torch.inference_mode():
+        out = ref.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=n,
+            pad_token_id=2,
+            eos_token_id=EOS,
+        )
+    theirs = out[0, ids.shape[1] :].tolist()
+    return theirs[: theirs.index(EOS)] if EOS in theirs else theirs
+
+
+def test_steered_greedy_matches_transformers_generate_with_a_hook(family_checkpoint):
+    """A steering vector at ``post_block`` equals ``transformers``' ``generate`` with the same
+    vector added to the decoder layer's output by a forward hook, token for token."""
+    folder = family_checkpoint
+    model = loaded(folder).model
+    layer, scale, n = model.cfg.num_layers // 2, 1.5, 12
+    vec = 6 * torch.randn(model.cfg.hidden_size, generator=torch.Generator().manual_seed(5))
+    ours = run(
+        folder, n, stop_token_ids=[EOS], steer=[SteerVector(layer, "post_block", vec, scale)]
+    )
+    ref = load_reference(folder)
+    layers, _, _ = reference_modules(ref, folder.name)
+
+    def add(_module, _inputs, output):
+        if isinstance(output, tuple):
+            return (output[0] + scale * vec, *output[1:])
+        return output + scale * vec
+
+    handle = layers[layer].register_forward_hook(add)
+    try:
+        ids = torch.tensor([prompt_ids(folder)])
+        with torch.inference_mode():
+            out = ref.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=n,
+                pad_token_id=2,
+                eos_token_id=EOS,
+            )
+    finally:
+        handle.remove()
+    theirs = out[0, ids.shape[1] :].tolist()
+    theirs = theirs[: theirs.index(EOS)] if EOS in theirs else theirs
+    assert ours.token_ids == theirs
+    assert theirs != _transformers_greedy(folder, n), "the vector must change the completion"
 
 
 def test_sampled_path_logprobs_match_transformers(family_checkpoint):

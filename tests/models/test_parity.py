@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from checkpoints import load_reference
+from checkpoints import load_reference, reference_modules, submodule
 from models.helpers import DEVICES, ids_of, loaded
 from patchserve.models import HookContext
 from patchserve.models.hooks import RESIDUAL_HOOKS
@@ -44,18 +44,7 @@ def test_cache_split_matches_transformers(family_checkpoint, split):
 def _reference_branch_outputs(ref, family: str) -> tuple[list, dict]:
     """Forward hooks on the transformers model that record each block's branch outputs."""
     records: dict[tuple[int, str], torch.Tensor] = {}
-    if family.startswith("gpt2"):
-        blocks = ref.transformer.h
-        attn, mlp = "attn", "mlp"
-    elif family.startswith("gpt_neox"):
-        blocks = ref.gpt_neox.layers
-        attn, mlp = "attention", "mlp"
-    elif family.startswith("gemma"):
-        blocks = ref.model.layers
-        attn, mlp = "post_attention_layernorm", "post_feedforward_layernorm"
-    else:
-        blocks = ref.model.layers
-        attn, mlp = "self_attn", "mlp"
+    blocks, attn, mlp = reference_modules(ref, family)
     handles = []
     for i, block in enumerate(blocks):
         for hook, name in (("attn_out", attn), ("mlp_out", mlp)):
@@ -63,7 +52,7 @@ def _reference_branch_outputs(ref, family: str) -> tuple[list, dict]:
             def record(_m, _inp, out, key=(i, hook)):
                 records[key] = out[0] if isinstance(out, tuple) else out
 
-            handles.append(getattr(block, name).register_forward_hook(record))
+            handles.append(submodule(block, name).register_forward_hook(record))
     return handles, records
 
 
