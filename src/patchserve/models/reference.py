@@ -113,6 +113,8 @@ def reference_forward(
         m = site(layer, "mlp_out", block.mlp_post_norm(m) if block.mlp_post_norm else m)
         x = site(layer, "post_block", h + m)
     logits = _linear(model.lm_head, model.final_norm(x))
+    if cfg.logit_scale is not None:
+        logits = logits * cfg.logit_scale
     if cfg.final_softcap is not None:
         logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
     return logits, captured

@@ -59,7 +59,7 @@ class Transformer(nn.Module):
         )
         self.blocks = nn.ModuleList(DecoderBlock(cfg, layer) for layer in range(cfg.num_layers))
         self.final_norm = make_norm(cfg.norm_kind, d, cfg.norm_eps)
-        self.lm_head = Linear(d, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(d, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.lm_head.packed_always = True  # every pass's logits from one kernel
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -112,6 +112,8 @@ class Transformer(nn.Module):
         """Logits of a residual stream leaving the last block."""
         hidden = hidden.to(self.output_device)
         logits = self.lm_head(self.final_norm(hidden))
+        if self.cfg.logit_scale is not None:
+            logits = logits * self.cfg.logit_scale
         cap = self.cfg.final_softcap
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
