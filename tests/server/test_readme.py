@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -69,3 +70,27 @@ def test_readme_curl_examples_succeed_on_the_bundled_model(demo_server):
     choice = completion["choices"][0]
     assert choice["text"].startswith(" Pesmum")
     assert set(choice["logprob_token_ids"][0]) == {"877", "935"}
+
+
+def test_readme_quickstart_curl_runs_the_study_it_describes(demo_server):
+    """The first example a newcomer sees: one call, the whole residual-stream grid."""
+    block = README.read_text().split("<!-- curl-quickstart -->")[1].split("<!-- /curl-")[0]
+    command = block.split("```bash")[1].split("```")[0].strip()
+    assert command.startswith("curl -sf http://127.0.0.1:8000/")
+    body = json.loads(
+        run_curl(command.replace("http://127.0.0.1:8000", "$PATCHSERVE_URL"), demo_server.url)
+    )
+    assert body["hook"] == "post_block" and body["auto_captured"] is True
+    assert body["layers"] == [0, 1, 2, 3]
+    # Every layer x every position; the fact comes back in full at the last token's late layers.
+    assert body["positions"] == list(range(7)) and body["grid"][-1][-1] >= 0.99
+    assert body["warnings"] == []
+
+
+def test_readme_model_table_lists_every_native_architecture():
+    """The README's table of native models names every architecture the registry loads."""
+    from patchserve.models.registry import SUPPORTED_ARCHITECTURES
+
+    table = README.read_text().split("<!-- native-models -->")[1].split("<!-- /native-")[0]
+    named = set(re.findall(r"`(\w+ForCausalLM|\w+LMHeadModel)`", table))
+    assert named == set(SUPPORTED_ARCHITECTURES)
