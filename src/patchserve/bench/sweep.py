@@ -25,6 +25,7 @@ machine's measured float32 matmul rate.
 
     patchserve bench                         # Qwen3-shaped, 8 x 512, 32k vocab, 78 tokens
     patchserve bench --family gpt2 --tokens 256
+    patchserve bench --family olmo2          # or mixtral: 8 experts, 2 per token
     patchserve bench --memory --layers 12 --width 256 --tokens 256
     patchserve bench --model src/patchserve/assets/demo_facts   # any checkpoint folder
 """
@@ -122,6 +123,22 @@ def build_checkpoint(
             max_position_embeddings=4096,
             tie_word_embeddings=family == "qwen3",
         )
+    elif family in ("olmo2", "mixtral"):
+        # OLMo-2 (norms after the branches, full-width q/k norm) and Mixtral (8 experts, 2 per
+        # token, each expert the dense MLP's width): the same shape options as the others.
+        common = dict(
+            vocab_size=vocab,
+            hidden_size=width,
+            intermediate_size=mlp,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=4096,
+        )
+        if family == "olmo2":
+            config = tf.Olmo2Config(**common)
+        else:
+            config = tf.MixtralConfig(**common, num_local_experts=8, num_experts_per_tok=2)
     elif family == "gpt2":
         config = tf.GPT2Config(
             vocab_size=vocab, n_embd=width, n_layer=layers, n_head=heads, n_positions=4096
@@ -404,7 +421,9 @@ def parser() -> argparse.ArgumentParser:
         description=(__doc__ or "").replace("``", "").replace("**", ""),
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--family", default="qwen3", choices=["qwen3", "llama", "gpt2"])
+    p.add_argument(
+        "--family", default="qwen3", choices=["qwen3", "llama", "olmo2", "mixtral", "gpt2"]
+    )
     p.add_argument("--shape", choices=list(SHAPES), help="a real model's shape (random weights)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--model", help="benchmark this checkpoint folder instead of a random one")
