@@ -200,6 +200,9 @@ def _attend_explicit(
     softcap: float | None,
 ) -> torch.Tensor:
     """Softmax attention written out: soft-capping, and a shared (batch-1) prefix."""
+    # Contiguous operands: a strided batched matmul picks its kernel by the batch size on some
+    # CPUs (AMD EPYC, MKL), so a row's scores would depend on the rows beside it.
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     b, h, tq, d = q.shape
     kv, tk = k.shape[1], k.shape[2]
     g = h // kv

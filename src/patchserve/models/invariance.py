@@ -124,8 +124,8 @@ def pack_weights(model: nn.Module) -> tuple[int, int]:
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state-dict keys) that runs batch-invariantly
     inside :func:`batch_invariant`. ``packed_always`` (the unembedding): takes the
-    packed path in every pass where it has one, so logits from any pass — a prefill's
-    baseline, a sweep's cell — come from the same kernel and agree bit for bit."""
+    batch-invariant path (packed, else blocks) in every pass, so logits from any pass — a
+    prefill's baseline, a sweep's cell — come from the same kernel and agree bit for bit."""
 
     packed_always = False
     _packed: tuple[tuple[object, ...], torch.Tensor | None] | None = None  # (weight key, pack)
@@ -140,7 +140,9 @@ class Linear(nn.Linear):
         packed = self.pack()
         if packed is not None:
             return _packed_linear(x, packed, self.weight.detach(), self.bias)
-        return blocked_linear(x, self.weight, self.bias) if invariant else super().forward(x)
+        # No row-count-invariant packed path here (another CPU, device or dtype): blocks, for
+        # invariant passes and for ``packed_always`` in every pass alike — one kernel per row.
+        return blocked_linear(x, self.weight, self.bias)
 
     def pack(self) -> torch.Tensor | None:
         """The packed weight, made once (again when the weight changes: moved, reloaded)."""
