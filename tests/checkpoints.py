@@ -130,6 +130,18 @@ CONFIGS: dict[str, Callable[[], tf.PretrainedConfig]] = {
             "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
         },
     ),
+    "olmo": lambda: tf.OlmoConfig(**COMMON, **LLAMA_SHAPE, clip_qkv=1.5),
+    "olmo2": lambda: tf.Olmo2Config(**COMMON, **LLAMA_SHAPE),
+    "olmo3": lambda: tf.Olmo3Config(
+        **COMMON,
+        **LLAMA_SHAPE,
+        sliding_window=5,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+        },
+    ),
 }
 #: Not in FAMILIES (no parity tests): a wide, deep model whose full capture of 256
 #: tokens is ~200 MB, for the server's responsiveness tests.
@@ -185,6 +197,8 @@ REFERENCE_MODULES: dict[str, tuple[str, str, str]] = {
     "gpt2": ("transformer.h", "attn", "mlp"),
     "gpt_neox": ("gpt_neox.layers", "attention", "mlp"),
     "gemma": ("model.layers", "post_attention_layernorm", "post_feedforward_layernorm"),
+    "olmo2": ("model.layers", "post_attention_layernorm", "post_feedforward_layernorm"),
+    "olmo3": ("model.layers", "post_attention_layernorm", "post_feedforward_layernorm"),
 }
 LLAMA_MODULES = ("model.layers", "self_attn", "mlp")
 
