@@ -130,6 +130,7 @@ CONFIGS: dict[str, Callable[[], tf.PretrainedConfig]] = {
             "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
         },
     ),
+    "gemma1": lambda: tf.GemmaConfig(**COMMON, **LLAMA_SHAPE, head_dim=16),
     "olmo": lambda: tf.OlmoConfig(**COMMON, **LLAMA_SHAPE, clip_qkv=1.5),
     "olmo2": lambda: tf.Olmo2Config(**COMMON, **LLAMA_SHAPE),
     "olmo3": lambda: tf.Olmo3Config(
@@ -157,7 +158,7 @@ EXTRA_CONFIGS: dict[str, Callable[[], tf.PretrainedConfig]] = {
         max_position_embeddings=512,
     ),
 }
-ADDS_BOS = {"llama", "llama_tied_bias", "mistral", "gemma2", "gemma3"}
+ADDS_BOS = {"llama", "llama_tied_bias", "mistral", "gemma2", "gemma3", "gemma1"}
 FAMILIES = tuple(CONFIGS)
 
 
@@ -197,6 +198,7 @@ REFERENCE_MODULES: dict[str, tuple[str, str, str]] = {
     "gpt2": ("transformer.h", "attn", "mlp"),
     "gpt_neox": ("gpt_neox.layers", "attention", "mlp"),
     "gemma": ("model.layers", "post_attention_layernorm", "post_feedforward_layernorm"),
+    "gemma1": ("model.layers", "self_attn", "mlp"),  # not Gemma 2/3's post-norms
     "olmo2": ("model.layers", "post_attention_layernorm", "post_feedforward_layernorm"),
     "olmo3": ("model.layers", "post_attention_layernorm", "post_feedforward_layernorm"),
 }
