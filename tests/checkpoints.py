@@ -130,6 +130,19 @@ CONFIGS: dict[str, Callable[[], tf.PretrainedConfig]] = {
             "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
         },
     ),
+    "gemma1": lambda: tf.GemmaConfig(**COMMON, **LLAMA_SHAPE, head_dim=16),
+    "olmo": lambda: tf.OlmoConfig(**COMMON, **LLAMA_SHAPE, clip_qkv=1.5),
+    "olmo2": lambda: tf.Olmo2Config(**COMMON, **LLAMA_SHAPE),
+    "olmo3": lambda: tf.Olmo3Config(
+        **COMMON,
+        **LLAMA_SHAPE,
+        sliding_window=5,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+        },
+    ),
 }
 #: Not in FAMILIES (no parity tests): a wide, deep model whose full capture of 256
 #: tokens is ~200 MB, for the server's responsiveness tests.
@@ -145,7 +158,7 @@ EXTRA_CONFIGS: dict[str, Callable[[], tf.PretrainedConfig]] = {
         max_position_embeddings=512,
     ),
 }
-ADDS_BOS = {"llama", "llama_tied_bias", "mistral", "gemma2", "gemma3"}
+ADDS_BOS = {"llama", "llama_tied_bias", "mistral", "gemma2", "gemma3", "gemma1"}
 FAMILIES = tuple(CONFIGS)
 
 
@@ -185,6 +198,9 @@ REFERENCE_MODULES: dict[str, tuple[str, str, str]] = {
     "gpt2": ("transformer.h", "attn", "mlp"),
     "gpt_neox": ("gpt_neox.layers", "attention", "mlp"),
     "gemma": ("model.layers", "post_attention_layernorm", "post_feedforward_layernorm"),
+    "gemma1": ("model.layers", "self_attn", "mlp"),  # not Gemma 2/3's post-norms
+    "olmo2": ("model.layers", "post_attention_layernorm", "post_feedforward_layernorm"),
+    "olmo3": ("model.layers", "post_attention_layernorm", "post_feedforward_layernorm"),
 }
 LLAMA_MODULES = ("model.layers", "self_attn", "mlp")
 

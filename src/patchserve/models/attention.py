@@ -19,7 +19,7 @@ from torch import nn
 
 from patchserve.models.config import ModelConfig
 from patchserve.models.invariance import Linear
-from patchserve.models.layers import RMSNorm, apply_rotary
+from patchserve.models.layers import RMSNorm, apply_rotary, rms_norm
 
 if TYPE_CHECKING:
     from patchserve.models.state import PassState
@@ -55,6 +55,11 @@ class Attention(nn.Module):
         one_plus = cfg.norm_kind == "rms_one_plus"
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, one_plus) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, one_plus) if cfg.qk_norm else None
+        self.qk_norm_full = cfg.qk_norm_full_width
+        if cfg.qk_norm_full_width:  # OLMo-2: one norm over every head's channels
+            self.q_norm = rms_norm(cfg.norm_kind, cfg.q_size, cfg.norm_eps)
+            self.k_norm = rms_norm(cfg.norm_kind, cfg.kv_size, cfg.norm_eps)
+        self.clip = cfg.clip_qkv
         self.scale = cfg.attn_scale / (layer + 1 if cfg.attn_scale_by_layer else 1)
         self.softcap = cfg.attn_softcap
         self.window = cfg.sliding_windows[layer]
@@ -139,8 +144,9 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor] | None
     ) -> torch.Tensor:
         """Rotated queries ``[*tokens, H, D]`` of ``x``."""
-        q = self.q_proj(x).view(*x.shape[:-1], self.num_heads, self.head_dim)
-        if self.q_norm is not None:
+        q = self._whole(self.q_proj(x), self.q_norm)
+        q = q.view(*x.shape[:-1], self.num_heads, self.head_dim)
+        if self.q_norm is not None and not self.qk_norm_full:
             q = self.q_norm(q)
         return apply_rotary(q, *cos_sin) if cos_sin is not None else q
 
@@ -149,11 +155,18 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotated keys and values ``[*tokens, KV, D]`` of ``x``."""
         lead = x.shape[:-1]
-        k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
-        if self.k_norm is not None:
+        k = self._whole(self.k_proj(x), self.k_norm).view(*lead, self.num_kv_heads, self.head_dim)
+        v = self._whole(self.v_proj(x), None).view(*lead, self.num_kv_heads, self.head_dim)
+        if self.k_norm is not None and not self.qk_norm_full:
             k = self.k_norm(k)
         return (apply_rotary(k, *cos_sin) if cos_sin is not None else k), v
+
+    def _whole(self, t: torch.Tensor, norm: RMSNorm | None) -> torch.Tensor:
+        """A projection ``t`` before its split into heads: OLMo's clipping, then a full-width
+        q/k norm (``norm``, applied only where the config says so)."""
+        if self.clip is not None:
+            t = t.clamp(-self.clip, self.clip)
+        return norm(t) if norm is not None and self.qk_norm_full else t
 
 
 def attend(

@@ -43,6 +43,8 @@ class DecoderBlock(nn.Module):
         self.mlp_post_norm = (
             make_norm(cfg.norm_kind, d, cfg.norm_eps) if cfg.post_mlp_norm else None
         )
+        if not cfg.pre_norms:  # OLMo-2: the branches read the residual itself
+            self.attn_norm, self.mlp_norm = nn.Identity(), nn.Identity()
 
     def forward(
         self, x: torch.Tensor, state: PassState, reuse: Reuse | None = None

@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-NormKind = Literal["rms", "rms_one_plus", "layer"]
+# rms_float: RMSNorm whose weight multiplies in float32 before the cast back (OLMo-2/3);
+# layer_plain: LayerNorm without weight or bias, in float32 (OLMo).
+NormKind = Literal["rms", "rms_one_plus", "layer", "rms_float", "layer_plain"]
 
 
 class CheckpointError(ValueError):
@@ -26,6 +28,7 @@ class RopeConfig:
     rotary_dim: int
     # rope_type and its parameters as sorted (key, value) pairs (hashable); None for default
     scaling: tuple[tuple[str, Any], ...] | None = None
+    tables_float32: bool = False  # OLMo: cos/sin stay float32, q/k rotate in float32, cast back
 
     def scaling_params(self) -> dict[str, Any] | None:
         return dict(self.scaling) if self.scaling is not None else None
@@ -67,6 +70,9 @@ class ModelConfig:
     attn_scale_by_layer: bool = False  # GPT-2 scale_attn_by_inverse_layer_idx
     lm_head_bias: bool = False  # Phi, GPT-J: the unembedding has a bias
     logit_scale: float | None = None  # logits multiplied by it (Cohere; Granite 1/logits_scaling)
+    pre_norms: bool = True  # False: both branches read the raw residual (OLMo-2/3, post-norms only)
+    qk_norm_full_width: bool = False  # q/k norms over all heads at once, before the split (OLMo-2)
+    clip_qkv: float | None = None  # OLMo: q, k and v clamped to [-clip, clip] after projection
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)

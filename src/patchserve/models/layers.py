@@ -37,9 +37,40 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
+class FloatRMSNorm(RMSNorm):
+    """OLMo-2's RMSNorm: ``weight`` multiplies the float32 normalised input, then the cast back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * normed).to(x.dtype)
+
+
+class PlainLayerNorm(nn.Module):
+    """OLMo's LayerNorm: no weight, no bias, computed in float32 and cast back."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.dim, self.eps = dim, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), (self.dim,), None, None, eps=self.eps).to(x.dtype)
+
+
+def rms_norm(kind: NormKind, dim: int, eps: float) -> RMSNorm:
+    """The RMSNorm of a family's ``norm_kind`` (for q/k norms)."""
+    if kind == "rms_float":
+        return FloatRMSNorm(dim, eps)
+    return RMSNorm(dim, eps, one_plus=kind == "rms_one_plus")
+
+
 def make_norm(kind: NormKind, dim: int, eps: float) -> nn.Module:
     if kind == "layer":
         return nn.LayerNorm(dim, eps=eps)
+    if kind == "layer_plain":
+        return PlainLayerNorm(dim, eps)
+    if kind == "rms_float":
+        return FloatRMSNorm(dim, eps)
     return RMSNorm(dim, eps, one_plus=kind == "rms_one_plus")
 
 
@@ -124,6 +155,7 @@ class Rotary(nn.Module):
         # pass sees the same bits, and copies them over.
         freqs = positions.to(self.inv_freq.device).float()[..., None] * self.inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)
+        dtype = torch.float32 if self.rope.tables_float32 else dtype
         cos, sin = emb.cos().to(dtype)[..., None, :], emb.sin().to(dtype)[..., None, :]
         return cos.to(positions.device), sin.to(positions.device)
 
@@ -137,6 +169,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate the first ``rotary_dim`` channels of ``x`` [*tokens, heads, head_dim]."""
     rd = cos.shape[-1]
     if rd == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
+        return (x * cos + rotate_half(x) * sin).to(x.dtype)  # float32 tables: cast back
     x_rot, x_pass = x[..., :rd], x[..., rd:]
-    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+    return torch.cat(((x_rot * cos + rotate_half(x_rot) * sin).to(x.dtype), x_pass), dim=-1)

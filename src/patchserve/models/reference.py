@@ -37,13 +37,17 @@ def _linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return out + module.bias if module.bias is not None else out
 
 
-def _rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of the first ``2 * len(inv_freq)`` channels of ``x`` [b, t, h, d]."""
+def _rotate(
+    x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, float32: bool = False
+) -> torch.Tensor:
+    """Rotary embedding of the first ``2 * len(inv_freq)`` channels of ``x`` [b, t, h, d]
+    (``float32``: rotated in float32, then cast back, as OLMo)."""
     angles = positions.float()[:, None] * inv_freq.float()[None, :]  # [t, rd/2]
     emb = torch.cat((angles, angles), dim=-1)  # [t, rd]
-    cos, sin = emb.cos().to(x.dtype)[:, None, :], emb.sin().to(x.dtype)[:, None, :]
+    dtype = torch.float32 if float32 else x.dtype
+    cos, sin = emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
     rd = emb.shape[-1]
-    rotated = x[..., :rd] * cos + rotate_half(x[..., :rd]) * sin
+    rotated = (x[..., :rd] * cos + rotate_half(x[..., :rd]) * sin).to(x.dtype)
     return torch.cat((rotated, x[..., rd:]), dim=-1)
 
 
@@ -51,15 +55,21 @@ def _attention(model: Transformer, layer: int, x: torch.Tensor) -> torch.Tensor:
     """Per-head outputs ``[b, t, heads, head_dim]`` of the normalised residual ``x``."""
     cfg, attn = model.cfg, _blocks(model)[layer].attn
     b, t, _ = x.shape
-    q = _linear(attn.q_proj, x).view(b, t, cfg.num_heads, cfg.head_dim)
-    k = _linear(attn.k_proj, x).view(b, t, cfg.num_kv_heads, cfg.head_dim)
-    v = _linear(attn.v_proj, x).view(b, t, cfg.num_kv_heads, cfg.head_dim)
-    if attn.q_norm is not None and attn.k_norm is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v = _linear(attn.q_proj, x), _linear(attn.k_proj, x), _linear(attn.v_proj, x)
+    if cfg.clip_qkv is not None:  # OLMo: clamp each projection
+        q, k, v = (p.clamp(-cfg.clip_qkv, cfg.clip_qkv) for p in (q, k, v))
+    if cfg.qk_norm_full_width and attn.q_norm is not None and attn.k_norm is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)  # OLMo-2: over all heads at once
+    q = q.view(b, t, cfg.num_heads, cfg.head_dim)
+    k = k.view(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim)
+    if not cfg.qk_norm_full_width and attn.q_norm is not None and attn.k_norm is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)  # per head
     rope = cfg.rope[layer]
     if rope is not None:
         positions, inv_freq = torch.arange(t, device=x.device), rope_inv_freq(rope).to(x.device)
-        q, k = _rotate(q, positions, inv_freq), _rotate(k, positions, inv_freq)
+        f32 = rope.tables_float32
+        q, k = _rotate(q, positions, inv_freq, f32), _rotate(k, positions, inv_freq, f32)
     group = cfg.num_heads // cfg.num_kv_heads  # grouped-query attention: share each kv head
     k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * attn.scale
@@ -103,6 +113,7 @@ def reference_forward(
     if model.embed_positions is not None:
         x = x + model.embed_positions.weight[: input_ids.shape[1]]
     for layer, block in enumerate(_blocks(model)):
+        # attn_norm / mlp_norm are identities where a family has no pre-norms (OLMo-2)
         x = site(layer, "pre_attn", x)
         z = site(layer, "attn_head", _attention(model, layer, block.attn_norm(x)))
         a = _linear(block.attn.o_proj, z.flatten(-2))

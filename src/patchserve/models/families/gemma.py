@@ -1,6 +1,7 @@
 """Gemma 2 and Gemma 3 (text): 1+w RMSNorms around both branches, scaled embeddings,
 soft-capping, alternating sliding-window / global layers (Gemma 3: local and
-global rope bases, q/k norm)."""
+global rope bases, q/k norm). Gemma (1): Llama's layout with 1+w RMSNorms and
+scaled embeddings, nothing else."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import torch
 
 from patchserve.models.config import (
+    CheckpointError,
     ModelConfig,
     layer_windows,
     make_rope,
@@ -50,7 +52,58 @@ def _gemma3_rope(raw: dict[str, Any], layer_type: str, head_dim: int):
     return make_rope(rope_parameters(raw), head_dim)
 
 
+def _gemma1_activation(raw: dict[str, Any]) -> str:
+    """transformers reads ``hidden_act``, its legacy ``"gelu"`` meaning the tanh
+    approximation; an older ``hidden_activation`` that disagrees is refused."""
+    act = raw.get("hidden_act") or "gelu_pytorch_tanh"
+    act = "gelu_pytorch_tanh" if act == "gelu" else act
+    other = raw.get("hidden_activation")
+    if other is not None and other != act:
+        raise CheckpointError(
+            f"config.json hidden_activation {other!r} contradicts hidden_act "
+            f"{raw.get('hidden_act')!r} (transformers runs {act!r})"
+        )
+    return act
+
+
+def _read_gemma1(raw: dict[str, Any], architecture: str) -> ModelConfig:
+    if raw.get("use_bidirectional_attention"):
+        raise CheckpointError("config.json use_bidirectional_attention: not a causal LM")
+    hidden = require(raw, "hidden_size")
+    heads = require(raw, "num_attention_heads")
+    layers = require(raw, "num_hidden_layers")
+    head_dim = raw.get("head_dim") or hidden // heads
+    bias = bool(raw.get("attention_bias", False))
+    return ModelConfig(
+        family="gemma1",
+        architecture=architecture,
+        vocab_size=require(raw, "vocab_size"),
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=raw.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        intermediate_size=require(raw, "intermediate_size"),
+        norm_kind="rms_one_plus",
+        norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        activation=_gemma1_activation(raw),
+        gated_mlp=True,
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
+        rope=(make_rope(rope_parameters(raw), head_dim),) * layers,
+        sliding_windows=(None,) * layers,
+        attn_scale=head_dim**-0.5,
+        max_position_embeddings=raw.get("max_position_embeddings", 8192),
+        qkv_bias=bias,
+        o_bias=bias,
+        embed_scale=hidden**0.5,
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_id=raw.get("eos_token_id"),
+    )
+
+
 def read_config(raw: dict[str, Any], architecture: str) -> ModelConfig:
+    if architecture == "GemmaForCausalLM":
+        return _read_gemma1(raw, architecture)
     gemma3 = raw.get("model_type", "").startswith("gemma3") or architecture.startswith("Gemma3")
     hidden = require(raw, "hidden_size")
     heads = require(raw, "num_attention_heads")
@@ -106,13 +159,14 @@ def map_tensor(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> Mapped | No
     if split is None:
         return None
     layer, rest = split
-    target = BLOCK_NAMES.get(rest)
+    names = LLAMA_BLOCK_NAMES if cfg.family == "gemma1" else BLOCK_NAMES
+    target = names.get(rest)
     return None if target is None else [(f"blocks.{layer}.{target}", tensor)]
 
 
 FAMILY = Family(
     name="gemma",
-    architectures=("Gemma2ForCausalLM", "Gemma3ForCausalLM"),
+    architectures=("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"),
     read_config=read_config,
     map_tensor=map_tensor,
 )
