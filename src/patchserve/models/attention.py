@@ -19,7 +19,7 @@ from torch import nn
 
 from patchserve.models.config import ModelConfig
 from patchserve.models.invariance import Linear
-from patchserve.models.layers import RMSNorm, apply_rotary
+from patchserve.models.layers import HeadLayerNorm, RMSNorm, apply_rotary, make_norm
 
 if TYPE_CHECKING:
     from patchserve.models.state import PassState
@@ -52,13 +52,13 @@ class Attention(nn.Module):
         self.k_proj = Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
         self.v_proj = Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
         self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
-        one_plus = cfg.norm_kind == "rms_one_plus"
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, one_plus) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, one_plus) if cfg.qk_norm else None
+        self.q_norm = qk_norm(cfg, cfg.num_heads)
+        self.k_norm = qk_norm(cfg, cfg.num_kv_heads)
         self.scale = cfg.attn_scale / (layer + 1 if cfg.attn_scale_by_layer else 1)
         self.softcap = cfg.attn_softcap
         self.window = cfg.sliding_windows[layer]
         self.rope = cfg.rope[layer]
+        self.interleaved = self.rope is not None and self.rope.interleaved
 
     def forward(self, x: torch.Tensor, state: PassState) -> torch.Tensor:
         """Per-head attention outputs ``[*tokens, H, D]`` of the normalised residual ``x``.
@@ -142,7 +142,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(*x.shape[:-1], self.num_heads, self.head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
-        return apply_rotary(q, *cos_sin) if cos_sin is not None else q
+        return apply_rotary(q, *cos_sin, self.interleaved) if cos_sin is not None else q
 
     def keys_values(
         self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor] | None
@@ -153,7 +153,21 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
         if self.k_norm is not None:
             k = self.k_norm(k)
-        return (apply_rotary(k, *cos_sin) if cos_sin is not None else k), v
+        return (apply_rotary(k, *cos_sin, self.interleaved) if cos_sin is not None else k), v
+
+
+def qk_norm(cfg: ModelConfig, heads: int) -> nn.Module | None:
+    """The norm of ``heads`` query or key heads before rotary, if the family has one: the
+    per-head RMS norm, or a LayerNorm over ``head_dim`` shared by every head or one per head."""
+    if not cfg.qk_norm:
+        return None
+    if cfg.qk_norm_kind is None:
+        return RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_kind == "rms_one_plus")
+    if cfg.qk_norm_per_head:
+        if cfg.qk_norm_kind != "layer_no_bias":
+            raise ValueError(f"per-head q/k norms of kind {cfg.qk_norm_kind!r} are not supported")
+        return HeadLayerNorm(heads, cfg.head_dim, cfg.norm_eps)
+    return make_norm(cfg.qk_norm_kind, cfg.head_dim, cfg.norm_eps)
 
 
 def attend(

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-NormKind = Literal["rms", "rms_one_plus", "layer"]
+NormKind = Literal["rms", "rms_one_plus", "layer", "layer_no_bias"]
 
 
 class CheckpointError(ValueError):
@@ -26,6 +26,7 @@ class RopeConfig:
     rotary_dim: int
     # rope_type and its parameters as sorted (key, value) pairs (hashable); None for default
     scaling: tuple[tuple[str, Any], ...] | None = None
+    interleaved: bool = False  # GPT-J, Cohere: rotate pairs (0,1),(2,3)… instead of halves
 
     def scaling_params(self) -> dict[str, Any] | None:
         return dict(self.scaling) if self.scaling is not None else None
@@ -67,6 +68,8 @@ class ModelConfig:
     attn_scale_by_layer: bool = False  # GPT-2 scale_attn_by_inverse_layer_idx
     lm_head_bias: bool = False  # Phi, GPT-J: the unembedding has a bias
     logit_scale: float | None = None  # logits multiplied by it (Cohere; Granite 1/logits_scaling)
+    qk_norm_kind: NormKind | None = None  # q/k norm kind when not the per-head RMS one (Phi...)
+    qk_norm_per_head: bool = False  # q/k norm weights of their own per head (Cohere, StableLM)
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -37,13 +37,25 @@ def _linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return out + module.bias if module.bias is not None else out
 
 
-def _rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """``(x0, x1, x2, x3, …)`` → ``(-x1, x0, -x3, x2, …)``: neighbours rotate together."""
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+
+
+def _rotate(
+    x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, interleaved: bool = False
+) -> torch.Tensor:
     """Rotary embedding of the first ``2 * len(inv_freq)`` channels of ``x`` [b, t, h, d]."""
     angles = positions.float()[:, None] * inv_freq.float()[None, :]  # [t, rd/2]
-    emb = torch.cat((angles, angles), dim=-1)  # [t, rd]
+    if interleaved:  # GPT-J, Cohere: channel 2i turns with channel 2i + 1
+        emb = angles.repeat_interleave(2, dim=-1)  # [t, rd]: a0, a0, a1, a1, …
+    else:  # channel i turns with channel i + rd/2
+        emb = torch.cat((angles, angles), dim=-1)  # [t, rd]: a0, a1, …, a0, a1, …
     cos, sin = emb.cos().to(x.dtype)[:, None, :], emb.sin().to(x.dtype)[:, None, :]
     rd = emb.shape[-1]
-    rotated = x[..., :rd] * cos + rotate_half(x[..., :rd]) * sin
+    rotate = _rotate_pairs if interleaved else rotate_half
+    rotated = x[..., :rd] * cos + rotate(x[..., :rd]) * sin
     return torch.cat((rotated, x[..., rd:]), dim=-1)
 
 
@@ -59,7 +71,8 @@ def _attention(model: Transformer, layer: int, x: torch.Tensor) -> torch.Tensor:
     rope = cfg.rope[layer]
     if rope is not None:
         positions, inv_freq = torch.arange(t, device=x.device), rope_inv_freq(rope).to(x.device)
-        q, k = _rotate(q, positions, inv_freq), _rotate(k, positions, inv_freq)
+        q = _rotate(q, positions, inv_freq, rope.interleaved)
+        k = _rotate(k, positions, inv_freq, rope.interleaved)
     group = cfg.num_heads // cfg.num_kv_heads  # grouped-query attention: share each kv head
     k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * attn.scale
