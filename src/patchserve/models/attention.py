@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from patchserve.models.config import ModelConfig
+from patchserve.models.config import CheckpointError, ModelConfig
 from patchserve.models.invariance import Linear
 from patchserve.models.layers import HeadLayerNorm, RMSNorm, apply_rotary, make_norm
 
@@ -165,7 +165,7 @@ def qk_norm(cfg: ModelConfig, heads: int) -> nn.Module | None:
         return RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_kind == "rms_one_plus")
     if cfg.qk_norm_per_head:
         if cfg.qk_norm_kind != "layer_no_bias":
-            raise ValueError(f"per-head q/k norms of kind {cfg.qk_norm_kind!r} are not supported")
+            raise CheckpointError(f"per-head q/k norms of kind {cfg.qk_norm_kind!r}: unsupported")
         return HeadLayerNorm(heads, cfg.head_dim, cfg.norm_eps)
     return make_norm(cfg.qk_norm_kind, cfg.head_dim, cfg.norm_eps)
 

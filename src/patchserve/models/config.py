@@ -68,7 +68,7 @@ class ModelConfig:
     attn_scale_by_layer: bool = False  # GPT-2 scale_attn_by_inverse_layer_idx
     lm_head_bias: bool = False  # Phi, GPT-J: the unembedding has a bias
     logit_scale: float | None = None  # logits multiplied by it (Cohere; Granite 1/logits_scaling)
-    qk_norm_kind: NormKind | None = None  # q/k norm kind when not the per-head RMS one (Phi...)
+    qk_norm_kind: NormKind | None = None  # LayerNorm q/k norms: Phi "layer", Cohere "layer_no_bias"
     qk_norm_per_head: bool = False  # q/k norm weights of their own per head (Cohere, StableLM)
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
