@@ -143,6 +143,24 @@ CONFIGS: dict[str, Callable[[], tf.PretrainedConfig]] = {
             "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
         },
     ),
+    "gptj": lambda: tf.GPTJConfig(
+        **COMMON, n_embd=64, n_layer=3, n_head=4, rotary_dim=8, n_inner=128, n_positions=256
+    ),
+    "cohere": lambda: tf.CohereConfig(
+        **COMMON, **LLAMA_SHAPE, use_qk_norm=True, logit_scale=0.5, attention_bias=True
+    ),
+    "phi": lambda: tf.PhiConfig(**COMMON, **LLAMA_SHAPE, partial_rotary_factor=0.5),
+    "phi_qk_layernorm": lambda: tf.PhiConfig(
+        **COMMON, **{**LLAMA_SHAPE, "num_key_value_heads": 4}, qk_layernorm=True
+    ),
+    "stablelm": lambda: tf.StableLmConfig(**COMMON, **LLAMA_SHAPE, use_qkv_bias=True),
+    "stablelm_parallel_qk": lambda: tf.StableLmConfig(
+        **COMMON,
+        **LLAMA_SHAPE,
+        partial_rotary_factor=0.5,
+        use_parallel_residual=True,
+        qk_layernorm=True,
+    ),
 }
 #: Not in FAMILIES (no parity tests): a wide, deep model whose full capture of 256
 #: tokens is ~200 MB, for the server's responsiveness tests.
@@ -170,6 +188,8 @@ def randomise(model: torch.nn.Module, seed: int) -> None:
             if p.dim() == 1 and ("norm" in name or "ln" in name):
                 base = 0.0 if "gemma" in type(model).__name__.lower() else 1.0
                 p.copy_(base + 0.2 * noise)
+            elif p.dim() == 2 and name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.copy_(1.0 + 0.2 * noise)  # Cohere's per-head q/k norms: [heads, head_dim]
             elif p.dim() == 1:
                 p.copy_(0.1 * noise)
             else:
@@ -201,6 +221,7 @@ REFERENCE_MODULES: dict[str, tuple[str, str, str]] = {
     "gemma1": ("model.layers", "self_attn", "mlp"),  # not Gemma 2/3's post-norms
     "olmo2": ("model.layers", "post_attention_layernorm", "post_feedforward_layernorm"),
     "olmo3": ("model.layers", "post_attention_layernorm", "post_feedforward_layernorm"),
+    "gptj": ("transformer.h", "attn", "mlp"),
 }
 LLAMA_MODULES = ("model.layers", "self_attn", "mlp")
 

@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -126,7 +127,7 @@ def build_checkpoint(
     elif family in ("olmo2", "mixtral"):
         # OLMo-2 (norms after the branches, full-width q/k norm) and Mixtral (8 experts, 2 per
         # token, each expert the dense MLP's width): the same shape options as the others.
-        common = dict(
+        common: dict[str, Any] = dict(
             vocab_size=vocab,
             hidden_size=width,
             intermediate_size=mlp,

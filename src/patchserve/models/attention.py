@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from patchserve.models.config import ModelConfig
+from patchserve.models.config import CheckpointError, ModelConfig
 from patchserve.models.invariance import Linear
-from patchserve.models.layers import RMSNorm, apply_rotary, rms_norm
+from patchserve.models.layers import HeadLayerNorm, RMSNorm, apply_rotary, make_norm, rms_norm
 
 if TYPE_CHECKING:
     from patchserve.models.state import PassState
@@ -52,9 +52,8 @@ class Attention(nn.Module):
         self.k_proj = Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
         self.v_proj = Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
         self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
-        one_plus = cfg.norm_kind == "rms_one_plus"
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, one_plus) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, one_plus) if cfg.qk_norm else None
+        self.q_norm = qk_norm(cfg, cfg.num_heads)
+        self.k_norm = qk_norm(cfg, cfg.num_kv_heads)
         self.qk_norm_full = cfg.qk_norm_full_width
         if cfg.qk_norm_full_width:  # OLMo-2: one norm over every head's channels
             self.q_norm = rms_norm(cfg.norm_kind, cfg.q_size, cfg.norm_eps)
@@ -64,6 +63,7 @@ class Attention(nn.Module):
         self.softcap = cfg.attn_softcap
         self.window = cfg.sliding_windows[layer]
         self.rope = cfg.rope[layer]
+        self.interleaved = self.rope is not None and self.rope.interleaved
 
     def forward(self, x: torch.Tensor, state: PassState) -> torch.Tensor:
         """Per-head attention outputs ``[*tokens, H, D]`` of the normalised residual ``x``.
@@ -148,7 +148,7 @@ class Attention(nn.Module):
         q = q.view(*x.shape[:-1], self.num_heads, self.head_dim)
         if self.q_norm is not None and not self.qk_norm_full:
             q = self.q_norm(q)
-        return apply_rotary(q, *cos_sin) if cos_sin is not None else q
+        return apply_rotary(q, *cos_sin, self.interleaved) if cos_sin is not None else q
 
     def keys_values(
         self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor] | None
@@ -159,14 +159,28 @@ class Attention(nn.Module):
         v = self._whole(self.v_proj(x), None).view(*lead, self.num_kv_heads, self.head_dim)
         if self.k_norm is not None and not self.qk_norm_full:
             k = self.k_norm(k)
-        return (apply_rotary(k, *cos_sin) if cos_sin is not None else k), v
+        return (apply_rotary(k, *cos_sin, self.interleaved) if cos_sin is not None else k), v
 
-    def _whole(self, t: torch.Tensor, norm: RMSNorm | None) -> torch.Tensor:
+    def _whole(self, t: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
         """A projection ``t`` before its split into heads: OLMo's clipping, then a full-width
         q/k norm (``norm``, applied only where the config says so)."""
         if self.clip is not None:
             t = t.clamp(-self.clip, self.clip)
         return norm(t) if norm is not None and self.qk_norm_full else t
+
+
+def qk_norm(cfg: ModelConfig, heads: int) -> nn.Module | None:
+    """The norm of ``heads`` query or key heads before rotary, if the family has one: the
+    per-head RMS norm, or a LayerNorm over ``head_dim`` shared by every head or one per head."""
+    if not cfg.qk_norm:
+        return None
+    if cfg.qk_norm_kind is None:
+        return RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_kind == "rms_one_plus")
+    if cfg.qk_norm_per_head:
+        if cfg.qk_norm_kind != "layer_no_bias":
+            raise CheckpointError(f"per-head q/k norms of kind {cfg.qk_norm_kind!r}: unsupported")
+        return HeadLayerNorm(heads, cfg.head_dim, cfg.norm_eps)
+    return make_norm(cfg.qk_norm_kind, cfg.head_dim, cfg.norm_eps)
 
 
 def attend(

@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 # rms_float: RMSNorm whose weight multiplies in float32 before the cast back (OLMo-2/3);
 # layer_plain: LayerNorm without weight or bias, in float32 (OLMo).
-NormKind = Literal["rms", "rms_one_plus", "layer", "rms_float", "layer_plain"]
+# layer_no_bias: LayerNorm with a weight and no bias, in float32 (Cohere).
+NormKind = Literal["rms", "rms_one_plus", "layer", "rms_float", "layer_plain", "layer_no_bias"]
 
 
 class CheckpointError(ValueError):
@@ -29,6 +30,7 @@ class RopeConfig:
     # rope_type and its parameters as sorted (key, value) pairs (hashable); None for default
     scaling: tuple[tuple[str, Any], ...] | None = None
     tables_float32: bool = False  # OLMo: cos/sin stay float32, q/k rotate in float32, cast back
+    interleaved: bool = False  # GPT-J, Cohere: rotate pairs (0,1),(2,3)… instead of halves
 
     def scaling_params(self) -> dict[str, Any] | None:
         return dict(self.scaling) if self.scaling is not None else None
@@ -73,6 +75,8 @@ class ModelConfig:
     pre_norms: bool = True  # False: both branches read the raw residual (OLMo-2/3, post-norms only)
     qk_norm_full_width: bool = False  # q/k norms over all heads at once, before the split (OLMo-2)
     clip_qkv: float | None = None  # OLMo: q, k and v clamped to [-clip, clip] after projection
+    qk_norm_kind: NormKind | None = None  # LayerNorm q/k norms: Phi "layer", Cohere "layer_no_bias"
+    qk_norm_per_head: bool = False  # q/k norm weights of their own per head (Cohere, StableLM)
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)

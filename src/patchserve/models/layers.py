@@ -64,6 +64,39 @@ def rms_norm(kind: NormKind, dim: int, eps: float) -> RMSNorm:
     return RMSNorm(dim, eps, one_plus=kind == "rms_one_plus")
 
 
+def layer_norm_f32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Mean-centred LayerNorm over the last dim without bias, all in float32 (Cohere)."""
+    x32 = x.float()
+    centred = x32 - x32.mean(-1, keepdim=True)
+    normed = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * normed).to(x.dtype)
+
+
+class BiasFreeLayerNorm(nn.Module):
+    """Cohere's LayerNorm: weight only, computed in float32, cast back to the input dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm_f32(x, self.weight, self.eps)
+
+
+class HeadLayerNorm(nn.Module):
+    """A bias-free float32 LayerNorm over ``head_dim`` of ``[..., heads, head_dim]`` with one
+    weight per head, ``weight.{h}`` (Cohere's and StableLM's q/k norms)."""
+
+    def __init__(self, heads: int, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.ParameterList(nn.Parameter(torch.ones(dim)) for _ in range(heads))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm_f32(x, torch.stack(tuple(self.weight)), self.eps)
+
+
 def make_norm(kind: NormKind, dim: int, eps: float) -> nn.Module:
     if kind == "layer":
         return nn.LayerNorm(dim, eps=eps)
@@ -71,6 +104,8 @@ def make_norm(kind: NormKind, dim: int, eps: float) -> nn.Module:
         return PlainLayerNorm(dim, eps)
     if kind == "rms_float":
         return FloatRMSNorm(dim, eps)
+    if kind == "layer_no_bias":
+        return BiasFreeLayerNorm(dim, eps)
     return RMSNorm(dim, eps, one_plus=kind == "rms_one_plus")
 
 
@@ -135,7 +170,8 @@ def rope_inv_freq(rope: RopeConfig) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
-    """cos/sin tables for absolute positions; ``rotate_half`` convention, optionally partial."""
+    """cos/sin tables for absolute positions; ``rotate_half`` or interleaved convention,
+    optionally partial."""
 
     def __init__(self, rope: RopeConfig) -> None:
         super().__init__()
@@ -154,7 +190,7 @@ class Rotary(nn.Module):
         # On the frequencies' device (a device map's first), whichever device asks: every
         # pass sees the same bits, and copies them over.
         freqs = positions.to(self.inv_freq.device).float()[..., None] * self.inv_freq.float()
-        emb = torch.cat((freqs, freqs), dim=-1)
+        emb = interleave_or_cat(freqs, self.rope.interleaved)
         dtype = torch.float32 if self.rope.tables_float32 else dtype
         cos, sin = emb.cos().to(dtype)[..., None, :], emb.sin().to(dtype)[..., None, :]
         return cos.to(positions.device), sin.to(positions.device)
@@ -165,10 +201,27 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first ``rotary_dim`` channels of ``x`` [*tokens, heads, head_dim]."""
+def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
+    """Interleaved convention (GPT-J, Cohere): pairs ``(x0, x1), (x2, x3)…`` → ``(-x1, x0)…``."""
+    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+
+def interleave_or_cat(freqs: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Angles ``[..., rd/2]`` → ``[..., rd]``: each repeated in place (interleaved
+    pairs) or the whole list twice (``rotate_half``'s halves)."""
+    if interleaved:
+        return freqs.repeat_interleave(2, dim=-1)
+    return torch.cat((freqs, freqs), dim=-1)
+
+
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False
+) -> torch.Tensor:
+    """Rotate the first ``rotary_dim`` channels of ``x`` [*tokens, heads, head_dim]
+    (``interleaved``: pairs of neighbouring channels, the tables built to match)."""
+    rotate = rotate_every_two if interleaved else rotate_half
     rd = cos.shape[-1]
     if rd == x.shape[-1]:
-        return (x * cos + rotate_half(x) * sin).to(x.dtype)  # float32 tables: cast back
+        return (x * cos + rotate(x) * sin).to(x.dtype)  # float32 tables: cast back
     x_rot, x_pass = x[..., :rd], x[..., rd:]
-    return torch.cat(((x_rot * cos + rotate_half(x_rot) * sin).to(x.dtype), x_pass), dim=-1)
+    return torch.cat(((x_rot * cos + rotate(x_rot) * sin).to(x.dtype), x_pass), dim=-1)

@@ -37,17 +37,31 @@ def _linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return out + module.bias if module.bias is not None else out
 
 
+def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """``(x0, x1, x2, x3, …)`` → ``(-x1, x0, -x3, x2, …)``: neighbours rotate together."""
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+
+
 def _rotate(
-    x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, float32: bool = False
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    interleaved: bool = False,
+    float32: bool = False,
 ) -> torch.Tensor:
     """Rotary embedding of the first ``2 * len(inv_freq)`` channels of ``x`` [b, t, h, d]
     (``float32``: rotated in float32, then cast back, as OLMo)."""
     angles = positions.float()[:, None] * inv_freq.float()[None, :]  # [t, rd/2]
-    emb = torch.cat((angles, angles), dim=-1)  # [t, rd]
+    if interleaved:  # GPT-J, Cohere: channel 2i turns with channel 2i + 1
+        emb = angles.repeat_interleave(2, dim=-1)  # [t, rd]: a0, a0, a1, a1, …
+    else:  # channel i turns with channel i + rd/2
+        emb = torch.cat((angles, angles), dim=-1)  # [t, rd]: a0, a1, …, a0, a1, …
     dtype = torch.float32 if float32 else x.dtype
     cos, sin = emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
     rd = emb.shape[-1]
-    rotated = (x[..., :rd] * cos + rotate_half(x[..., :rd]) * sin).to(x.dtype)
+    rotate = _rotate_pairs if interleaved else rotate_half
+    rotated = (x[..., :rd] * cos + rotate(x[..., :rd]) * sin).to(x.dtype)
     return torch.cat((rotated, x[..., rd:]), dim=-1)
 
 
@@ -68,8 +82,8 @@ def _attention(model: Transformer, layer: int, x: torch.Tensor) -> torch.Tensor:
     rope = cfg.rope[layer]
     if rope is not None:
         positions, inv_freq = torch.arange(t, device=x.device), rope_inv_freq(rope).to(x.device)
-        f32 = rope.tables_float32
-        q, k = _rotate(q, positions, inv_freq, f32), _rotate(k, positions, inv_freq, f32)
+        q = _rotate(q, positions, inv_freq, rope.interleaved, rope.tables_float32)
+        k = _rotate(k, positions, inv_freq, rope.interleaved, rope.tables_float32)
     group = cfg.num_heads // cfg.num_kv_heads  # grouped-query attention: share each kv head
     k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * attn.scale

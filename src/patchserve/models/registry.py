@@ -5,7 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from patchserve.models.config import CheckpointError
-from patchserve.models.families import gemma, gpt2, gpt_neox, llama, olmo
+from patchserve.models.families import (
+    cohere,
+    gemma,
+    gpt2,
+    gpt_neox,
+    gptj,
+    llama,
+    olmo,
+    phi,
+    stablelm,
+)
 from patchserve.models.families.base import Family
 
 FAMILIES: tuple[Family, ...] = (
@@ -14,6 +24,10 @@ FAMILIES: tuple[Family, ...] = (
     gpt_neox.FAMILY,
     gemma.FAMILY,
     olmo.FAMILY,
+    gptj.FAMILY,
+    cohere.FAMILY,
+    phi.FAMILY,
+    stablelm.FAMILY,
 )
 REGISTRY: dict[str, Family] = {arch: f for f in FAMILIES for arch in f.architectures}
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(sorted(REGISTRY))
