@@ -67,6 +67,7 @@ class ModelConfig:
     attn_scale_by_layer: bool = False  # GPT-2 scale_attn_by_inverse_layer_idx
     lm_head_bias: bool = False  # Phi, GPT-J: the unembedding has a bias
     logit_scale: float | None = None  # logits multiplied by it (Cohere; Granite 1/logits_scaling)
+    residual_multiplier: float | None = None  # Granite: attn_out and mlp_out include this factor
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
