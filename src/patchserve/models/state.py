@@ -10,7 +10,7 @@ import torch
 from patchserve.models.attention import AttentionMasks
 from patchserve.models.config import RopeConfig
 from patchserve.models.hooks import HookContext
-from patchserve.models.layers import Rotary
+from patchserve.models.layers import Rotary, check_rope_positions, rope_position_limit
 from patchserve.models.layout import AttentionGroup, Layout
 
 
@@ -144,7 +144,10 @@ class PassState:
                 )
                 return self._tables[key]
             layout = self.layout
-            positions = layout.offsets + layout.lengths - 1 if last else layout.positions
+            last_positions = layout.offsets + layout.lengths - 1
+            if rope_position_limit(rope) is not None and last_positions.numel():
+                check_rope_positions(rope, int(last_positions.max()))
+            positions = last_positions if last else layout.positions
             self._tables[key] = self.rotaries[rope].tables(positions, self.dtype)
         return self._tables[key]
 
