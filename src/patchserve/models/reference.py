@@ -22,7 +22,13 @@ from typing import cast
 import torch
 
 from patchserve.models.block import DecoderBlock
-from patchserve.models.layers import activation, rope_inv_freq, rotate_half
+from patchserve.models.layers import (
+    activation,
+    check_rope_positions,
+    rope_attention_factor,
+    rope_inv_freq,
+    rotate_half,
+)
 from patchserve.models.transformer import Transformer
 
 Edit = Callable[[int, str, torch.Tensor], torch.Tensor]
@@ -37,11 +43,15 @@ def _linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return out + module.bias if module.bias is not None else out
 
 
-def _rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of the first ``2 * len(inv_freq)`` channels of ``x`` [b, t, h, d]."""
+def _rotate(
+    x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, factor: float
+) -> torch.Tensor:
+    """Rotary embedding of the first ``2 * len(inv_freq)`` channels of ``x`` [b, t, h, d],
+    cos and sin times ``factor`` (LongRoPE's attention factor, else 1)."""
     angles = positions.float()[:, None] * inv_freq.float()[None, :]  # [t, rd/2]
     emb = torch.cat((angles, angles), dim=-1)  # [t, rd]
-    cos, sin = emb.cos().to(x.dtype)[:, None, :], emb.sin().to(x.dtype)[:, None, :]
+    cos, sin = emb.cos() * factor, emb.sin() * factor
+    cos, sin = cos.to(x.dtype)[:, None, :], sin.to(x.dtype)[:, None, :]
     rd = emb.shape[-1]
     rotated = x[..., :rd] * cos + rotate_half(x[..., :rd]) * sin
     return torch.cat((rotated, x[..., rd:]), dim=-1)
@@ -58,8 +68,10 @@ def _attention(model: Transformer, layer: int, x: torch.Tensor) -> torch.Tensor:
         q, k = attn.q_norm(q), attn.k_norm(k)
     rope = cfg.rope[layer]
     if rope is not None:
+        check_rope_positions(rope, t - 1)
         positions, inv_freq = torch.arange(t, device=x.device), rope_inv_freq(rope).to(x.device)
-        q, k = _rotate(q, positions, inv_freq), _rotate(k, positions, inv_freq)
+        factor = rope_attention_factor(rope)
+        q, k = _rotate(q, positions, inv_freq, factor), _rotate(k, positions, inv_freq, factor)
     group = cfg.num_heads // cfg.num_kv_heads  # grouped-query attention: share each kv head
     k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * attn.scale
@@ -102,15 +114,18 @@ def reference_forward(
         x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
     if model.embed_positions is not None:
         x = x + model.embed_positions.weight[: input_ids.shape[1]]
+    branch_scale = cfg.residual_multiplier  # Granite: each branch's output × it
     for layer, block in enumerate(_blocks(model)):
         x = site(layer, "pre_attn", x)
         z = site(layer, "attn_head", _attention(model, layer, block.attn_norm(x)))
         a = _linear(block.attn.o_proj, z.flatten(-2))
-        a = site(layer, "attn_out", block.attn_post_norm(a) if block.attn_post_norm else a)
+        a = block.attn_post_norm(a) if block.attn_post_norm else a
+        a = site(layer, "attn_out", a * branch_scale if branch_scale is not None else a)
         h = site(layer, "post_attn", x + a)
         m_in = site(layer, "mlp_in", block.mlp_norm(x if cfg.parallel_residual else h))
         m = _mlp(model, layer, m_in)
-        m = site(layer, "mlp_out", block.mlp_post_norm(m) if block.mlp_post_norm else m)
+        m = block.mlp_post_norm(m) if block.mlp_post_norm else m
+        m = site(layer, "mlp_out", m * branch_scale if branch_scale is not None else m)
         x = site(layer, "post_block", h + m)
     logits = _linear(model.lm_head, model.final_norm(x))
     if cfg.logit_scale is not None:
