@@ -5,10 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 from patchserve.models.config import CheckpointError
-from patchserve.models.families import gemma, gpt2, gpt_neox, llama
+from patchserve.models.families import (
+    gemma,
+    gpt2,
+    gpt_neox,
+    granite,
+    llama,
+    phi3,
+    smollm3,
+    starcoder2,
+)
 from patchserve.models.families.base import Family
 
 FAMILIES: tuple[Family, ...] = (llama.FAMILY, gpt2.FAMILY, gpt_neox.FAMILY, gemma.FAMILY)
+FAMILIES += (phi3.FAMILY, granite.FAMILY, smollm3.FAMILY, starcoder2.FAMILY)
 REGISTRY: dict[str, Family] = {arch: f for f in FAMILIES for arch in f.architectures}
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(sorted(REGISTRY))
 
