@@ -144,10 +144,10 @@ class PassState:
                 )
                 return self._tables[key]
             layout = self.layout
-            last_positions = layout.offsets + layout.lengths - 1
-            if rope_position_limit(rope) is not None and last_positions.numel():
-                check_rope_positions(rope, int(last_positions.max()))
-            positions = last_positions if last else layout.positions
+            ends = layout.offsets + layout.lengths
+            if rope_position_limit(rope) is not None and ends.numel():  # LongRoPE's limit
+                check_rope_positions(rope, int(ends.max()) - 1)
+            positions = layout.offsets + layout.lengths - 1 if last else layout.positions
             self._tables[key] = self.rotaries[rope].tables(positions, self.dtype)
         return self._tables[key]
 
