@@ -161,6 +161,39 @@ CONFIGS: dict[str, Callable[[], tf.PretrainedConfig]] = {
         use_parallel_residual=True,
         qk_layernorm=True,
     ),
+    "phi3": lambda: tf.Phi3Config(
+        **COMMON,
+        **LLAMA_SHAPE,
+        sliding_window=16,
+        original_max_position_embeddings=64,  # the context: longer positions are refused
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5,
+            "short_factor": [1.3, 2.0, 3.1, 5.0],
+            "long_factor": [2.0, 4.0, 8.0, 16.0],
+        },
+    ),
+    "granite": lambda: tf.GraniteConfig(
+        **COMMON,
+        **LLAMA_SHAPE,
+        embedding_multiplier=3.3,
+        residual_multiplier=0.6,
+        attention_multiplier=0.1,
+        logits_scaling=2.5,
+    ),
+    "smollm3": lambda: tf.SmolLM3Config(
+        **COMMON,
+        **{**LLAMA_SHAPE, "num_hidden_layers": 4},
+        no_rope_layers=[1, 0, 1, 0],
+        use_sliding_window=True,
+        sliding_window=6,
+    ),
+    "starcoder2": lambda: tf.Starcoder2Config(
+        **COMMON,
+        **LLAMA_SHAPE,
+        sliding_window=16,
+    ),
 }
 #: Not in FAMILIES (no parity tests): a wide, deep model whose full capture of 256
 #: tokens is ~200 MB, for the server's responsiveness tests.
@@ -224,6 +257,9 @@ REFERENCE_MODULES: dict[str, tuple[str, str, str]] = {
     "gptj": ("transformer.h", "attn", "mlp"),
 }
 LLAMA_MODULES = ("model.layers", "self_attn", "mlp")
+#: The config attribute of the factor our ``attn_out`` / ``mlp_out`` include but
+#: ``transformers``' branch modules above do not (it scales them as they are added).
+BRANCH_SCALES: dict[str, str] = {"granite": "residual_multiplier"}
 
 
 def _path(root: object, dotted: str) -> object:
@@ -238,6 +274,14 @@ def reference_modules(ref: torch.nn.Module, family: str) -> tuple[list[torch.nn.
     matches = [name for name in REFERENCE_MODULES if family.startswith(name)]
     layers, attn, mlp = REFERENCE_MODULES[max(matches, key=len)] if matches else LLAMA_MODULES
     return list(_path(ref, layers)), attn, mlp  # type: ignore[call-overload]
+
+
+def branch_scale(ref: torch.nn.Module, family: str) -> float:
+    """Our ``attn_out`` / ``mlp_out`` ÷ the output of ``transformers``' branch module."""
+    matches = [name for name in BRANCH_SCALES if family.startswith(name)]
+    if not matches:
+        return 1.0
+    return float(getattr(ref.config, BRANCH_SCALES[max(matches, key=len)]))
 
 
 def submodule(layer: torch.nn.Module, dotted: str) -> torch.nn.Module:

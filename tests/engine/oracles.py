@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from checkpoints import reference_modules, submodule
+from checkpoints import branch_scale, reference_modules, submodule
 from patchserve.engine.metrics import Grader, raw_score
 from patchserve.models import Transformer
 from patchserve.models.reference import reference_forward
@@ -102,6 +102,8 @@ def transformers_cell(
 ) -> torch.Tensor:
     """Last-position logits of ``transformers`` with the site overwritten by a module hook."""
     layers, attn, mlp = reference_modules(ref, family)
+    if hook in ("attn_out", "mlp_out"):  # the module's output, before any branch scale
+        source = source / branch_scale(ref, family)
 
     def write(t: torch.Tensor) -> torch.Tensor:
         t = t.clone()

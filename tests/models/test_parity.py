@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from checkpoints import load_reference, reference_modules, submodule
+from checkpoints import branch_scale, load_reference, reference_modules, submodule
 from models.helpers import DEVICES, ids_of, loaded
 from patchserve.models import HookContext
 from patchserve.models.hooks import RESIDUAL_HOOKS
@@ -63,6 +63,7 @@ def test_captures_match_transformers(family_checkpoint):
     ours = loaded(family_checkpoint).model
     n = ours.cfg.num_layers
     handles, branch = _reference_branch_outputs(ref, family)
+    scale = branch_scale(ref, family)
     with torch.inference_mode():
         out = ref(ids, output_hidden_states=True)
         for h in handles:
@@ -76,7 +77,8 @@ def test_captures_match_transformers(family_checkpoint):
         if layer < n - 1:
             assert (cap[layer, "post_block"] - hs[layer + 1]).abs().max() < TOL
         for hook in ("attn_out", "mlp_out"):
-            assert (cap[layer, hook] - branch[layer, hook]).abs().max() < TOL, (layer, hook)
+            expected = branch[layer, hook] * scale
+            assert (cap[layer, hook] - expected).abs().max() < TOL, (layer, hook)
         # Exact identities of the residual stream.
         assert torch.equal(
             cap[layer, "post_block"], cap[layer, "post_attn"] + cap[layer, "mlp_out"]
@@ -107,6 +109,8 @@ def test_attn_heads_project_to_attn_out(family_checkpoint):
             total = total + block.attn.o_proj.bias
         if block.attn_post_norm is not None:
             total = block.attn_post_norm(total)
+        if cfg.residual_multiplier is not None:
+            total = total * cfg.residual_multiplier
         assert (total - cap[layer, "attn_out"]).abs().max() < TOL
 
 

@@ -45,6 +45,7 @@ class DecoderBlock(nn.Module):
         )
         if not cfg.pre_norms:  # OLMo-2: the branches read the residual itself
             self.attn_norm, self.mlp_norm = nn.Identity(), nn.Identity()
+        self.branch_scale = cfg.residual_multiplier  # Granite: each branch's output × it
 
     def forward(
         self, x: torch.Tensor, state: PassState, reuse: Reuse | None = None
@@ -105,8 +106,14 @@ class DecoderBlock(nn.Module):
     def _project(self, z: torch.Tensor) -> torch.Tensor:
         """The output projection (and any post-norm) of per-head outputs ``z``."""
         out = self.attn.o_proj(z.flatten(-2))
-        return self.attn_post_norm(out) if self.attn_post_norm is not None else out
+        out = self.attn_post_norm(out) if self.attn_post_norm is not None else out
+        return self._scale_branch(out)
 
     def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
         out = self.mlp(x)
-        return self.mlp_post_norm(out) if self.mlp_post_norm is not None else out
+        out = self.mlp_post_norm(out) if self.mlp_post_norm is not None else out
+        return self._scale_branch(out)
+
+    def _scale_branch(self, out: torch.Tensor) -> torch.Tensor:
+        """A branch output times the residual multiplier, if any: what is added to the residual."""
+        return out * self.branch_scale if self.branch_scale is not None else out

@@ -77,6 +77,7 @@ class ModelConfig:
     clip_qkv: float | None = None  # OLMo: q, k and v clamped to [-clip, clip] after projection
     qk_norm_kind: NormKind | None = None  # LayerNorm q/k norms: Phi "layer", Cohere "layer_no_bias"
     qk_norm_per_head: bool = False  # q/k norm weights of their own per head (Cohere, StableLM)
+    residual_multiplier: float | None = None  # Granite: attn_out and mlp_out include this factor
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -166,7 +166,44 @@ def rope_inv_freq(rope: RopeConfig) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
         return torch.where(medium, smoothed, scaled)
+    if kind == "longrope":
+        # The short factors: those transformers uses for positions within
+        # original_max_position_embeddings (see rope_position_limit).
+        ext = torch.tensor(scaling["short_factor"], dtype=torch.float32)
+        shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+        return 1.0 / (ext * rope.theta**shape)
     raise ValueError(f"unsupported rope_type {kind!r}")
+
+
+def rope_attention_factor(rope: RopeConfig) -> float:
+    """The factor cos and sin are multiplied by (LongRoPE's attention factor; else 1)."""
+    scaling = rope.scaling_params()
+    return float(scaling.get("attention_factor", 1.0)) if scaling is not None else 1.0
+
+
+def rope_position_limit(rope: RopeConfig) -> int | None:
+    """The first position the rotary tables cannot serve exactly, or None.
+
+    LongRoPE: ``transformers`` uses the short factors while a pass's last position is
+    below ``original_max_position_embeddings`` and recomputes every position with the
+    long factors past it, which a cached pass cannot follow; such positions are refused.
+    """
+    scaling = rope.scaling_params()
+    if scaling is None or scaling["rope_type"] != "longrope":
+        return None
+    return int(scaling["original_max_position_embeddings"])
+
+
+def check_rope_positions(rope: RopeConfig, last_position: int) -> None:
+    """A ``ValueError`` naming the limit when ``last_position`` is past what ``rope`` serves."""
+    limit = rope_position_limit(rope)
+    if limit is not None and last_position >= limit:
+        raise ValueError(
+            f"position {last_position} is past this model's LongRoPE "
+            f"original_max_position_embeddings ({limit}): transformers switches every position "
+            f"to the long factors there, which a cached pass cannot reproduce; "
+            f"at most {limit} tokens are supported"
+        )
 
 
 class Rotary(nn.Module):
@@ -178,6 +215,7 @@ class Rotary(nn.Module):
         self.rope = rope
         self.rotary_dim = rope.rotary_dim
         self.register_buffer("inv_freq", rope_inv_freq(rope), persistent=False)
+        self.attention_factor = rope_attention_factor(rope)
 
     def reset(self, device: torch.device | str) -> None:
         """Recompute the frequencies in float32 (after a meta-device build or a dtype cast)."""
@@ -192,7 +230,10 @@ class Rotary(nn.Module):
         freqs = positions.to(self.inv_freq.device).float()[..., None] * self.inv_freq.float()
         emb = interleave_or_cat(freqs, self.rope.interleaved)
         dtype = torch.float32 if self.rope.tables_float32 else dtype
-        cos, sin = emb.cos().to(dtype)[..., None, :], emb.sin().to(dtype)[..., None, :]
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_factor != 1.0:  # in float32 before the cast, as transformers
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        cos, sin = cos.to(dtype)[..., None, :], sin.to(dtype)[..., None, :]
         return cos.to(positions.device), sin.to(positions.device)
 
 

@@ -22,7 +22,13 @@ from typing import cast
 import torch
 
 from patchserve.models.block import DecoderBlock
-from patchserve.models.layers import activation, rope_inv_freq, rotate_half
+from patchserve.models.layers import (
+    activation,
+    check_rope_positions,
+    rope_attention_factor,
+    rope_inv_freq,
+    rotate_half,
+)
 from patchserve.models.transformer import Transformer
 
 Edit = Callable[[int, str, torch.Tensor], torch.Tensor]
@@ -49,16 +55,19 @@ def _rotate(
     inv_freq: torch.Tensor,
     interleaved: bool = False,
     float32: bool = False,
+    factor: float = 1.0,
 ) -> torch.Tensor:
     """Rotary embedding of the first ``2 * len(inv_freq)`` channels of ``x`` [b, t, h, d]
-    (``float32``: rotated in float32, then cast back, as OLMo)."""
+    (``float32``: rotated in float32, then cast back, as OLMo; cos and sin times ``factor``,
+    LongRoPE's attention factor)."""
     angles = positions.float()[:, None] * inv_freq.float()[None, :]  # [t, rd/2]
     if interleaved:  # GPT-J, Cohere: channel 2i turns with channel 2i + 1
         emb = angles.repeat_interleave(2, dim=-1)  # [t, rd]: a0, a0, a1, a1, …
     else:  # channel i turns with channel i + rd/2
         emb = torch.cat((angles, angles), dim=-1)  # [t, rd]: a0, a1, …, a0, a1, …
     dtype = torch.float32 if float32 else x.dtype
-    cos, sin = emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+    cos, sin = emb.cos() * factor, emb.sin() * factor
+    cos, sin = cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
     rd = emb.shape[-1]
     rotate = _rotate_pairs if interleaved else rotate_half
     rotated = (x[..., :rd] * cos + rotate(x[..., :rd]) * sin).to(x.dtype)
@@ -81,9 +90,11 @@ def _attention(model: Transformer, layer: int, x: torch.Tensor) -> torch.Tensor:
         q, k = attn.q_norm(q), attn.k_norm(k)  # per head
     rope = cfg.rope[layer]
     if rope is not None:
+        check_rope_positions(rope, t - 1)
         positions, inv_freq = torch.arange(t, device=x.device), rope_inv_freq(rope).to(x.device)
-        q = _rotate(q, positions, inv_freq, rope.interleaved, rope.tables_float32)
-        k = _rotate(k, positions, inv_freq, rope.interleaved, rope.tables_float32)
+        f32, factor = rope.tables_float32, rope_attention_factor(rope)
+        q = _rotate(q, positions, inv_freq, rope.interleaved, f32, factor)
+        k = _rotate(k, positions, inv_freq, rope.interleaved, f32, factor)
     group = cfg.num_heads // cfg.num_kv_heads  # grouped-query attention: share each kv head
     k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * attn.scale
@@ -126,16 +137,19 @@ def reference_forward(
         x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
     if model.embed_positions is not None:
         x = x + model.embed_positions.weight[: input_ids.shape[1]]
+    branch_scale = cfg.residual_multiplier  # Granite: each branch's output × it
     for layer, block in enumerate(_blocks(model)):
         # attn_norm / mlp_norm are identities where a family has no pre-norms (OLMo-2)
         x = site(layer, "pre_attn", x)
         z = site(layer, "attn_head", _attention(model, layer, block.attn_norm(x)))
         a = _linear(block.attn.o_proj, z.flatten(-2))
-        a = site(layer, "attn_out", block.attn_post_norm(a) if block.attn_post_norm else a)
+        a = block.attn_post_norm(a) if block.attn_post_norm else a
+        a = site(layer, "attn_out", a * branch_scale if branch_scale is not None else a)
         h = site(layer, "post_attn", x + a)
         m_in = site(layer, "mlp_in", block.mlp_norm(x if cfg.parallel_residual else h))
         m = _mlp(model, layer, m_in)
-        m = site(layer, "mlp_out", block.mlp_post_norm(m) if block.mlp_post_norm else m)
+        m = block.mlp_post_norm(m) if block.mlp_post_norm else m
+        m = site(layer, "mlp_out", m * branch_scale if branch_scale is not None else m)
         x = site(layer, "post_block", h + m)
     logits = _linear(model.lm_head, model.final_norm(x))
     if cfg.logit_scale is not None:

@@ -11,15 +11,22 @@ from patchserve.models.families import (
     gpt2,
     gpt_neox,
     gptj,
+    granite,
     llama,
     olmo,
     phi,
+    phi3,
+    smollm3,
     stablelm,
+    starcoder2,
 )
 from patchserve.models.families.base import Family
 
 FAMILIES: tuple[Family, ...] = (
     llama.FAMILY,
+    granite.FAMILY,
+    smollm3.FAMILY,
+    phi3.FAMILY,
     gpt2.FAMILY,
     gpt_neox.FAMILY,
     gemma.FAMILY,
@@ -28,6 +35,7 @@ FAMILIES: tuple[Family, ...] = (
     cohere.FAMILY,
     phi.FAMILY,
     stablelm.FAMILY,
+    starcoder2.FAMILY,
 )
 REGISTRY: dict[str, Family] = {arch: f for f in FAMILIES for arch in f.architectures}
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(sorted(REGISTRY))

@@ -10,7 +10,7 @@ import torch
 from patchserve.models.attention import AttentionMasks
 from patchserve.models.config import RopeConfig
 from patchserve.models.hooks import HookContext
-from patchserve.models.layers import Rotary
+from patchserve.models.layers import Rotary, check_rope_positions, rope_position_limit
 from patchserve.models.layout import AttentionGroup, Layout
 
 
@@ -144,6 +144,9 @@ class PassState:
                 )
                 return self._tables[key]
             layout = self.layout
+            ends = layout.offsets + layout.lengths
+            if rope_position_limit(rope) is not None and ends.numel():  # LongRoPE's limit
+                check_rope_positions(rope, int(ends.max()) - 1)
             positions = layout.offsets + layout.lengths - 1 if last else layout.positions
             self._tables[key] = self.rotaries[rope].tables(positions, self.dtype)
         return self._tables[key]
