@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-NormKind = Literal["rms", "rms_one_plus", "layer"]
+NormKind = Literal["rms", "rms_one_plus", "layer", "layer_no_affine"]
 
 
 class CheckpointError(ValueError):
@@ -67,6 +67,10 @@ class ModelConfig:
     attn_scale_by_layer: bool = False  # GPT-2 scale_attn_by_inverse_layer_idx
     lm_head_bias: bool = False  # Phi, GPT-J: the unembedding has a bias
     logit_scale: float | None = None  # logits multiplied by it (Cohere; Granite 1/logits_scaling)
+    post_ln_residual: bool = False  # OPT-350m: attn_norm / mlp_norm normalise each residual sum
+    final_norm: bool = True  # False: no norm before the unembedding (OPT post-LN)
+    embed_dim: int | None = None  # OPT word_embed_proj_dim: embedding width, project_in/out
+    position_offset: int = 0  # OPT: position p reads row p + 2 of the learned table
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)

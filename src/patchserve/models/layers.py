@@ -40,6 +40,8 @@ class RMSNorm(nn.Module):
 def make_norm(kind: NormKind, dim: int, eps: float) -> nn.Module:
     if kind == "layer":
         return nn.LayerNorm(dim, eps=eps)
+    if kind == "layer_no_affine":  # OPT layer_norm_elementwise_affine=False
+        return nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
     return RMSNorm(dim, eps, one_plus=kind == "rms_one_plus")
 
 
