@@ -130,6 +130,33 @@ CONFIGS: dict[str, Callable[[], tf.PretrainedConfig]] = {
             "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
         },
     ),
+    "gpt_neo": lambda: tf.GPTNeoConfig(
+        **COMMON,
+        hidden_size=64,
+        num_layers=4,
+        num_heads=4,
+        attention_types=[[["global", "local"], 1], [["local", "global"], 1]],
+        window_size=5,
+        max_position_embeddings=256,
+    ),
+    "opt": lambda: tf.OPTConfig(
+        **COMMON,
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+        max_position_embeddings=256,
+    ),
+    "opt_post_ln": lambda: tf.OPTConfig(
+        **COMMON,
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        do_layer_norm_before=False,
+        max_position_embeddings=256,
+    ),
 }
 #: Not in FAMILIES (no parity tests): a wide, deep model whose full capture of 256
 #: tokens is ~200 MB, for the server's responsiveness tests.
@@ -185,6 +212,8 @@ REFERENCE_MODULES: dict[str, tuple[str, str, str]] = {
     "gpt2": ("transformer.h", "attn", "mlp"),
     "gpt_neox": ("gpt_neox.layers", "attention", "mlp"),
     "gemma": ("model.layers", "post_attention_layernorm", "post_feedforward_layernorm"),
+    "gpt_neo": ("transformer.h", "attn", "mlp"),
+    "opt": ("model.decoder.layers", "self_attn", "fc2"),
 }
 LLAMA_MODULES = ("model.layers", "self_attn", "mlp")
 
