@@ -114,7 +114,8 @@ def reference_forward(
         if cfg.post_ln_residual:  # post-LN: the residual sums are normalised
             h = site(layer, "post_attn", block.attn_norm(x + a))
             m_in = site(layer, "mlp_in", h)
-            m = site(layer, "mlp_out", _mlp(model, layer, m_in))
+            m = _mlp(model, layer, m_in)
+            m = site(layer, "mlp_out", block.mlp_post_norm(m) if block.mlp_post_norm else m)
             x = site(layer, "post_block", block.mlp_norm(h + m))
             continue
         h = site(layer, "post_attn", x + a)
