@@ -194,6 +194,33 @@ CONFIGS: dict[str, Callable[[], tf.PretrainedConfig]] = {
         **LLAMA_SHAPE,
         sliding_window=16,
     ),
+    "gpt_neo": lambda: tf.GPTNeoConfig(
+        **COMMON,
+        hidden_size=64,
+        num_layers=4,
+        num_heads=4,
+        attention_types=[[["global", "local"], 1], [["local", "global"], 1]],
+        window_size=5,
+        max_position_embeddings=256,
+    ),
+    "opt": lambda: tf.OPTConfig(
+        **COMMON,
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+        max_position_embeddings=256,
+    ),
+    "opt_post_ln": lambda: tf.OPTConfig(
+        **COMMON,
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        do_layer_norm_before=False,
+        max_position_embeddings=256,
+    ),
 }
 #: Not in FAMILIES (no parity tests): a wide, deep model whose full capture of 256
 #: tokens is ~200 MB, for the server's responsiveness tests.
@@ -255,6 +282,8 @@ REFERENCE_MODULES: dict[str, tuple[str, str, str]] = {
     "olmo2": ("model.layers", "post_attention_layernorm", "post_feedforward_layernorm"),
     "olmo3": ("model.layers", "post_attention_layernorm", "post_feedforward_layernorm"),
     "gptj": ("transformer.h", "attn", "mlp"),
+    "gpt_neo": ("transformer.h", "attn", "mlp"),
+    "opt": ("model.decoder.layers", "self_attn", "fc2"),
 }
 LLAMA_MODULES = ("model.layers", "self_attn", "mlp")
 #: The config attribute of the factor our ``attn_out`` / ``mlp_out`` include but

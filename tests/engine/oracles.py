@@ -107,7 +107,9 @@ def transformers_cell(
 
     def write(t: torch.Tensor) -> torch.Tensor:
         t = t.clone()
-        t[:, position] = source
+        # OPT's fc2 sees the tokens flattened: [tokens, d] for this one row
+        rows = t if t.dim() == 3 else t.view(1, *t.shape)
+        rows[:, position] = source
         return t
 
     def on_output(_module, _inputs, output):

@@ -79,13 +79,18 @@ def test_captures_match_transformers(family_checkpoint):
         for hook in ("attn_out", "mlp_out"):
             expected = branch[layer, hook] * scale
             assert (cap[layer, hook] - expected).abs().max() < TOL, (layer, hook)
-        # Exact identities of the residual stream.
-        assert torch.equal(
-            cap[layer, "post_block"], cap[layer, "post_attn"] + cap[layer, "mlp_out"]
-        )
-        assert torch.equal(cap[layer, "post_attn"], cap[layer, "pre_attn"] + cap[layer, "attn_out"])
-    # transformers' last hidden state is after the final norm; ours is before it.
+        # Exact identities of the residual stream (post-LN: of its normalised sums).
+        block = ours.blocks[layer]
+        post_ln = ours.cfg.post_ln_residual
+        mid = cap[layer, "pre_attn"] + cap[layer, "attn_out"]
+        end = cap[layer, "post_attn"] + cap[layer, "mlp_out"]
+        assert torch.equal(cap[layer, "post_block"], block.mlp_norm(end) if post_ln else end)
+        assert torch.equal(cap[layer, "post_attn"], block.attn_norm(mid) if post_ln else mid)
+    # transformers' last hidden state is after the final norm (and OPT's project_out); ours
+    # is before them.
     final = ours.final_norm(cap[n - 1, "post_block"])
+    if ours.project_out is not None:
+        final = ours.project_out(final)
     assert (final - hs[n]).abs().max() < TOL
     assert torch.equal(res.hidden, cap[n - 1, "post_block"])
 
@@ -124,7 +129,9 @@ def test_mlp_in_is_the_normalised_residual(family_checkpoint):
     cap = ctx.captured
     for layer, block in enumerate(model.blocks):
         read = cap[layer, "pre_attn"] if model.cfg.parallel_residual else cap[layer, "post_attn"]
-        assert torch.equal(cap[layer, "mlp_in"], block.mlp_norm(read))
+        # post-LN: the MLP reads the (already normalised) post_attn itself
+        normed = read if model.cfg.post_ln_residual else block.mlp_norm(read)
+        assert torch.equal(cap[layer, "mlp_in"], normed)
         assert torch.equal(cap[layer, "mlp_out"], block.mlp_branch(cap[layer, "mlp_in"]))
 
 

@@ -46,8 +46,13 @@ class Noise:
 
 
 def embedding_std(model: Transformer) -> float:
-    """σ of the embedding matrix, in the residual stream's units (times the embedding scale)."""
-    std = float(model.embed_tokens.weight.detach().double().std())
+    """σ of the embedding matrix, in the residual stream's units (times the embedding scale;
+    through ``project_in`` where the embedding is narrower than the residual, as in OPT-350m)."""
+    weight = model.embed_tokens.weight.detach()
+    if model.project_in is not None:
+        with torch.no_grad():
+            weight = model.project_in(weight)
+    std = float(weight.double().std())
     scale = model.cfg.embed_scale
     return std * abs(float(scale)) if scale is not None else std
 

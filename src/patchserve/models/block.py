@@ -7,6 +7,11 @@ norms) and whether the MLP reads the residual before or after attention
 (GPT-NeoX's parallel residual). For a parallel block ``post_attn`` is a
 virtual residual, ``pre_attn + attn_out``: writing it changes ``post_block``
 exactly as writing ``attn_out`` would, and the MLP still reads ``pre_attn``.
+
+A post-LN block (OPT-350m, ``post_ln_residual``) normalises the residual sums
+instead of the branch inputs: attention reads ``pre_attn`` itself, ``post_attn``
+is ``attn_norm(pre_attn + attn_out)``, the MLP reads ``post_attn`` (``mlp_in``
+is ``post_attn``) and ``post_block`` is ``mlp_norm(post_attn + mlp_out)``.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class DecoderBlock(nn.Module):
         super().__init__()
         self.layer = layer
         self.parallel = cfg.parallel_residual
+        self.post_ln = cfg.post_ln_residual
         d = cfg.hidden_size
         self.attn_norm = make_norm(cfg.norm_kind, d, cfg.norm_eps)
         self.attn = Attention(cfg, layer)
@@ -74,17 +80,31 @@ class DecoderBlock(nn.Module):
             if reuse is not None and reuse.attn_head is not None:
                 z = state.last_tokens(reuse.attn_head)
             else:
-                z = self.attn.forward_last(self.attn_norm(x), state)
+                z = self.attn.forward_last(self._attn_input(x), state)
             a = self._project(site(i, "attn_head", z))
         return self._residual_tail(state.last_tokens(x), site(i, "attn_out", a), site)
 
     def _residual_tail(self, x: torch.Tensor, a: torch.Tensor, site: Site) -> torch.Tensor:
         """``post_block`` from the block input ``x`` and its attention output ``a``."""
+        if self.post_ln:
+            return self._post_ln_tail(x, a, site)
         i = self.layer
         h = site(i, "post_attn", x + a)
         m_in = site(i, "mlp_in", self.mlp_norm(x if self.parallel else h))
         m = site(i, "mlp_out", self.mlp_branch(m_in))
         return site(i, "post_block", h + m)
+
+    def _post_ln_tail(self, x: torch.Tensor, a: torch.Tensor, site: Site) -> torch.Tensor:
+        """:meth:`_residual_tail` of a post-LN block: each residual sum is normalised."""
+        i = self.layer
+        h = site(i, "post_attn", self.attn_norm(x + a))
+        m_in = site(i, "mlp_in", h)
+        m = site(i, "mlp_out", self.mlp_branch(m_in))
+        return site(i, "post_block", self.mlp_norm(h + m))
+
+    def _attn_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What attention reads of the residual ``x``: its norm (post-LN: ``x`` itself)."""
+        return x if self.post_ln else self.attn_norm(x)
 
     def attention_branch(
         self, x: torch.Tensor, state: PassState, reuse: Reuse | None = None
@@ -100,7 +120,7 @@ class DecoderBlock(nn.Module):
         if reuse is not None and reuse.attn_head is not None:
             z = reuse.attn_head
         else:
-            z = self.attn(self.attn_norm(x), state)
+            z = self.attn(self._attn_input(x), state)
         return self._project(state.site(self.layer, "attn_head", z))
 
     def _project(self, z: torch.Tensor) -> torch.Tensor:

@@ -12,9 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 # rms_float: RMSNorm whose weight multiplies in float32 before the cast back (OLMo-2/3);
-# layer_plain: LayerNorm without weight or bias, in float32 (OLMo).
+# layer_plain: LayerNorm without weight or bias, in float32 (OLMo);
+# layer_no_affine: LayerNorm without weight or bias, in the model dtype (OPT);
 # layer_no_bias: LayerNorm with a weight and no bias, in float32 (Cohere).
-NormKind = Literal["rms", "rms_one_plus", "layer", "rms_float", "layer_plain", "layer_no_bias"]
+NormKind = Literal[
+    "rms", "rms_one_plus", "layer", "rms_float", "layer_plain", "layer_no_affine", "layer_no_bias"
+]
 
 
 class CheckpointError(ValueError):
@@ -78,6 +81,10 @@ class ModelConfig:
     qk_norm_kind: NormKind | None = None  # LayerNorm q/k norms: Phi "layer", Cohere "layer_no_bias"
     qk_norm_per_head: bool = False  # q/k norm weights of their own per head (Cohere, StableLM)
     residual_multiplier: float | None = None  # Granite: attn_out and mlp_out include this factor
+    post_ln_residual: bool = False  # OPT-350m: attn_norm / mlp_norm normalise each residual sum
+    final_norm: bool = True  # False: no norm before the unembedding (OPT post-LN)
+    embed_dim: int | None = None  # OPT word_embed_proj_dim: embedding width, project_in/out
+    position_offset: int = 0  # OPT: position p reads row p + 2 of the learned table
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)

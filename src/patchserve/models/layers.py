@@ -106,6 +106,8 @@ def make_norm(kind: NormKind, dim: int, eps: float) -> nn.Module:
         return FloatRMSNorm(dim, eps)
     if kind == "layer_no_bias":
         return BiasFreeLayerNorm(dim, eps)
+    if kind == "layer_no_affine":  # OPT layer_norm_elementwise_affine=False
+        return nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
     return RMSNorm(dim, eps, one_plus=kind == "rms_one_plus")
 
 

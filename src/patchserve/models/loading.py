@@ -183,6 +183,8 @@ def _placement(
     sizes = [sum(p.numel() for p in block.parameters()) * width for block in model.blocks]
     first: list[torch.nn.Module | None] = [model.embed_tokens, model.embed_positions]
     last: list[torch.nn.Module | None] = [model.final_norm, model.lm_head]
+    first.append(model.project_in)
+    last.append(model.project_out)
     for i, modules in ((0, first), (n - 1, last)):
         sizes[i] += sum(p.numel() for m in modules if m is not None for p in m.parameters()) * width
     return plan(spec, sizes)
@@ -192,6 +194,6 @@ def _device_of_param(name: str, placement: Placement) -> torch.device:
     """Blocks on their stage's device; embeddings on the first, final norm and head on the last."""
     if name.startswith("blocks."):
         return placement.device_of(int(name.split(".")[1]))
-    if name.startswith(("final_norm.", "lm_head.")):
+    if name.startswith(("final_norm.", "lm_head.", "project_out.")):
         return placement.output_device
     return placement.input_device

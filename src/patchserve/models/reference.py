@@ -133,25 +133,39 @@ def reference_forward(
         return value
 
     x: torch.Tensor = model.embed_tokens.weight[input_ids]
+    if model.project_in is not None:  # OPT-350m: a narrower embedding, projected
+        x = _linear(model.project_in, x)
     if cfg.embed_scale is not None:
         x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
     if model.embed_positions is not None:
-        x = x + model.embed_positions.weight[: input_ids.shape[1]]
+        start = cfg.position_offset  # OPT: position p reads row p + 2
+        x = x + model.embed_positions.weight[start : start + input_ids.shape[1]]
     branch_scale = cfg.residual_multiplier  # Granite: each branch's output × it
     for layer, block in enumerate(_blocks(model)):
         # attn_norm / mlp_norm are identities where a family has no pre-norms (OLMo-2)
         x = site(layer, "pre_attn", x)
-        z = site(layer, "attn_head", _attention(model, layer, block.attn_norm(x)))
+        attn_in = x if cfg.post_ln_residual else block.attn_norm(x)
+        z = site(layer, "attn_head", _attention(model, layer, attn_in))
         a = _linear(block.attn.o_proj, z.flatten(-2))
         a = block.attn_post_norm(a) if block.attn_post_norm else a
         a = site(layer, "attn_out", a * branch_scale if branch_scale is not None else a)
+        if cfg.post_ln_residual:  # post-LN: the residual sums are normalised
+            h = site(layer, "post_attn", block.attn_norm(x + a))
+            m_in = site(layer, "mlp_in", h)
+            m = _mlp(model, layer, m_in)
+            m = site(layer, "mlp_out", block.mlp_post_norm(m) if block.mlp_post_norm else m)
+            x = site(layer, "post_block", block.mlp_norm(h + m))
+            continue
         h = site(layer, "post_attn", x + a)
         m_in = site(layer, "mlp_in", block.mlp_norm(x if cfg.parallel_residual else h))
         m = _mlp(model, layer, m_in)
         m = block.mlp_post_norm(m) if block.mlp_post_norm else m
         m = site(layer, "mlp_out", m * branch_scale if branch_scale is not None else m)
         x = site(layer, "post_block", h + m)
-    logits = _linear(model.lm_head, model.final_norm(x))
+    x = model.final_norm(x)  # an identity where the config has none
+    if model.project_out is not None:
+        x = _linear(model.project_out, x)
+    logits = _linear(model.lm_head, x)
     if cfg.logit_scale is not None:
         logits = logits * cfg.logit_scale
     if cfg.final_softcap is not None:

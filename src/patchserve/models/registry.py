@@ -9,11 +9,13 @@ from patchserve.models.families import (
     cohere,
     gemma,
     gpt2,
+    gpt_neo,
     gpt_neox,
     gptj,
     granite,
     llama,
     olmo,
+    opt,
     phi,
     phi3,
     smollm3,
@@ -28,6 +30,7 @@ FAMILIES: tuple[Family, ...] = (
     smollm3.FAMILY,
     phi3.FAMILY,
     gpt2.FAMILY,
+    gpt_neo.FAMILY,
     gpt_neox.FAMILY,
     gemma.FAMILY,
     olmo.FAMILY,
@@ -36,6 +39,7 @@ FAMILIES: tuple[Family, ...] = (
     phi.FAMILY,
     stablelm.FAMILY,
     starcoder2.FAMILY,
+    opt.FAMILY,
 )
 REGISTRY: dict[str, Family] = {arch: f for f in FAMILIES for arch in f.architectures}
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(sorted(REGISTRY))

@@ -53,13 +53,20 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.hidden_size
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, d)
-        self.embed_positions = (
-            nn.Embedding(cfg.max_position_embeddings, d) if cfg.learned_positions else None
-        )
+        e = cfg.embed_dim or d  # the token embedding's (and lm_head's) width
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, e)
+        # OPT-350m: the embedding is projected into the residual width and back out of it.
+        self.project_in = Linear(e, d, bias=False) if e != d else None
+        self.project_out = Linear(d, e, bias=False) if e != d else None
+        if self.project_out is not None:
+            self.project_out.packed_always = True  # part of the unembedding: one kernel
+        rows = cfg.max_position_embeddings + cfg.position_offset
+        self.embed_positions = nn.Embedding(rows, d) if cfg.learned_positions else None
         self.blocks = nn.ModuleList(DecoderBlock(cfg, layer) for layer in range(cfg.num_layers))
-        self.final_norm = make_norm(cfg.norm_kind, d, cfg.norm_eps)
-        self.lm_head = Linear(d, cfg.vocab_size, bias=cfg.lm_head_bias)
+        self.final_norm = (
+            make_norm(cfg.norm_kind, d, cfg.norm_eps) if cfg.final_norm else nn.Identity()
+        )
+        self.lm_head = Linear(e, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.lm_head.packed_always = True  # every pass's logits from one kernel
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -100,18 +107,24 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight.dtype
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The residual stream entering block 0 (before its ``pre_attn`` hook)."""
+        """The residual stream entering block 0 (before its ``pre_attn`` hook), ``hidden_size``
+        wide (a narrower embedding goes through ``project_in``)."""
         x = self.embed_tokens(input_ids)
+        if self.project_in is not None:
+            x = self.project_in(x)
         if self.cfg.embed_scale is not None:
             x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
         if self.embed_positions is not None:
-            x = x + self.embed_positions(positions)
+            x = x + self.embed_positions(positions + self.cfg.position_offset)
         return x
 
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of a residual stream leaving the last block."""
         hidden = hidden.to(self.output_device)
-        logits = self.lm_head(self.final_norm(hidden))
+        hidden = self.final_norm(hidden)
+        if self.project_out is not None:
+            hidden = self.project_out(hidden)
+        logits = self.lm_head(hidden)
         if self.cfg.logit_scale is not None:
             logits = logits * self.cfg.logit_scale
         cap = self.cfg.final_softcap
