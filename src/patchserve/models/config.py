@@ -67,6 +67,10 @@ class ModelConfig:
     attn_scale_by_layer: bool = False  # GPT-2 scale_attn_by_inverse_layer_idx
     lm_head_bias: bool = False  # Phi, GPT-J: the unembedding has a bias
     logit_scale: float | None = None  # logits multiplied by it (Cohere; Granite 1/logits_scaling)
+    alibi_slopes: tuple[float, ...] | None = None  # ALiBi (Bloom, Falcon): bias slope_h × key pos
+    alibi_dtype: str = "float32"  # dtype of ALiBi's slope × position product (Falcon: bfloat16)
+    alibi_scale: float = 1.0  # ALiBi's bias is multiplied by it (Falcon: 1 / sqrt(head_dim))
+    embed_norm: bool = False  # Bloom: a LayerNorm on the token embeddings
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)

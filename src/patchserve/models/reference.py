@@ -66,6 +66,11 @@ def _attention(model: Transformer, layer: int, x: torch.Tensor) -> torch.Tensor:
     if cfg.attn_softcap is not None:
         scores = torch.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
     i = torch.arange(t, device=x.device)
+    if cfg.alibi_slopes is not None:  # ALiBi: + slope_h × (key − query), per head
+        slopes = torch.tensor(cfg.alibi_slopes, device=x.device).to(getattr(torch, cfg.alibi_dtype))
+        at = (slopes[:, None] * i[None, :]).float()  # slope_h × position, [heads, t]
+        bias = (at[:, None, :] - at[:, :, None]) * cfg.alibi_scale  # [heads, queries, keys]
+        scores = scores + bias[None]
     allowed = i[None, :] <= i[:, None]  # causal
     window = cfg.sliding_windows[layer]
     if window is not None:
@@ -102,6 +107,8 @@ def reference_forward(
         x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
     if model.embed_positions is not None:
         x = x + model.embed_positions.weight[: input_ids.shape[1]]
+    if model.embed_norm is not None:
+        x = model.embed_norm(x)
     for layer, block in enumerate(_blocks(model)):
         x = site(layer, "pre_attn", x)
         z = site(layer, "attn_head", _attention(model, layer, block.attn_norm(x)))

@@ -57,6 +57,7 @@ class Transformer(nn.Module):
         self.embed_positions = (
             nn.Embedding(cfg.max_position_embeddings, d) if cfg.learned_positions else None
         )
+        self.embed_norm = make_norm(cfg.norm_kind, d, cfg.norm_eps) if cfg.embed_norm else None
         self.blocks = nn.ModuleList(DecoderBlock(cfg, layer) for layer in range(cfg.num_layers))
         self.final_norm = make_norm(cfg.norm_kind, d, cfg.norm_eps)
         self.lm_head = Linear(d, cfg.vocab_size, bias=cfg.lm_head_bias)
@@ -106,6 +107,8 @@ class Transformer(nn.Module):
             x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
         if self.embed_positions is not None:
             x = x + self.embed_positions(positions)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         return x
 
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
