@@ -1,0 +1,75 @@
+"""Bloom and Falcon beyond the per-family parity suite: ALiBi's slopes and its bias at
+positions where Falcon's bfloat16 rounding bites, and the configurations we refuse."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+from checkpoints import build_checkpoint, load_reference
+from models.helpers import loaded
+from patchserve.models import CheckpointError, load_model
+from patchserve.models.families.bloom import alibi_slopes
+
+TOL = 1e-4
+
+
+@pytest.mark.parametrize("heads", [1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 40, 71])
+def test_slopes_are_transformers_slopes(heads):
+    expected = _get_alibi_slopes(heads, torch.device("cpu"))
+    assert torch.equal(torch.tensor(alibi_slopes(heads), dtype=torch.float32), expected)
+
+
+@pytest.mark.parametrize("family", ["bloom", "falcon_alibi"])
+def test_long_prompt_matches_transformers(checkpoint_root, family):
+    """300 tokens: past 256, Falcon's bfloat16 product rounds the positions themselves."""
+    folder = build_checkpoint(family, checkpoint_root)
+    ids = torch.randint(3, 300, (2, 300), generator=torch.Generator().manual_seed(0))
+    ref = load_reference(folder)
+    model = loaded(folder).model
+    with torch.inference_mode():
+        expected = ref(ids).logits
+        got = model(ids)
+        prefix = model.prefill(ids[:, :270])  # the cached prefix's keys carry their positions
+        suffix = model.extend(ids[:, 270:], prefix.cache)
+    assert (got - expected).abs().max().item() < TOL
+    assert (model.unembed(suffix.hidden) - expected[:, 270:]).abs().max().item() < TOL
+
+
+def _copy_with(root: Path, tmp_path: Path, family: str, **changes) -> Path:
+    folder = tmp_path / family
+    shutil.copytree(build_checkpoint(family, root), folder)
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("family", "changes", "match"),
+    [
+        ("bloom", {"apply_residual_connection_post_layernorm": True}, "post_layernorm"),
+        ("bloom", {"pretraining_tp": 2, "slow_but_exact": True}, "slow_but_exact"),
+        ("falcon", {"parallel_attn": False}, "parallel_attn=false"),
+        ("falcon_mq", {"num_ln_in_parallel_attn": 2}, "num_ln_in_parallel_attn"),
+        ("falcon_alibi", {"num_kv_heads": 4}, "num_kv_heads 4"),
+    ],
+)
+def test_refused_configurations_name_the_value(checkpoint_root, tmp_path, family, changes, match):
+    folder = _copy_with(checkpoint_root, tmp_path, family, **changes)
+    with pytest.raises(CheckpointError, match=match):
+        load_model(folder)
+
+
+def test_shared_falcon_norm_is_both_norms(checkpoint_root):
+    """A parallel Falcon block's one input_layernorm is our attn_norm and mlp_norm."""
+    model = loaded(build_checkpoint("falcon_mq", checkpoint_root)).model
+    ref = load_reference(build_checkpoint("falcon_mq", checkpoint_root))
+    for block, theirs in zip(model.blocks, ref.transformer.h, strict=True):
+        for ours in (block.attn_norm, block.mlp_norm):
+            assert torch.equal(ours.weight, theirs.input_layernorm.weight)
+            assert torch.equal(ours.bias, theirs.input_layernorm.bias)
