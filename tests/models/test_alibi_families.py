@@ -15,6 +15,8 @@ from checkpoints import build_checkpoint, load_reference
 from models.helpers import loaded
 from patchserve.models import CheckpointError, load_model
 from patchserve.models.families.bloom import alibi_slopes
+from patchserve.models.hooks import HookContext
+from patchserve.models.layout import ResumeRows
 
 TOL = 1e-4
 
@@ -73,3 +75,23 @@ def test_shared_falcon_norm_is_both_norms(checkpoint_root):
         for ours in (block.attn_norm, block.mlp_norm):
             assert torch.equal(ours.weight, theirs.input_layernorm.weight)
             assert torch.equal(ours.bias, theirs.input_layernorm.bias)
+
+
+@pytest.mark.parametrize("family", ["bloom", "falcon_alibi"])
+@pytest.mark.parametrize("invariant", [False, True], ids=["shared-prefix", "absolute"])
+def test_resumed_rows_on_a_shared_cache_match_transformers(checkpoint_root, family, invariant):
+    """Packed rows resumed at block 1 from their own offsets on the prompt's batch-1 cache:
+    the explicit path (a shared prefix) and the absolute layout see the same ALiBi bias."""
+    folder = build_checkpoint(family, checkpoint_root)
+    model = loaded(folder).model
+    ids = torch.randint(3, 300, (1, 30), generator=torch.Generator().manual_seed(1))
+    offsets = torch.tensor([5, 12, 20])
+    with torch.inference_mode():
+        expected = load_reference(folder)(ids).logits[0, -1]
+        full = model.prefill(ids, HookContext.build(capture=[(1, "pre_attn")]))
+        hidden = full.captured[1, "pre_attn"][0]
+        rows = ResumeRows.build(
+            torch.cat([hidden[o:] for o in offsets.tolist()]), offsets, 30 - offsets
+        )
+        got = model.resume(rows, 1, full.cache, invariant=invariant)
+    assert (got - expected).abs().max().item() < TOL
