@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers as tf
 from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
 
-from checkpoints import build_checkpoint, load_reference
+from checkpoints import COMMON, build_checkpoint, load_reference, randomise
 from models.helpers import loaded
 from patchserve.models import CheckpointError, load_model
 from patchserve.models.families.bloom import alibi_slopes
@@ -94,4 +95,36 @@ def test_resumed_rows_on_a_shared_cache_match_transformers(checkpoint_root, fami
             torch.cat([hidden[o:] for o in offsets.tolist()]), offsets, 30 - offsets
         )
         got = model.resume(rows, 1, full.cache, invariant=invariant)
+    assert (got - expected).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"new_decoder_architecture": True, "num_kv_heads": 2, "num_ln_in_parallel_attn": 1},
+        {"multi_query": False, "parallel_attn": True, "alibi": True},
+        {"multi_query": True, "parallel_attn": False, "bias": True},
+    ],
+    ids=["new-one-norm", "per-head-parallel-alibi", "multi-query-sequential"],
+)
+def test_other_falcon_layouts_match_transformers(tmp_path, changes):
+    """Falcon variants the named checkpoints leave out, built here the same way."""
+    config = tf.FalconConfig(
+        **COMMON,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_hidden_size=96,
+        **changes,
+    )
+    torch.manual_seed(0)
+    ref = tf.AutoModelForCausalLM.from_config(config)
+    randomise(ref, 0)
+    ref.save_pretrained(tmp_path)
+    ref = load_reference(tmp_path)
+    ids = torch.randint(3, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    model = load_model(tmp_path).model
+    with torch.inference_mode():
+        expected = ref(ids).logits
+        got = model(ids)
     assert (got - expected).abs().max().item() < TOL
