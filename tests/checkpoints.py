@@ -219,6 +219,40 @@ CONFIGS: dict[str, Callable[[], tf.PretrainedConfig]] = {
         num_hidden_layers=3,
         num_attention_heads=4,
         do_layer_norm_before=False,
+    ),
+    "bloom": lambda: tf.BloomConfig(**COMMON, hidden_size=72, n_layer=3, n_head=6),
+    "falcon": lambda: tf.FalconConfig(
+        **COMMON,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_kv_heads=2,
+        new_decoder_architecture=True,
+        bias=True,
+        ffn_hidden_size=128,
+        max_position_embeddings=256,
+    ),
+    "falcon_mq": lambda: tf.FalconConfig(
+        **COMMON,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        multi_query=True,
+        parallel_attn=True,
+        ffn_hidden_size=128,
+        max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+    ),
+    "falcon_alibi": lambda: tf.FalconConfig(
+        **COMMON,
+        hidden_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=16,  # slopes 2^(-i/2): not exact in bfloat16
+        alibi=True,
+        multi_query=False,
+        parallel_attn=False,
+        bias=True,
+        ffn_hidden_size=128,
         max_position_embeddings=256,
     ),
 }
@@ -284,6 +318,8 @@ REFERENCE_MODULES: dict[str, tuple[str, str, str]] = {
     "gptj": ("transformer.h", "attn", "mlp"),
     "gpt_neo": ("transformer.h", "attn", "mlp"),
     "opt": ("model.decoder.layers", "self_attn", "fc2"),
+    "bloom": ("transformer.h", "self_attention.dense", "mlp.dense_4h_to_h"),
+    "falcon": ("transformer.h", "self_attention", "mlp"),
 }
 LLAMA_MODULES = ("model.layers", "self_attn", "mlp")
 #: The config attribute of the factor our ``attn_out`` / ``mlp_out`` include but

@@ -50,7 +50,8 @@ def _reference_branch_outputs(ref, family: str) -> tuple[list, dict]:
         for hook, name in (("attn_out", attn), ("mlp_out", mlp)):
 
             def record(_m, _inp, out, key=(i, hook)):
-                records[key] = out[0] if isinstance(out, tuple) else out
+                # a clone: Falcon adds the attention output to its MLP output in place
+                records[key] = (out[0] if isinstance(out, tuple) else out).clone()
 
             handles.append(submodule(block, name).register_forward_hook(record))
     return handles, records

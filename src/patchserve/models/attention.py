@@ -22,6 +22,7 @@ from patchserve.models.invariance import Linear
 from patchserve.models.layers import HeadLayerNorm, RMSNorm, apply_rotary, make_norm, rms_norm
 
 if TYPE_CHECKING:
+    from patchserve.models.layout import AttentionGroup
     from patchserve.models.state import PassState
 
 
@@ -37,6 +38,36 @@ class AttentionMasks:
     new: torch.Tensor | None
     prefix: torch.Tensor | None
     causal_only: bool
+
+
+class AlibiBias:
+    """ALiBi's additive attention bias (Bloom, Falcon), float32 ``[..., H, queries, keys]``
+    for queries and keys at absolute positions: ``slope_h × (key − query)`` times
+    ``cfg.alibi_scale``, each ``slope_h × position`` product taken in ``cfg.alibi_dtype`` as
+    the checkpoint's own code takes it (Falcon: bfloat16).
+
+    ``transformers`` adds ``slope_h × key`` alone: that differs by a constant per query,
+    which softmax ignores; the difference keeps the bias small near the query (where the
+    weight is), so a half-precision SDPA mask holds it well.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        assert cfg.alibi_slopes is not None
+        self.values = cfg.alibi_slopes
+        self.dtype: torch.dtype = getattr(torch, cfg.alibi_dtype)
+        self.scale = cfg.alibi_scale
+        self._slopes: dict[torch.device, torch.Tensor] = {}
+
+    def __call__(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """The bias of ``keys`` ``[..., tk]`` seen from ``queries`` ``[..., tq]`` (positions)."""
+        device = keys.device
+        if device not in self._slopes:
+            slopes = torch.tensor(self.values, dtype=torch.float32).to(self.dtype)
+            self._slopes[device] = slopes[:, None].to(device)  # [H, 1]
+        slopes = self._slopes[device]
+        at_keys = (slopes * keys[..., None, :]).float()  # [..., H, tk]
+        at_queries = (slopes * queries[..., None, :]).float()  # [..., H, tq]
+        return (at_keys[..., None, :] - at_queries[..., :, None]) * self.scale
 
 
 class Attention(nn.Module):
@@ -64,6 +95,7 @@ class Attention(nn.Module):
         self.window = cfg.sliding_windows[layer]
         self.rope = cfg.rope[layer]
         self.interleaved = self.rope is not None and self.rope.interleaved
+        self.alibi = AlibiBias(cfg) if cfg.alibi_slopes is not None else None
 
     def forward(self, x: torch.Tensor, state: PassState) -> torch.Tensor:
         """Per-head attention outputs ``[*tokens, H, D]`` of the normalised residual ``x``.
@@ -117,7 +149,22 @@ class Attention(nn.Module):
         """Attention of one group's padded queries ``[rows, Tq, H, D]`` → ``[rows, Tq, H, D]``."""
         prefix = state.prefix_kv(self.layer, state.layout.groups[index].prefix_limit)
         masks = state.masks(index, self.window, last)
-        return attend(q.transpose(1, 2), k, v, prefix, masks, self.scale, self.softcap)
+        bias = self._group_bias(state.layout.groups[index], prefix, last)
+        return attend(q.transpose(1, 2), k, v, prefix, masks, self.scale, self.softcap, bias)
+
+    def _group_bias(
+        self, group: AttentionGroup, prefix: tuple[torch.Tensor, torch.Tensor] | None, last: bool
+    ) -> torch.Tensor | None:
+        """ALiBi's bias ``[rows, H, tq, P + tmax]`` of a group: keys of the prefix (absolute
+        positions ``0..P-1``), then the group's own padded slots; queries at those slots (or
+        ``last``: each row's last token). None without ALiBi."""
+        if self.alibi is None:
+            return None
+        grid = group.grid
+        p = prefix[0].shape[2] if prefix is not None else 0
+        cached = torch.arange(p, device=grid.device).expand(grid.shape[0], p)
+        queries = (group.offsets + group.lengths - 1)[:, None] if last else grid
+        return self.alibi(torch.cat((cached, grid), dim=1), queries)
 
     def _attend_absolute(
         self, state: PassState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: bool
@@ -129,11 +176,15 @@ class Attention(nn.Module):
         so its result does not depend on the rows beside it."""
         masks = state.absolute_masks(self.window, last)
         end = state.layout.end
+        slots = torch.arange(end, device=q.device)
+        bias = None  # ALiBi: [1, H, tq, end], the same for every row
+        if self.alibi is not None:
+            bias = self.alibi(slots[None], slots[None, -1:] if last else slots[None])
         z = torch.empty_like(q)
         for g in state.layout.groups:
             kg, vg = state.absolute_kv(self.layer, g, k, v)
             qg = q[g.rows, None] if last else g.place(q, end)
-            out = attend(qg.transpose(1, 2), kg, vg, None, masks, self.scale, self.softcap)
+            out = attend(qg.transpose(1, 2), kg, vg, None, masks, self.scale, self.softcap, bias)
             if last:
                 z[g.rows] = out[:, 0]
             else:
@@ -191,12 +242,21 @@ def attend(
     masks: AttentionMasks,
     scale: float,
     softcap: float | None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention output [B, Tq, H, D] of queries ``q`` [B, H, Tq, D] over ``prefix`` + new keys."""
+    """Attention output [B, Tq, H, D] of queries ``q`` [B, H, Tq, D] over ``prefix`` + new keys.
+
+    ``bias``: an additive float32 bias ``[B or 1, H, Tq or 1, keys]`` over prefix + new keys
+    (ALiBi).
+    """
     b, h = q.shape[:2]
     kv = k.shape[1]
     if prefix is not None and prefix[0].shape[2] == 0:
         prefix = None
+    if bias is not None and softcap is None and (prefix is None or prefix[0].shape[0] == b):
+        return _attend_biased(q, k, v, prefix, masks, scale, bias)
+    if bias is not None:
+        return _attend_explicit(q, k, v, prefix, masks, scale, softcap, bias)
     if softcap is None and (prefix is None or prefix[0].shape[0] == b):
         if prefix is not None:
             k = torch.cat((prefix[0].expand(b, -1, -1, -1), k), dim=2)
@@ -217,6 +277,33 @@ def attend(
     return _attend_explicit(q, k, v, prefix, masks, scale, softcap)
 
 
+def _attend_biased(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix: tuple[torch.Tensor, torch.Tensor] | None,
+    masks: AttentionMasks,
+    scale: float,
+    bias: torch.Tensor,
+) -> torch.Tensor:
+    """SDPA with an additive bias: a float mask, ``bias`` where a query may attend and
+    ``-inf`` elsewhere, in the queries' dtype."""
+    b, h, tq = q.shape[:3]
+    mask = masks.new
+    if prefix is not None:
+        k = torch.cat((prefix[0].expand(b, -1, -1, -1), k), dim=2)
+        v = torch.cat((prefix[1].expand(b, -1, -1, -1), v), dim=2)
+        mask = torch.cat((masks.prefix, masks.new), dim=-1)  # type: ignore[arg-type]
+    tk = k.shape[2]
+    if mask is None:
+        mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+    additive = torch.where(mask, bias, float("-inf")).to(q.dtype)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=additive, scale=scale, enable_gqa=k.shape[1] != h
+    )
+    return out.transpose(1, 2)
+
+
 def _attend_explicit(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -225,8 +312,10 @@ def _attend_explicit(
     masks: AttentionMasks,
     scale: float,
     softcap: float | None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Softmax attention written out: soft-capping, and a shared (batch-1) prefix."""
+    """Softmax attention written out: soft-capping, an additive bias (ALiBi), and a shared
+    (batch-1) prefix."""
     # Contiguous operands: a strided batched matmul picks its kernel by the batch size on some
     # CPUs (AMD EPYC, MKL), so a row's scores would depend on the rows beside it.
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -249,6 +338,8 @@ def _attend_explicit(
     scores = scores * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
+    if bias is not None:  # float32: the softmax below runs in float32 anyway
+        scores = scores + bias.view(bias.shape[0], kv, g, bias.shape[2], bias.shape[3])
     mask = masks.new
     if prefix is not None and masks.prefix is not None and masks.new is not None:
         mask = torch.cat((masks.prefix, masks.new), dim=-1)

@@ -85,6 +85,10 @@ class ModelConfig:
     final_norm: bool = True  # False: no norm before the unembedding (OPT post-LN)
     embed_dim: int | None = None  # OPT word_embed_proj_dim: embedding width, project_in/out
     position_offset: int = 0  # OPT: position p reads row p + 2 of the learned table
+    alibi_slopes: tuple[float, ...] | None = None  # ALiBi (Bloom, Falcon): bias slope_h × key pos
+    alibi_dtype: str = "float32"  # dtype of ALiBi's slope × position product (Falcon: bfloat16)
+    alibi_scale: float = 1.0  # ALiBi's bias is multiplied by it (Falcon: 1 / sqrt(head_dim))
+    embed_norm: bool = False  # Bloom: a LayerNorm on the token embeddings
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -101,6 +101,11 @@ def _attention(model: Transformer, layer: int, x: torch.Tensor) -> torch.Tensor:
     if cfg.attn_softcap is not None:
         scores = torch.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
     i = torch.arange(t, device=x.device)
+    if cfg.alibi_slopes is not None:  # ALiBi: + slope_h × (key − query), per head
+        slopes = torch.tensor(cfg.alibi_slopes, device=x.device).to(getattr(torch, cfg.alibi_dtype))
+        at = (slopes[:, None] * i[None, :]).float()  # slope_h × position, [heads, t]
+        bias = (at[:, None, :] - at[:, :, None]) * cfg.alibi_scale  # [heads, queries, keys]
+        scores = scores + bias[None]
     allowed = i[None, :] <= i[:, None]  # causal
     window = cfg.sliding_windows[layer]
     if window is not None:
@@ -141,6 +146,8 @@ def reference_forward(
         start = cfg.position_offset  # OPT: position p reads row p + 2
         x = x + model.embed_positions.weight[start : start + input_ids.shape[1]]
     branch_scale = cfg.residual_multiplier  # Granite: each branch's output × it
+    if model.embed_norm is not None:
+        x = model.embed_norm(x)
     for layer, block in enumerate(_blocks(model)):
         # attn_norm / mlp_norm are identities where a family has no pre-norms (OLMo-2)
         x = site(layer, "pre_attn", x)

@@ -6,7 +6,9 @@ from typing import Any
 
 from patchserve.models.config import CheckpointError
 from patchserve.models.families import (
+    bloom,
     cohere,
+    falcon,
     gemma,
     gpt2,
     gpt_neo,
@@ -40,6 +42,8 @@ FAMILIES: tuple[Family, ...] = (
     stablelm.FAMILY,
     starcoder2.FAMILY,
     opt.FAMILY,
+    bloom.FAMILY,
+    falcon.FAMILY,
 )
 REGISTRY: dict[str, Family] = {arch: f for f in FAMILIES for arch in f.architectures}
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(sorted(REGISTRY))

@@ -62,6 +62,7 @@ class Transformer(nn.Module):
             self.project_out.packed_always = True  # part of the unembedding: one kernel
         rows = cfg.max_position_embeddings + cfg.position_offset
         self.embed_positions = nn.Embedding(rows, d) if cfg.learned_positions else None
+        self.embed_norm = make_norm(cfg.norm_kind, d, cfg.norm_eps) if cfg.embed_norm else None
         self.blocks = nn.ModuleList(DecoderBlock(cfg, layer) for layer in range(cfg.num_layers))
         self.final_norm = (
             make_norm(cfg.norm_kind, d, cfg.norm_eps) if cfg.final_norm else nn.Identity()
@@ -116,6 +117,8 @@ class Transformer(nn.Module):
             x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
         if self.embed_positions is not None:
             x = x + self.embed_positions(positions + self.cfg.position_offset)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         return x
 
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
