@@ -67,6 +67,13 @@ class ModelConfig:
     attn_scale_by_layer: bool = False  # GPT-2 scale_attn_by_inverse_layer_idx
     lm_head_bias: bool = False  # Phi, GPT-J: the unembedding has a bias
     logit_scale: float | None = None  # logits multiplied by it (Cohere; Granite 1/logits_scaling)
+    moe_layers: tuple[int, ...] = ()  # MoE: layers whose MLP is routed experts (others dense)
+    num_experts: int = 0  # MoE: routed experts in each MoE layer
+    experts_per_token: int = 0  # MoE: top-k experts each token is routed to
+    norm_topk_prob: bool = False  # MoE: the top-k routing probabilities renormalised to sum 1
+    moe_intermediate_size: int = 0  # MoE: hidden width of each routed expert
+    shared_expert_size: int = 0  # Qwen2-MoE: width of the sigmoid-gated shared expert (0: none)
+    moe_weights_model_dtype: bool = False  # Qwen MoE: routing weights cast to the model dtype
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
