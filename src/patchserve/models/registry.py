@@ -5,10 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from patchserve.models.config import CheckpointError
-from patchserve.models.families import gemma, gpt2, gpt_neox, llama
+from patchserve.models.families import gemma, gpt2, gpt_neox, llama, moe
 from patchserve.models.families.base import Family
 
-FAMILIES: tuple[Family, ...] = (llama.FAMILY, gpt2.FAMILY, gpt_neox.FAMILY, gemma.FAMILY)
+FAMILIES: tuple[Family, ...] = (
+    llama.FAMILY,
+    gpt2.FAMILY,
+    gpt_neox.FAMILY,
+    gemma.FAMILY,
+    moe.FAMILY,
+)
 REGISTRY: dict[str, Family] = {arch: f for f in FAMILIES for arch in f.architectures}
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(sorted(REGISTRY))
 
