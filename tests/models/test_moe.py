@@ -129,3 +129,35 @@ def test_configs_we_cannot_compute_are_refused(family, changes, message, checkpo
     folder = _edited(build_checkpoint(family, checkpoint_root), tmp_path, **changes)
     with pytest.raises(CheckpointError, match=message):
         load_model(folder)
+
+
+@pytest.mark.parametrize(
+    ("family", "changes", "windows"),
+    [
+        # no layer_types: transformers 5.x derives them (even layers below max_window_layers)
+        (
+            "qwen2_moe",
+            {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 2},
+            (4, None, None),
+        ),
+        ("qwen3_moe", {"use_sliding_window": True, "sliding_window": 4}, (4,) * 4),
+        ("mixtral", {"sliding_window": 4}, (4,) * 3),
+    ],
+)
+def test_sliding_windows_as_transformers_applies_them(
+    family, changes, windows, checkpoint_root, tmp_path
+):
+    folder = _edited(build_checkpoint(family, checkpoint_root), tmp_path, **changes)
+    raw = json.loads((folder / "config.json").read_text())
+    raw.pop("layer_types", None)
+    (folder / "config.json").write_text(json.dumps(raw))
+    model = load_model(folder).model
+    assert model.cfg.sliding_windows == windows
+    ids = ids_of(folder)
+    with torch.inference_mode():
+        expected = load_reference(folder)(ids).logits
+        got = model(ids)
+    assert (got - expected).abs().max().item() < 1e-4
+    with torch.inference_mode():
+        unwindowed = loaded(build_checkpoint(family, checkpoint_root)).model(ids)
+    assert (got - unwindowed).abs().max().item() > 1e-3  # the window changes the logits
