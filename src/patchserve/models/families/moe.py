@@ -30,10 +30,7 @@ PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 MOE_NAMES = {
     "gate.weight": "router.weight",
     "shared_expert_gate.weight": "shared_expert_gate.weight",
-    **{
-        f"shared_expert.{p}_proj.weight": f"shared_expert.{p}_proj.weight"
-        for p in ("gate", "up", "down")
-    },
+    **{f"shared_expert.{p}.weight": f"shared_expert.{p}.weight" for p in PROJECTIONS},
 }
 # Per-expert projection names → the runtime's (Mixtral's w1/w3/w2 are gate/up/down).
 EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"} | {p: p for p in PROJECTIONS}
