@@ -255,6 +255,37 @@ CONFIGS: dict[str, Callable[[], tf.PretrainedConfig]] = {
         ffn_hidden_size=128,
         max_position_embeddings=256,
     ),
+    # Mixture-of-experts: 4 experts, top-2, so that tokens are routed to different experts;
+    # Mixtral renormalises the top-k, Qwen2-MoE not (and has dense layer 1), Qwen3-MoE does
+    # (dense layers 0 and 2 by decoder_sparse_step). Widths are multiples of 64, as in real
+    # checkpoints: the CPU's SIMD activation rounds a row alike wherever it sits.
+    "mixtral": lambda: tf.MixtralConfig(
+        **COMMON,
+        **LLAMA_SHAPE,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=16,
+    ),
+    "qwen2_moe": lambda: tf.Qwen2MoeConfig(
+        **COMMON,
+        **LLAMA_SHAPE,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=192,
+        norm_topk_prob=False,
+        mlp_only_layers=[1],
+    ),
+    "qwen3_moe": lambda: tf.Qwen3MoeConfig(
+        **COMMON,
+        **{**LLAMA_SHAPE, "num_hidden_layers": 4},
+        head_dim=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        norm_topk_prob=True,
+        decoder_sparse_step=2,
+    ),
 }
 #: Not in FAMILIES (no parity tests): a wide, deep model whose full capture of 256
 #: tokens is ~200 MB, for the server's responsiveness tests.
@@ -270,7 +301,7 @@ EXTRA_CONFIGS: dict[str, Callable[[], tf.PretrainedConfig]] = {
         max_position_embeddings=512,
     ),
 }
-ADDS_BOS = {"llama", "llama_tied_bias", "mistral", "gemma2", "gemma3", "gemma1"}
+ADDS_BOS = {"llama", "llama_tied_bias", "mistral", "gemma2", "gemma3", "gemma1", "mixtral"}
 FAMILIES = tuple(CONFIGS)
 
 

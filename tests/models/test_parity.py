@@ -151,4 +151,8 @@ def test_half_precision_as_accurate_as_transformers(family_checkpoint, dtype, de
     their_err = (theirs - truth).abs().max().item()
     our_err = (got - truth).abs().max().item()
     assert our_err <= 1.5 * their_err + 1e-3
+    if ours.cfg.moe_layers:
+        # Routing is discontinuous: where a token's top-k experts nearly tie, each
+        # half-precision forward may pick its own (both stay as close to float32).
+        return
     assert (got - theirs).abs().max().item() < 4e-2 * truth.abs().max().item()

@@ -25,6 +25,7 @@ from torch import nn
 from patchserve.models.attention import Attention
 from patchserve.models.config import ModelConfig
 from patchserve.models.layers import MLP, make_norm
+from patchserve.models.moe import MoE
 
 if TYPE_CHECKING:
     from patchserve.models.state import PassState, Reuse
@@ -45,7 +46,11 @@ class DecoderBlock(nn.Module):
             make_norm(cfg.norm_kind, d, cfg.norm_eps) if cfg.post_attn_norm else None
         )
         self.mlp_norm = make_norm(cfg.norm_kind, d, cfg.norm_eps)
-        self.mlp = MLP(d, cfg.intermediate_size, cfg.activation, cfg.gated_mlp, cfg.mlp_bias)
+        self.mlp: MLP | MoE = (
+            MoE(cfg)
+            if layer in cfg.moe_layers
+            else MLP(d, cfg.intermediate_size, cfg.activation, cfg.gated_mlp, cfg.mlp_bias)
+        )
         self.mlp_post_norm = (
             make_norm(cfg.norm_kind, d, cfg.norm_eps) if cfg.post_mlp_norm else None
         )

@@ -89,6 +89,13 @@ class ModelConfig:
     alibi_dtype: str = "float32"  # dtype of ALiBi's slope × position product (Falcon: bfloat16)
     alibi_scale: float = 1.0  # ALiBi's bias is multiplied by it (Falcon: 1 / sqrt(head_dim))
     embed_norm: bool = False  # Bloom: a LayerNorm on the token embeddings
+    moe_layers: tuple[int, ...] = ()  # MoE: layers whose MLP is routed experts (others dense)
+    num_experts: int = 0  # MoE: routed experts in each MoE layer
+    experts_per_token: int = 0  # MoE: top-k experts each token is routed to
+    norm_topk_prob: bool = False  # MoE: the top-k routing probabilities renormalised to sum 1
+    moe_intermediate_size: int = 0  # MoE: hidden width of each routed expert
+    shared_expert_size: int = 0  # Qwen2-MoE: width of the sigmoid-gated shared expert (0: none)
+    moe_weights_model_dtype: bool = False  # Qwen MoE: routing weights cast to the model dtype
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -23,12 +23,14 @@ import torch
 
 from patchserve.models.block import DecoderBlock
 from patchserve.models.layers import (
+    MLP,
     activation,
     check_rope_positions,
     rope_attention_factor,
     rope_inv_freq,
     rotate_half,
 )
+from patchserve.models.moe import MoE
 from patchserve.models.transformer import Transformer
 
 Edit = Callable[[int, str, torch.Tensor], torch.Tensor]
@@ -116,11 +118,45 @@ def _attention(model: Transformer, layer: int, x: torch.Tensor) -> torch.Tensor:
 
 
 def _mlp(model: Transformer, layer: int, x: torch.Tensor) -> torch.Tensor:
-    cfg, mlp = model.cfg, _blocks(model)[layer].mlp
+    cfg, mlp = model.cfg, cast(MLP, _blocks(model)[layer].mlp)
     act = activation(cfg.activation)
     if mlp.gate_proj is not None:
         return _linear(mlp.down_proj, act(_linear(mlp.gate_proj, x)) * _linear(mlp.up_proj, x))
     return _linear(mlp.down_proj, act(_linear(mlp.up_proj, x)))
+
+
+def _gated(mlp: MLP, act: Callable, x: torch.Tensor) -> torch.Tensor:
+    """A gated MLP (a routed or the shared expert): ``down(act(gate(x)) * up(x))``."""
+    assert mlp.gate_proj is not None
+    return _linear(mlp.down_proj, act(_linear(mlp.gate_proj, x)) * _linear(mlp.up_proj, x))
+
+
+def _moe(model: Transformer, layer: int, x: torch.Tensor) -> torch.Tensor:
+    """A mixture-of-experts MLP: each token's top-k experts by the router's softmax,
+    weighted (renormalised when ``norm_topk_prob``), plus a sigmoid-gated shared expert."""
+    cfg, moe = model.cfg, cast(MoE, _blocks(model)[layer].mlp)
+    act = activation(cfg.activation)
+    probs = torch.softmax(_linear(moe.router, x).float(), dim=-1)  # [b, t, experts]
+    top_probs, top_experts = probs.topk(cfg.experts_per_token, dim=-1)
+    if cfg.norm_topk_prob:
+        top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
+    if cfg.moe_weights_model_dtype:
+        top_probs = top_probs.to(x.dtype)
+    rows = []
+    for b in range(x.shape[0]):
+        tokens = []
+        for t in range(x.shape[1]):
+            out = torch.zeros_like(x[b, t])
+            for weight, expert in zip(top_probs[b, t], top_experts[b, t].tolist(), strict=True):
+                expert_mlp = cast(MLP, moe.experts[expert])
+                out = out + (weight * _gated(expert_mlp, act, x[b, t])).to(x.dtype)
+            tokens.append(out)
+        rows.append(torch.stack(tokens))
+    routed = torch.stack(rows)
+    if moe.shared_expert is None or moe.shared_expert_gate is None:
+        return routed
+    gate = torch.sigmoid(_linear(moe.shared_expert_gate, x))
+    return routed + gate * _gated(moe.shared_expert, act, x)
 
 
 @torch.inference_mode()
@@ -165,7 +201,7 @@ def reference_forward(
             continue
         h = site(layer, "post_attn", x + a)
         m_in = site(layer, "mlp_in", block.mlp_norm(x if cfg.parallel_residual else h))
-        m = _mlp(model, layer, m_in)
+        m = (_moe if layer in cfg.moe_layers else _mlp)(model, layer, m_in)
         m = block.mlp_post_norm(m) if block.mlp_post_norm else m
         m = site(layer, "mlp_out", m * branch_scale if branch_scale is not None else m)
         x = site(layer, "post_block", h + m)
