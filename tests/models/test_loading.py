@@ -164,3 +164,13 @@ def test_sliding_windows_of_the_llama_family_spellings(flags, expected):
         **flags,
     }
     assert read_config(raw, "LlamaForCausalLM").sliding_windows == expected
+
+
+def test_a_model_loaded_under_inference_mode_runs(checkpoint_root):
+    """Weights made inside ``torch.inference_mode()`` have no version counter; the packed
+    unembedding must not need one."""
+    folder = build_checkpoint("llama", checkpoint_root)
+    with torch.inference_mode():
+        model = load_model(folder).model
+        logits = model(torch.tensor([[3, 4, 5]]))
+    assert logits.shape == (1, 3, model.cfg.vocab_size)

@@ -147,7 +147,8 @@ class Linear(nn.Linear):
     def pack(self) -> torch.Tensor | None:
         """The packed weight, made once (again when the weight changes: moved, reloaded)."""
         w = self.weight
-        key = (w.data_ptr(), w._version, w.device, w.dtype, tuple(w.shape))
+        version = 0 if w.is_inference() else w._version  # inference tensors have no counter
+        key = (w.data_ptr(), version, w.device, w.dtype, tuple(w.shape))
         if self._packed is None or self._packed[0] != key:
             self._packed = (key, pack_checked(w, self.bias))
         return self._packed[1]
