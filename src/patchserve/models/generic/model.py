@@ -35,7 +35,7 @@ from transformers.cache_utils import DynamicCache
 from patchserve.cancel import raise_if_cancelled
 from patchserve.errors import InvalidArgument
 from patchserve.models.config import ModelConfig
-from patchserve.models.generic.discovery import Structure
+from patchserve.models.generic.discovery import Structure, text_config
 from patchserve.models.hooks import HOOKS, HookContext, hook_unavailable
 from patchserve.models.layout import Layout, ResumeRows
 from patchserve.models.state import KVCache, Reuse
@@ -53,10 +53,13 @@ def refuse_hook(hook: str, offered: tuple[str, ...], param: str = "hook") -> Uns
 
 
 class _GroupLayout:
-    """Rows ``members`` of a resumed pass, padded ``[g, length, ...]`` from ``offset`` on."""
+    """Rows ``members`` of a resumed pass, padded ``[g, tmax, ...]``: row ``i`` holds its
+    tokens from absolute position ``offsets[i]`` on, ``lengths[i]`` of them."""
 
-    def __init__(self, members: torch.Tensor, total: int, offset: int, length: int) -> None:
-        self.offset, self.length = offset, length
+    def __init__(
+        self, members: torch.Tensor, total: int, offsets: torch.Tensor, lengths: torch.Tensor
+    ) -> None:
+        self.offsets, self.lengths = offsets, lengths
         self.slot = torch.full((total,), -1, dtype=torch.long, device=members.device)
         self.slot[members] = torch.arange(members.shape[0], device=members.device)
 
@@ -66,20 +69,29 @@ class _GroupLayout:
         rows = rows.to(self.slot.device)
         inside = (rows >= 0) & (rows < self.slot.shape[0])
         slot = self.slot[rows.clamp(0, self.slot.shape[0] - 1)]
-        local = positions.to(rows.device) - self.offset
-        keep = inside & (slot >= 0) & (local >= 0) & (local < self.length)
+        mine = slot >= 0
+        safe = slot.clamp(min=0)
+        local = positions.to(rows.device) - self.offsets[safe]
+        keep = inside & mine & (local >= 0) & (local < self.lengths[safe])
         return keep, (slot[keep], local[keep])
 
 
 @dataclass
 class _Group:
-    """Resumed rows that share an offset (and so a length and a cached prefix)."""
+    """Resumed rows run in one ``transformers`` forward, right-padded to ``tmax`` tokens."""
 
     members: torch.Tensor  # long [g]: the rows' indices in the resumed batch
-    offset: int
-    length: int
-    hidden: torch.Tensor  # [g, length, d]
-    reuse: dict[str, torch.Tensor]  # "attn_out" / "attn_head" -> [g, length, ...]
+    offsets: torch.Tensor  # long [g]: each row's first absolute position
+    lengths: torch.Tensor  # long [g]
+    hidden: torch.Tensor  # [g, tmax, d]
+    reuse: dict[str, torch.Tensor]  # "attn_out" / "attn_head" -> [g, tmax, ...]
+
+    @property
+    def uniform(self) -> bool:
+        """Every row at one offset with one length (no padding, no per-row masks)."""
+        return bool(
+            (self.offsets == self.offsets[0]).all() and (self.lengths == self.lengths[0]).all()
+        )
 
 
 class _Skip(nn.Module):
@@ -175,6 +187,11 @@ class TransformersModel(Transformer):
         self.device_map = None
         self.offered_hooks: tuple[str, ...] = ("pre_attn", "post_block")  # set by the probe
         self.layer_returns_tuple = False  # set by the probe
+        # rows at different offsets in one padded forward (set by the probe where exact), and
+        # the sliding window past which that is not (per-row masks shift slot indices)
+        self.batch_offsets = False
+        window = getattr(text_config(hf), "sliding_window", None)
+        self.window: int | None = int(window) if window else None
         self._lock = threading.RLock()
         base = getattr(hf, structure.base_name)
         self.base = base
@@ -232,7 +249,8 @@ class TransformersModel(Transformer):
         outputs = self._resumed(rows, start_layer, cache, reuse, hooks)
         last = rows.hidden.new_empty(rows.lengths.shape[0], self.cfg.hidden_size)
         for group, x in outputs:
-            last[group.members.to(last.device)] = x[:, -1].to(last.dtype)
+            ends = (group.lengths - 1).to(x.device)
+            last[group.members.to(last.device)] = x[torch.arange(x.shape[0], device=x.device), ends]
         return self.unembed(last)
 
     def run_blocks(
@@ -249,11 +267,13 @@ class TransformersModel(Transformer):
         out = torch.zeros_like(rows.hidden)
         starts = (torch.cumsum(rows.lengths, 0) - rows.lengths).tolist()
         for group, x in self._resumed(rows, start_layer, cache, reuse, hooks):
-            for i, r in enumerate(group.members.tolist()):
+            for i, (r, n) in enumerate(
+                zip(group.members.tolist(), group.lengths.tolist(), strict=True)
+            ):
                 if rows.packed:
-                    out[starts[r] : starts[r] + group.length] = x[i]
+                    out[starts[r] : starts[r] + n] = x[i, :n]
                 else:
-                    out[r, : group.length] = x[i]
+                    out[r, :n] = x[i, :n]
         return out
 
     def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -326,20 +346,36 @@ class TransformersModel(Transformer):
             if start == n:
                 out.append((group, group.hidden))
                 continue
-            if group.offset > 0 and (cache is None or cache.length < group.offset):
+            prefix = int(group.offsets.max())
+            if prefix > 0 and (cache is None or cache.length < prefix):
                 raise ValueError("a resumed row needs a cached prefix up to its offset")
             g, device = group.members.shape[0], group.hidden.device
-            layout = _GroupLayout(group.members, total, group.offset, group.length)
-            dyn = self._prefix_cache(cache, group.offset, g)
-            positions = (group.offset + torch.arange(group.length, device=device)).expand(g, -1)
+            layout = _GroupLayout(group.members, total, group.offsets, group.lengths)
+            dyn = self._prefix_cache(cache, prefix, g)
+            tmax = group.hidden.shape[1]
+            steps = torch.arange(tmax, device=device)[None]
+            # padded slots repeat the row's last position (their values are never read)
+            positions = group.offsets[:, None] + torch.minimum(steps, group.lengths[:, None] - 1)
+            mask = None
+            if not group.uniform:  # each row sees the cache before its offset, its own tokens
+                cached = torch.arange(prefix, device=device)[None] < group.offsets[:, None]
+                mask = torch.cat([cached, steps < group.lengths[:, None]], 1).long()
             x = self._pass(
-                ctx, layout, positions, dyn, hidden=group.hidden, start=start, reuse=group.reuse
+                ctx,
+                layout,
+                positions,
+                dyn,
+                hidden=group.hidden,
+                start=start,
+                reuse=group.reuse,
+                mask=mask,
             )
             out.append((group, x))
         return out
 
     def _groups(self, rows: ResumeRows, reuse: Reuse | None) -> list[_Group]:
-        """The rows grouped by offset, each row's tokens (and reused activations) stacked."""
+        """The rows in forwards of their own: all in one (padded, each row masked to its own
+        prefix) where the probe found that exact, else one forward per offset."""
         offsets, lengths = rows.offsets.tolist(), rows.lengths.tolist()
         if rows.prefix_lengths is not None and rows.prefix_lengths.tolist() != offsets:
             raise ValueError("the transformers runtime reads each row's prefix up to its offset")
@@ -355,21 +391,31 @@ class TransformersModel(Transformer):
         def tokens(t: torch.Tensor, r: int) -> torch.Tensor:
             return t[starts[r] : starts[r] + lengths[r]] if rows.packed else t[r, : lengths[r]]
 
+        def padded(t: torch.Tensor, members: list[int]) -> torch.Tensor:
+            parts = [tokens(t, r) for r in members]
+            tmax = max(p.shape[0] for p in parts)
+            width = t.shape[1:] if rows.packed else t.shape[2:]
+            out = t.new_zeros(len(parts), tmax, *width)
+            for i, p in enumerate(parts):
+                out[i, : p.shape[0]] = p
+            return out
+
+        end = max(o + n for o, n in zip(offsets, lengths, strict=True))
+        together = self.batch_offsets and (self.window is None or end <= self.window)
         by_key: dict[tuple[int, int], list[int]] = {}
         for r, key in enumerate(zip(offsets, lengths, strict=True)):
-            by_key.setdefault(key, []).append(r)
-        groups = []
-        for (offset, length), members in by_key.items():
-            groups.append(
-                _Group(
-                    torch.tensor(members, device=rows.hidden.device),
-                    offset,
-                    length,
-                    torch.stack([tokens(rows.hidden, r) for r in members]),
-                    {k: torch.stack([tokens(t, r) for r in members]) for k, t in extra.items()},
-                )
+            by_key.setdefault((0, 0) if together else key, []).append(r)
+        device = rows.hidden.device
+        return [
+            _Group(
+                torch.tensor(members, device=device),
+                rows.offsets[members],
+                rows.lengths[members],
+                padded(rows.hidden, members),
+                {k: padded(t, members) for k, t in extra.items()},
             )
-        return groups
+            for members in by_key.values()
+        ]
 
     def _prefix_cache(self, cache: KVCache | None, length: int, batch: int) -> DynamicCache:
         """A ``DynamicCache`` of the first ``length`` tokens of ``cache`` for ``batch`` rows."""

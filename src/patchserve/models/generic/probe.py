@@ -112,6 +112,7 @@ def offered_hooks(model: TransformersModel) -> tuple[str, ...]:
             recorder.remove()
         model.layer_returns_tuple = bool(recorder.seen[("layer_out_tuple", 0)][0])
         _check_passes(model, recorder, reference, out, ids, name)
+        model.batch_offsets = _offsets_batch(model, reference, out)
     offered = {"pre_attn", "post_block"}
     if _branches_exact(model, recorder):
         offered |= {"attn_out", "mlp_in", "mlp_out"}
@@ -159,6 +160,25 @@ def _check_passes(
                 f"{name}: the generic runtime's {what} does not reproduce transformers' "
                 "logits on a probe prompt; this architecture cannot be served exactly"
             )
+
+
+def _offsets_batch(model: TransformersModel, reference: torch.Tensor, out: Any) -> bool:
+    """Whether resumed rows at different offsets can share one padded forward, each masked
+    to its own cached prefix (exact unless the model reads positions from the mask's slots,
+    e.g. ALiBi): two unpatched rows resumed at layer 1 give the reference's last logits."""
+    if model.cfg.num_layers < 2:
+        return False
+    hidden = out.captured[1, "pre_attn"][0]
+    t = hidden.shape[0]
+    offsets = torch.tensor([3, SPLIT + 1])
+    rows = ResumeRows.build(torch.cat([hidden[3:], hidden[SPLIT + 1 :]]), offsets, t - offsets)
+    model.batch_offsets = True
+    try:
+        logits = model.resume(rows, 1, out.cache)
+    finally:
+        model.batch_offsets = False
+    expected = reference[-1].expand(2, -1)
+    return _close(logits.float(), expected, model.dtype)
 
 
 def _branches_exact(model: TransformersModel, recorder: _Recorder) -> bool:
