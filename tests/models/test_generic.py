@@ -232,7 +232,20 @@ def test_greedy_generation_equals_transformers_generate(generic):
     assert len(result.token_ids) == 6 or result.finish_reason == "stop"
 
 
-def test_runtime_transformers_on_a_native_architecture_gives_the_native_grid(checkpoint_root):
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"answer_token_id": [5, 9, 11]},  # a multi-token answer: blocks over appended tails
+        {"window": 3, "positions": [0, 2, -1]},  # several layers restored at once
+        {"hooks": ["attn_head"], "per_position": False, "heads": [0, 2]},
+        {"max_batch_tokens": 16},  # many small batches
+    ],
+    ids=["grid", "multi_token", "window", "heads_all_positions", "small_batches"],
+)
+def test_runtime_transformers_on_a_native_architecture_gives_the_native_grid(
+    checkpoint_root, extra
+):
     folder = build_checkpoint("llama", checkpoint_root)
     native, generic = _loaded(folder, "native"), _loaded(folder, "transformers")
     assert native.runtime == "native" and generic.runtime == "transformers"
@@ -240,25 +253,40 @@ def test_runtime_transformers_on_a_native_architecture_gives_the_native_grid(che
     assert generic.hooks == ALL_BUT_POST_ATTN
     tok = Tokenizer.from_folder(folder)
     n = native.config.num_layers
+    kwargs = {"hooks": list(ALL_BUT_POST_ATTN), "heads": [1, 3], **extra}
     grids = []
     for loaded in (native, generic):
         ids = tok.encode(CLEAN).ids
-        run = capture_run(
-            loaded.model, "clean", CLEAN, ids, {h: list(range(n)) for h in ALL_BUT_POST_ATTN}
-        )
-        spec, _ = prepare_sweep(
-            loaded.model,
-            tok,
-            prompt=CORRUPT,
-            source=run,
-            hooks=list(ALL_BUT_POST_ATTN),
-            heads=[1, 3],
-        )
+        every = {h: list(range(n)) for h in ALL_BUT_POST_ATTN}
+        run = capture_run(loaded.model, "clean", CLEAN, ids, every)
+        spec, _ = prepare_sweep(loaded.model, tok, prompt=CORRUPT, source=run, **kwargs)
         grids.append(run_sweep(loaded.model, spec).grids)
-    for hook in ALL_BUT_POST_ATTN:
+    for hook in kwargs["hooks"]:
         mine = torch.tensor(grids[1][hook], dtype=torch.float64)
         theirs = torch.tensor(grids[0][hook], dtype=torch.float64)
         torch.testing.assert_close(mine, theirs, atol=TOL, rtol=0, msg=hook)
+
+
+def test_rows_at_different_offsets_in_one_forward_equal_one_forward_per_offset(generic):
+    _, folder = generic
+    loaded = _loaded(folder)
+    model, tok = loaded.model, Tokenizer.from_folder(folder)
+    assert model.batch_offsets  # the probe found the padded, per-row masked forward exact
+    n = model.cfg.num_layers
+    run = capture_run(
+        model, "clean", CLEAN, tok.encode(CLEAN).ids, {h: list(range(n)) for h in loaded.hooks}
+    )
+    spec, _ = prepare_sweep(model, tok, prompt=CORRUPT, source=run, hooks=list(loaded.hooks))
+    together = run_sweep(model, spec).grids
+    model.batch_offsets = False
+    try:
+        apart = run_sweep(model, spec).grids
+    finally:
+        model.batch_offsets = True
+    for hook in loaded.hooks:
+        mine = torch.tensor(together[hook], dtype=torch.float64)
+        theirs = torch.tensor(apart[hook], dtype=torch.float64)
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0, msg=hook)
 
 
 def test_what_the_transformers_runtime_cannot_compute_exactly_is_refused(generic):
