@@ -127,3 +127,18 @@ def test_serve_runtime_transformers_forces_it_on_a_native_architecture(checkpoin
     assert card["runtime"] == "transformers"
     assert "post_attn" not in card["hooks"] and "attn_out" in card["hooks"]
     assert post_attn.status_code == 400
+
+
+def test_completions_and_steering_modules_refuse_unavailable_hooks(generic_server):
+    with generic_server.client() as c:
+        plain = c.post("/v1/completions", json={"prompt": CLEAN, "max_tokens": 3, "temperature": 0})
+        assert plain.status_code == 200, plain.text
+        steer = [{"layer": 0, "hook": "attn_out", "source_module": "zeros", "scale": 1.0}]
+        steered = c.post("/v1/completions", json={"prompt": CLEAN, "steer": steer})
+        assert steered.status_code == 400
+        assert "hook 'attn_out' is not available" in steered.json()["error"]["message"]
+        module = c.post(
+            "/v1/steering/modules/register",
+            json={"name": "m", "vectors": {"mlp_out": {"0": {"vector": [0.0] * 64}}}},
+        )
+        _assert_refused(module, "vectors", "mlp_out")
