@@ -287,15 +287,6 @@ class TransformersModel(Transformer):
             logits = self.hf(inputs_embeds=norm(x), use_cache=False).logits
         return logits.reshape(*shape[:-1], logits.shape[-1])
 
-    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The residual stream entering block 0: the layer-0 input of a forward of the ids."""
-        ctx = HookContext.build(capture=[(0, "pre_attn")])
-        b, t = input_ids.shape
-        full = torch.full((b,), t, dtype=torch.long, device=input_ids.device)
-        layout = Layout(torch.zeros_like(full), full, t, False)
-        self._pass(ctx, layout, positions.expand(b, -1), DynamicCache(), input_ids=input_ids)
-        return ctx.captured[0, "pre_attn"]
-
     # -- passes -----------------------------------------------------------------------
 
     def _cached_pass(
