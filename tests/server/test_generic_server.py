@@ -142,3 +142,11 @@ def test_completions_and_steering_modules_refuse_unavailable_hooks(generic_serve
             json={"name": "m", "vectors": {"mlp_out": {"0": {"vector": [0.0] * 64}}}},
         )
         _assert_refused(module, "vectors", "mlp_out")
+
+
+def test_the_client_captures_every_hook_the_model_has(generic_server):
+    from patchserve.client.study import PatchStudy
+
+    with PatchStudy(generic_server.url) as study:
+        run = study.capture_clean(CLEAN, run="client-all", layers=[0, 2])
+    assert run.hooks == {hook: [0, 2] for hook in GLM4_HOOKS}
