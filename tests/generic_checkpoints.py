@@ -25,6 +25,27 @@ GENERIC_CONFIGS: dict[str, Callable[[], tf.PretrainedConfig]] = {
     "glm4": lambda: tf.Glm4Config(**COMMON, **LLAMA_SHAPE),
     # xIELU activation, QK norm (Swiss AI, 2025)
     "apertus": lambda: tf.ApertusConfig(**COMMON, **LLAMA_SHAPE),
+    # sliding-window layers (a window shorter than the prompts) and post-branch norms
+    "exaone4": lambda: tf.Exaone4Config(
+        **COMMON,
+        **{**LLAMA_SHAPE, "num_hidden_layers": 4},
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+    ),
+    # mixture of experts, attention sinks, sliding windows (OpenAI, 2025)
+    "gpt_oss": lambda: tf.GptOssConfig(
+        **COMMON,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=4,
+        max_position_embeddings=256,
+    ),
 }
 GENERIC = tuple(GENERIC_CONFIGS)
 

@@ -22,6 +22,7 @@ from patchserve.engine.runs import capture_run
 from patchserve.engine.study import prepare_sweep
 from patchserve.engine.sweep import run_sweep
 from patchserve.models import CheckpointError, LoadedModel, load_model
+from patchserve.models.generic.probe import PROBE_TOKENS
 from patchserve.text.tokenizer import Tokenizer
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
@@ -29,7 +30,10 @@ CORRUPT = "When Mari and John went to the store, John gave a drink to"
 TOL = 1e-4
 ALL_BUT_POST_ATTN = ("pre_attn", "attn_out", "mlp_in", "mlp_out", "post_block", "attn_head")
 #: What the module tree gives exactly: GLM-4 norms each branch's output before adding it.
-EXPECTED_HOOKS = {"glm4": ("pre_attn", "post_block", "attn_head")}
+EXPECTED_HOOKS = {
+    "glm4": ("pre_attn", "post_block", "attn_head"),
+    "exaone4": ("pre_attn", "post_block", "attn_head"),  # norms after each branch too
+}
 #: The oracle's own map of where each site lives (layers, attention, MLP, output projection).
 ORACLE_MODULES = {"gpt_bigcode": ("transformer.h", "attn", "mlp", "c_proj")}
 LLAMA_LIKE = ("model.layers", "self_attn", "mlp", "o_proj")
@@ -271,7 +275,9 @@ def test_rows_at_different_offsets_in_one_forward_equal_one_forward_per_offset(g
     _, folder = generic
     loaded = _loaded(folder)
     model, tok = loaded.model, Tokenizer.from_folder(folder)
-    assert model.batch_offsets  # the probe found the padded, per-row masked forward exact
+    if not model.batch_offsets:  # refused by the probe: only where a short window binds
+        assert model.window is not None and model.window < PROBE_TOKENS
+        return
     n = model.cfg.num_layers
     run = capture_run(
         model, "clean", CLEAN, tok.encode(CLEAN).ids, {h: list(range(n)) for h in loaded.hooks}

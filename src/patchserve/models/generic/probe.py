@@ -165,18 +165,21 @@ def _check_passes(
 def _offsets_batch(model: TransformersModel, reference: torch.Tensor, out: Any) -> bool:
     """Whether resumed rows at different offsets can share one padded forward, each masked
     to its own cached prefix (exact unless the model reads positions from the mask's slots,
-    e.g. ALiBi): two unpatched rows resumed at layer 1 give the reference's last logits."""
+    e.g. ALiBi, or a sliding window binds): two unpatched rows resumed at layer 1 give the
+    reference's last logits. Models whose window is shorter than the probe fail it, and
+    resume one forward per offset even on prompts the window would not bind."""
     if model.cfg.num_layers < 2:
         return False
     hidden = out.captured[1, "pre_attn"][0]
     t = hidden.shape[0]
     offsets = torch.tensor([3, SPLIT + 1])
     rows = ResumeRows.build(torch.cat([hidden[3:], hidden[SPLIT + 1 :]]), offsets, t - offsets)
+    window, model.window = model.window, None  # the padded path itself, even past a window
     model.batch_offsets = True
     try:
         logits = model.resume(rows, 1, out.cache)
     finally:
-        model.batch_offsets = False
+        model.batch_offsets, model.window = False, window
     expected = reference[-1].expand(2, -1)
     return _close(logits.float(), expected, model.dtype)
 
