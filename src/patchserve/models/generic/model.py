@@ -34,7 +34,7 @@ from transformers.cache_utils import DynamicCache
 
 from patchserve.cancel import raise_if_cancelled
 from patchserve.errors import InvalidArgument
-from patchserve.models.config import ModelConfig
+from patchserve.models.config import CheckpointError, ModelConfig
 from patchserve.models.generic.discovery import Structure, text_config
 from patchserve.models.hooks import HOOKS, HookContext, hook_unavailable
 from patchserve.models.layout import Layout, ResumeRows
@@ -182,7 +182,8 @@ class TransformersModel(Transformer):
         self.structure = structure
         self.cfg = cfg
         embed = hf.get_input_embeddings()  # type: ignore[operator]
-        assert isinstance(embed, nn.Embedding)
+        if not isinstance(getattr(embed, "weight", None), torch.Tensor):
+            raise CheckpointError(f"{cfg.architecture}: no input embedding matrix found")
         self.embed_tokens = embed
         self.device_map = None
         self.offered_hooks: tuple[str, ...] = ("pre_attn", "post_block")  # set by the probe
@@ -501,7 +502,10 @@ class TransformersModel(Transformer):
         handles: list[RemovableHandle] = []
 
         def site(layer: int, hook: str, h: torch.Tensor) -> torch.Tensor:
-            return ctx.site(layer, hook, h, layout)
+            h = ctx.site(layer, hook, h, layout)
+            if (layer, hook) in ctx.capture:  # a copy: transformers may reuse h in place
+                ctx.captured[layer, hook] = h.clone()
+            return h
 
         def wanted(layer: int, hook: str) -> bool:
             return (layer, hook) in ctx.edits or (layer, hook) in ctx.capture
