@@ -313,3 +313,19 @@ def test_what_the_transformers_runtime_cannot_compute_exactly_is_refused(generic
         assert "transformers runtime" in info.value.message
     with pytest.raises(CheckpointError, match="device maps are not supported"):
         load_model(folder, device_map="cpu:0-1,cpu:2-2")
+
+
+def test_auto_runtime_is_native_for_registered_architectures_else_transformers():
+    from patchserve.models.loading import choose_runtime
+
+    assert choose_runtime({"architectures": ["LlamaForCausalLM"]}) == ("native", None)
+    runtime, why = choose_runtime({"architectures": ["Glm4ForCausalLM"]})
+    assert runtime == "transformers"
+    assert why == "architecture Glm4ForCausalLM has no native family; serving through transformers"
+    assert choose_runtime({"architectures": ["Glm4ForCausalLM"]}, "native") == ("native", None)
+    assert choose_runtime({"architectures": ["LlamaForCausalLM"]}, "transformers") == (
+        "transformers",
+        None,
+    )
+    with pytest.raises(CheckpointError, match="unknown runtime 'jax'"):
+        choose_runtime({}, "jax")

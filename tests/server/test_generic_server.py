@@ -15,7 +15,7 @@ from conftest import Server, start_server
 from generic_checkpoints import build_generic_checkpoint
 from patchserve.cli.main import main
 from patchserve.engine import capture_run, prepare_sweep, run_sweep
-from patchserve.models import load_model
+from patchserve.models import HOOKS, load_model
 from patchserve.text.tokenizer import Tokenizer
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
@@ -150,3 +150,9 @@ def test_the_client_captures_every_hook_the_model_has(generic_server):
     with PatchStudy(generic_server.url) as study:
         run = study.capture_clean(CLEAN, run="client-all", layers=[0, 2])
     assert run.hooks == {hook: [0, 2] for hook in GLM4_HOOKS}
+
+
+def test_a_native_model_says_native_and_every_hook(client):
+    card = client.get("/v1/models").json()["data"][0]
+    assert card["runtime"] == "native"
+    assert card["hooks"] == list(HOOKS)
