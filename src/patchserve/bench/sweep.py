@@ -249,7 +249,7 @@ def run(args: argparse.Namespace) -> dict:
     folder = Path(args.cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint = Path(args.model) if args.model else shape_checkpoint(args, folder)
-    loaded = load_model(checkpoint, dtype=args.dtype)
+    loaded = load_model(checkpoint, dtype=args.dtype, runtime=args.runtime)
     model, cfg = loaded.model, loaded.config
     clean, corrupt = prompts(cfg.vocab_size, args.tokens, args.differ_at)
     hook = args.hook
@@ -299,7 +299,7 @@ def run(args: argparse.Namespace) -> dict:
     report = {
         "machine": f"{os.cpu_count()} cpu, torch {torch.__version__}, {args.threads} threads",
         "model": f"{cfg.architecture} {cfg.num_layers}x{cfg.hidden_size}, vocab {cfg.vocab_size}, "
-        f"{args.dtype}",
+        f"{args.dtype}, {loaded.runtime} runtime",
         "tokens": args.tokens,
         "differ_at": args.differ_at,
         "hook": hook,
@@ -428,6 +428,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", choices=list(SHAPES), help="a real model's shape (random weights)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--model", help="benchmark this checkpoint folder instead of a random one")
+    p.add_argument(
+        "--runtime",
+        default="auto",
+        choices=["auto", "native", "transformers"],
+        help="what runs patchserve's model: transformers = the generic runtime (models/generic/)",
+    )
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--vocab", type=int, default=32768)

@@ -56,10 +56,12 @@ def _info(args: argparse.Namespace) -> int:
 
     from patchserve.models import load_model
 
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, runtime=args.runtime)
     cfg = asdict(loaded.config)
     params = sum(p.numel() for p in loaded.model.parameters())
-    print(json.dumps({"path": str(loaded.path), "parameters": params, "config": cfg}, indent=2))
+    info = {"path": str(loaded.path), "parameters": params, "runtime": loaded.runtime}
+    info.update(hooks=list(loaded.hooks), fallback=loaded.fallback, config=cfg)
+    print(json.dumps(info, indent=2))
     return 0
 
 
@@ -77,6 +79,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.replicas and args.device_map:
         raise CommandError("--device-map and --replicas together are not supported yet")
+    if args.replicas and args.runtime == "transformers":
+        raise CommandError("--replicas run the native runtime; drop --runtime transformers")
     if args.replicas and not _has("ray"):
         raise CommandError("--replicas needs Ray: pip install 'patchserve[ray]'")
     if args.threads:
@@ -97,6 +101,7 @@ def _serve(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name,
         replicas=args.replicas,
         ray_address=args.ray_address,
+        runtime=args.runtime,
     )
     configure_logging(args.log_level)
     state = ServerState.from_config(config)
@@ -127,6 +132,16 @@ def _bench_main(argv: list[str]) -> int:
 DTYPES = ["float32", "bfloat16", "float16"]
 
 
+def _runtime_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--runtime",
+        default="auto",
+        choices=["auto", "native", "transformers"],
+        help="native: our hooked runtime; transformers: the model runs in transformers with "
+        "hooks found from its module tree; auto: native when the architecture has a family",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="patchserve",
@@ -141,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--model", required=True, help="checkpoint folder or hub id")
     info.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     info.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype")
+    _runtime_argument(info)
     info.set_defaults(func=_info)
 
     serve = sub.add_parser("serve", help="start the HTTP server", formatter_class=HelpFormatter)
@@ -153,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--device-map",
         help="layers over devices instead of --device: auto, balanced, or '0:0-13,1:14-27'",
     )
+    _runtime_argument(serve)
     serve.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1 routes")
     serve.add_argument("--source-dir", help="persist kept runs here and reload them at start")
     serve.add_argument(

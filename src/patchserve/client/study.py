@@ -318,7 +318,7 @@ class AsyncPatchStudy:
 
         ``run`` names it (default: a fresh name chosen by the server). ``hooks``
         is a hook name, a list of them or ``{hook: layers}``; ``layers`` applies
-        to every listed hook (default: all injectable hooks at all layers). A
+        to every listed hook (default: all the model's hooks at all layers). A
         taken name raises :class:`ConflictError` unless ``overwrite``.
         """
         body: dict[str, Any] = {"prompt": prompt, "overwrite": overwrite}
@@ -327,7 +327,10 @@ class AsyncPatchStudy:
         if isinstance(hooks, Mapping):
             body["hooks"] = {h: _layers_json(v) for h, v in hooks.items()}
         elif hooks is not None or layers is not None:
-            names = [hooks] if isinstance(hooks, str) else list(hooks or HOOKS)
+            if not hooks:  # every hook the served model has (its runtime may lack some)
+                names = list((await self.model_info()).get("hooks") or HOOKS)
+            else:
+                names = [hooks] if isinstance(hooks, str) else list(hooks)
             spec = _layers_json(layers)
             if isinstance(spec, dict):  # the capture route takes a list or "all"
                 n = (await self.model_info())["num_layers"]

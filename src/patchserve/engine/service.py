@@ -28,6 +28,7 @@ from patchserve.engine.errors import InvalidArgument
 from patchserve.engine.noise import noise_summary, run_noised
 from patchserve.engine.report import cell_event, start_event, sweep_body
 from patchserve.engine.runs import CapturedRun, capture_run, check_run_name
+from patchserve.engine.sites import check_runtime_scope
 from patchserve.engine.stream import stream_sweep
 from patchserve.engine.study import prepare_sweep, window_span
 from patchserve.engine.sweep import Cell, SweepOutcome, SweepSpec, VectorSource, run_sweep
@@ -182,6 +183,7 @@ class Study:
         check_method_scope(
             req.method, answer_tokens=1, window=1, per_position=True, noise=self.noise is not None
         )
+        check_runtime_scope(res.model, req.method, self.noise is not None)
         if req.source_module is not None:
             self._check_module_covers(req.source_module)
 
@@ -279,7 +281,8 @@ class Study:
         name, prompt, ids = self.capture_name, self.req.clean_prompt, self.clean_ids
         assert name is not None and prompt is not None and ids is not None
         layers = window_span(self.spec.layers, self.spec.window, self.res.model.cfg.num_layers)
-        hooks = dict.fromkeys(INJECTABLE_HOOKS, layers)
+        offered = self.res.model.offered_hooks
+        hooks = dict.fromkeys([h for h in INJECTABLE_HOOKS if h in offered], layers)
         with self.res.gate(), torch.inference_mode():
             run = capture_run(self.res.model, name, prompt, ids, hooks)
         run.kept = self.req.keep_source

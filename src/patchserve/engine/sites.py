@@ -4,7 +4,8 @@ sweep's preparation, the generation's patches and steering, and the module regis
 from __future__ import annotations
 
 from patchserve.engine.errors import InvalidArgument
-from patchserve.models import HOOKS, ModelConfig
+from patchserve.models import HOOKS, ModelConfig, Transformer
+from patchserve.models.hooks import hook_unavailable
 
 
 def is_int(value: object) -> bool:
@@ -37,3 +38,30 @@ def check_site(cfg: ModelConfig, layer: object, hook: object, head: object, para
             param,
         )
     return cfg.hook_width(str(hook))
+
+
+def check_offered(model: Transformer, hook: object, param: str) -> None:
+    """A known hook that the model's runtime does not provide exactly: a 400 naming the hooks
+    it has (the transformers runtime offers what its module tree gives, models/generic/)."""
+    if hook in HOOKS and hook not in model.offered_hooks:
+        raise InvalidArgument(
+            hook_unavailable(str(hook), model.runtime, model.offered_hooks), param
+        )
+
+
+def check_runtime_scope(model: Transformer, method: str, noise: bool) -> None:
+    """What only the native runtime computes: attribution (its batch-invariant verification
+    and gradients) and noise corruption (embedding-scale units) — refused, never
+    approximated, on the transformers runtime."""
+    if model.runtime == "native":
+        return
+    for refused, what, param in (
+        (method != "exact", f"method {method!r}", "method"),
+        (noise, "noise corruption", "corruption"),
+    ):
+        if refused:
+            raise InvalidArgument(
+                f"{what} is not supported by the {model.runtime} runtime that serves this "
+                "model; use method 'exact' with a clean prompt or run",
+                param,
+            )

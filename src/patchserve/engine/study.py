@@ -21,6 +21,7 @@ from patchserve.engine.errors import InvalidArgument
 from patchserve.engine.metrics import check_metric
 from patchserve.engine.request import resolve_tokens
 from patchserve.engine.runs import CapturedRun
+from patchserve.engine.sites import check_offered
 from patchserve.engine.sweep import (
     DEFAULT_BATCH_TOKENS,
     Source,
@@ -242,6 +243,8 @@ def prepare_sweep(
     cfg = model.cfg
     encoding = _encode_prompt(tokenizer, prompt)
     hook_list = parse_hooks(hook, hooks)
+    for name in hook_list:
+        check_offered(model, name, "hooks" if hooks is not None else "hook")
     layer_list = parse_layers(layers, cfg.num_layers)
     position_list = resolve_positions(tokenizer, prompt, encoding, positions)
     head_list = _heads(heads, hook_list, cfg.num_heads)

@@ -28,6 +28,14 @@ from patchserve.wire.hooks import HOOKS, INJECTABLE_HOOKS, RESIDUAL_HOOKS
 __all__ = ["HOOKS", "INJECTABLE_HOOKS", "RESIDUAL_HOOKS", "HookContext", "SiteEdit", "make_edit"]
 
 
+def hook_unavailable(hook: str, runtime: str, offered: Iterable[str]) -> str:
+    """Why ``hook`` is refused on a model whose runtime provides only ``offered``."""
+    return (
+        f"hook {hook!r} is not available on this model: it is served by the {runtime} runtime, "
+        f"which provides exactly only these hooks: {', '.join(offered)}"
+    )
+
+
 def check_hook(hook: str) -> str:
     if hook not in HOOKS:
         raise ValueError(f"unknown hook {hook!r}; expected one of {', '.join(HOOKS)}")

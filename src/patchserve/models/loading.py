@@ -18,9 +18,10 @@ import torch
 from safetensors import safe_open
 
 from patchserve.models.config import CheckpointError, ModelConfig
+from patchserve.models.hooks import HOOKS
 from patchserve.models.layers import Rotary
 from patchserve.models.placement import Placement, plan
-from patchserve.models.registry import family_for
+from patchserve.models.registry import REGISTRY, family_for
 from patchserve.models.transformer import Transformer
 
 HUB_PATTERNS = [
@@ -57,6 +58,31 @@ class LoadedModel:
     config: ModelConfig
     path: Path
     raw_config: dict[str, Any]
+    runtime: str = "native"  # or "transformers" (models/generic/)
+    hooks: tuple[str, ...] = HOOKS  # the hooks the runtime provides for this model
+    fallback: str | None = None  # why the checkpoint is served through transformers (auto)
+
+
+RUNTIMES = ("auto", "native", "transformers")
+
+
+def choose_runtime(raw: dict[str, Any], runtime: str = "auto") -> tuple[str, str | None]:
+    """The runtime of a parsed ``config.json`` and, when ``auto`` fell back, why.
+
+    ``auto``: native when an architecture is in ``models/registry.py``, else transformers.
+    """
+    if runtime not in RUNTIMES:
+        raise CheckpointError(f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
+    if runtime != "auto":
+        return runtime, None
+    architectures = raw.get("architectures") or []
+    if any(arch in REGISTRY for arch in architectures):
+        return "native", None
+    found = ", ".join(architectures) or f"model_type {raw.get('model_type')!r}"
+    return (
+        "transformers",
+        f"architecture {found} has no native family; serving through transformers",
+    )
 
 
 def resolve_checkpoint(path_or_id: str | Path) -> Path:
@@ -113,11 +139,17 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = torch.float32,
     device_map: str | None = None,
+    runtime: str = "auto",
 ) -> LoadedModel:
     """``device_map`` (``auto``, ``balanced`` or ``"0:0-13,1:14-27"``, see
-    ``models/placement.py``) places the layers over devices instead of all on ``device``."""
+    ``models/placement.py``) places the layers over devices instead of all on ``device``.
+    ``runtime`` (see :func:`choose_runtime`): ``transformers`` runs the model in
+    ``transformers`` with hooks found from its module tree (``models/generic/``)."""
     folder = resolve_checkpoint(path_or_id)
     raw = read_config(folder)
+    chosen, why = choose_runtime(raw, runtime)
+    if chosen == "transformers":
+        return _load_generic(folder, raw, device, parse_dtype(dtype), device_map, why)
     family, architecture = family_for(raw)
     cfg = family.read_config(raw, architecture)
     torch_dtype = parse_dtype(dtype)
@@ -170,6 +202,33 @@ def load_model(
     model.device_map = placement if device_map is not None else None
     model.eval().requires_grad_(False)
     return LoadedModel(model=model, config=cfg, path=folder, raw_config=raw)
+
+
+def _load_generic(
+    folder: Path,
+    raw: dict[str, Any],
+    device: str | torch.device,
+    dtype: torch.dtype,
+    device_map: str | None,
+    why: str | None,
+) -> LoadedModel:
+    from patchserve.models.generic import load_generic
+
+    if device_map is not None:
+        raise CheckpointError(
+            "device maps are not supported by the transformers runtime; "
+            "load the model on one --device"
+        )
+    try:
+        model = load_generic(folder, raw, device, dtype)
+    except CheckpointError as exc:
+        if why is None:
+            raise
+        supported = ", ".join(sorted(REGISTRY))
+        raise CheckpointError(
+            f"{why}, which failed: {exc}; natively supported: {supported}"
+        ) from exc
+    return LoadedModel(model, model.cfg, folder, raw, "transformers", model.offered_hooks, why)
 
 
 def _placement(

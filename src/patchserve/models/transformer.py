@@ -28,7 +28,7 @@ from patchserve.cancel import raise_if_cancelled
 from patchserve.models import placement as placing
 from patchserve.models.block import DecoderBlock
 from patchserve.models.config import ModelConfig
-from patchserve.models.hooks import HookContext
+from patchserve.models.hooks import HOOKS, HookContext
 from patchserve.models.invariance import Linear, batch_invariant
 from patchserve.models.layers import Rotary, make_norm
 from patchserve.models.layout import Layout, ResumeRows
@@ -48,6 +48,9 @@ class CachedPass:
 
 class Transformer(nn.Module):
     """A decoder-only LM built from a :class:`ModelConfig`; weights come from a family loader."""
+
+    runtime = "native"  # which runtime serves the model ("transformers": models/generic/)
+    offered_hooks: tuple[str, ...] = HOOKS  # the hooks this runtime provides exactly
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

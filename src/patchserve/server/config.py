@@ -34,3 +34,4 @@ class ServerConfig:
     served_model_name: str | None = None
     replicas: int = 0  # > 0: sweeps run on this many Ray actors (engine/replicas.py)
     ray_address: str | None = None  # an existing Ray cluster (default: start a local one)
+    runtime: str = "auto"  # native | transformers | auto (models/loading.py choose_runtime)

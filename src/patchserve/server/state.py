@@ -85,8 +85,15 @@ class ServerState:
 
         path = config.model or str(default_model_path())
         loaded = load_model(
-            path, device=config.device, dtype=config.dtype, device_map=config.device_map
+            path,
+            device=config.device,
+            dtype=config.dtype,
+            device_map=config.device_map,
+            runtime=config.runtime,
         )
+        if loaded.fallback is not None:
+            log.warning("%s", loaded.fallback)
+        log.info("runtime %s; hooks: %s", loaded.runtime, ", ".join(loaded.hooks))
         torch.set_grad_enabled(False)
         start = time.perf_counter()
         packed, total = pack_weights(loaded.model)

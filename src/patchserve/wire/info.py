@@ -26,6 +26,12 @@ class ModelCard(WireModel):
     dtype: str
     device: str
     chat_template: bool
+    runtime: Literal["native", "transformers"] = Field(
+        "native", description="what runs the model: our hooked runtime, or transformers itself"
+    )
+    hooks: list[HookName] = Field(
+        default_factory=list, description="the hooks this model's runtime provides exactly"
+    )
 
 
 class ModelList(WireModel):

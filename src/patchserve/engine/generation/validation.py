@@ -10,7 +10,7 @@ import torch
 
 from patchserve.engine.errors import InvalidArgument
 from patchserve.engine.generation.types import GenerationRequest, SteerVector
-from patchserve.engine.sites import check_site, is_int
+from patchserve.engine.sites import check_offered, check_site, is_int
 from patchserve.models.hooks import SiteEdit
 from patchserve.models.transformer import Transformer
 
@@ -91,6 +91,7 @@ def _check_edit(model: Transformer, edit: SiteEdit) -> None:
     heads = [None] if edit.heads is None else edit.heads.tolist()
     for head in heads:  # one site check per patched head
         check_site(cfg, edit.layer, edit.hook, head, "patch")
+    check_offered(model, edit.hook, "patch")
     if bool((edit.rows != 0).any()):
         raise InvalidArgument("generation runs one sequence: patch rows must be 0", "patch")
     if bool((edit.positions < 0).any()):
@@ -108,6 +109,7 @@ def _check_edit(model: Transformer, edit: SiteEdit) -> None:
 
 def _check_steer(model: Transformer, steer: SteerVector) -> None:
     width = check_site(model.cfg, steer.layer, steer.hook, steer.head, "steer")
+    check_offered(model, steer.hook, "steer")
     if not isinstance(steer.vector, torch.Tensor) or tuple(steer.vector.shape) != (width,):
         shape = list(steer.vector.shape) if isinstance(steer.vector, torch.Tensor) else None
         raise InvalidArgument(

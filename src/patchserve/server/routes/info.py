@@ -32,6 +32,8 @@ async def models(request: Request) -> ModelList:
         dtype=str(state.model.dtype).removeprefix("torch."),
         device=_placement(state.model),
         chat_template=state.tokenizer.has_chat_template,
+        runtime="transformers" if state.loaded.runtime == "transformers" else "native",
+        hooks=list(state.loaded.hooks),
     )
     return ModelList(data=[card])
 

@@ -14,6 +14,7 @@ from patchserve.engine import CapturedRun, InvalidArgument, capture_run, check_r
 from patchserve.engine.metrics import raw_score
 from patchserve.engine.report import top_logprobs
 from patchserve.engine.request import resolve_token
+from patchserve.engine.sites import check_offered
 from patchserve.errors import Conflict, NotFound
 from patchserve.models import INJECTABLE_HOOKS
 from patchserve.server.errors import error_responses
@@ -33,7 +34,8 @@ def _state(request: Request) -> ServerState:
 def capture_hooks(state: ServerState, spec: dict[str, Any] | None) -> dict[str, list[int]]:
     n = state.model.cfg.num_layers
     if spec is None:
-        return {hook: list(range(n)) for hook in INJECTABLE_HOOKS}
+        offered = state.model.offered_hooks
+        return {hook: list(range(n)) for hook in INJECTABLE_HOOKS if hook in offered}
     if not spec:
         raise InvalidArgument("hooks is empty", "hooks")
     out = {}
@@ -42,6 +44,7 @@ def capture_hooks(state: ServerState, spec: dict[str, Any] | None) -> dict[str, 
             raise InvalidArgument(
                 f"unknown hook {hook!r}; expected one of {', '.join(INJECTABLE_HOOKS)}", "hooks"
             )
+        check_offered(state.model, hook, "hooks")
         out[hook] = parse_layers(layers, n, "hooks")
     return out
 

@@ -7,7 +7,7 @@ import torch
 from fastapi import APIRouter, Request
 
 from patchserve.engine.runs import check_name
-from patchserve.engine.sites import check_layer
+from patchserve.engine.sites import check_layer, check_offered
 from patchserve.errors import InvalidArgument, NotFound
 from patchserve.models import INJECTABLE_HOOKS
 from patchserve.server.errors import error_responses
@@ -35,6 +35,7 @@ async def register(req: RegisterModuleRequest, request: Request) -> ModuleRegist
     for hook, layers in req.vectors.items():
         if hook not in INJECTABLE_HOOKS:
             raise InvalidArgument(f"unknown hook {hook!r}", "vectors")
+        check_offered(state.model, hook, "vectors")
         for layer_key, entry in layers.items():
             try:
                 layer = int(layer_key)
