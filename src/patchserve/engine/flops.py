@@ -11,8 +11,15 @@ def attention_proj_flops(cfg: ModelConfig) -> int:
     return 2 * (d * cfg.q_size + 2 * d * cfg.kv_size + cfg.q_size * d)
 
 
-def mlp_flops(cfg: ModelConfig) -> int:
-    return 2 * (3 if cfg.gated_mlp else 2) * cfg.hidden_size * cfg.intermediate_size
+def mlp_flops(cfg: ModelConfig, layer: int) -> int:
+    """The MLP of ``layer``, per token; a mixture-of-experts layer counts its router, the
+    ``experts_per_token`` experts a token runs through and any shared expert with its gate."""
+    d = cfg.hidden_size
+    if layer not in cfg.moe_layers:
+        return 2 * (3 if cfg.gated_mlp else 2) * d * cfg.intermediate_size
+    routed = cfg.experts_per_token * 2 * 3 * d * cfg.moe_intermediate_size
+    shared = 2 * 3 * d * cfg.shared_expert_size + 2 * d if cfg.shared_expert_size else 0
+    return 2 * d * cfg.num_experts + routed + shared
 
 
 def attention_score_flops(cfg: ModelConfig, layer: int, position: int) -> int:
@@ -50,14 +57,14 @@ def suffix_flops(
             total += tokens * 2 * d * 2 * cfg.kv_size
             total += len(queries) * 2 * (d * cfg.q_size + cfg.q_size * d)
             total += sum(attention_score_flops(cfg, layer, p) for p in queries)
-        total += len(queries) * mlp_flops(cfg)
+        total += len(queries) * mlp_flops(cfg, layer)
     return total + unembed_flops(cfg)
 
 
 def full_forward_flops(cfg: ModelConfig, length: int) -> int:
     """Every block over every position, logits at the last one (the usual full forward)."""
-    per_token = attention_proj_flops(cfg) + mlp_flops(cfg)
-    total = cfg.num_layers * length * per_token
+    layers = range(cfg.num_layers)
+    total = length * sum(attention_proj_flops(cfg) + mlp_flops(cfg, layer) for layer in layers)
     total += sum(
         attention_score_flops(cfg, layer, p)
         for layer in range(cfg.num_layers)
