@@ -543,3 +543,30 @@ def test_noise_tracing_with_a_window_from_the_form(tab: Tab) -> None:
     assert answer["window"] == 2 and answer["noise"]["samples"] == 10
     assert_same(tab.cells("mlp_out"), grid_cells(answer, "mlp_out"))
     assert tab.errors == []
+
+
+def test_hooks_the_model_lacks_are_offered_disabled(browser: Browser) -> None:
+    """On the transformers runtime the page offers only the hooks /v1/models lists; a study
+    over what it offers runs as on the native runtime."""
+    server = start_server(None, "--runtime", "transformers")
+    try:
+        with server.client() as client:
+            card = client.get("/v1/models").json()["data"][0]
+        assert card["runtime"] == "transformers" and "post_attn" not in card["hooks"]
+        with new_tab(browser, server) as tab:
+            tab.open("?hooks=post_attn,post_block")
+            options = tab.page.eval_on_selector_all(
+                "[data-testid=hooks] option, #hooks option",
+                "els => els.map(e => [e.value, e.disabled, e.selected])",
+            )
+            state = {value: (disabled, selected) for value, disabled, selected in options}
+            assert state["post_attn"] == (True, False)  # asked for in the URL, not available
+            assert state["post_block"] == (False, True)
+            assert all(not state[h][0] for h in card["hooks"])
+            assert "transformers runtime" in tab.page.inner_text("#model")
+            tab.testid("run").click()
+            tab.wait_done()
+            assert tab.filled("post_block") == (28, 28)
+            assert tab.errors == []
+    finally:
+        server.stop()

@@ -689,11 +689,25 @@ function exportJSON() {
 
 // ---------------------------------------------------------------- start-up
 
+// Hooks the served model does not give (the transformers runtime's, e.g. post_attn) stay in
+// the list, disabled and unselected, with the reason as their tooltip.
+function offerHooks(offered, runtime) {
+  for (const option of $("hooks").options) {
+    const missing = !offered.includes(option.value);
+    option.disabled = missing;
+    option.title = missing ? `not available on the ${runtime ?? "served"} runtime of this model` : "";
+    if (missing) option.selected = false;
+  }
+  showHeadsField();
+}
+
 async function showModel() {
   try {
     const { data } = await json("/v1/models");
     const m = data[0];
-    $("model").textContent = `${m.id} · ${m.architecture} · ${m.num_layers} layers · ${m.num_heads} heads · ${m.dtype} on ${m.device}`;
+    const runtime = m.runtime ? ` · ${m.runtime} runtime` : "";
+    $("model").textContent = `${m.id} · ${m.architecture} · ${m.num_layers} layers · ${m.num_heads} heads · ${m.dtype} on ${m.device}${runtime}`;
+    offerHooks(m.hooks ?? HOOKS, m.runtime);
   } catch (error) {
     showError(error);
   }
