@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -47,3 +48,29 @@ def split_layer(name: str, layers_prefix: str) -> tuple[int, str] | None:
     if not index.isdigit():
         return None
     return int(index), rest
+
+
+BlockMapper = Callable[[int, str, torch.Tensor, ModelConfig], "Mapped | None"]
+
+
+def map_decoder_layout(
+    name: str,
+    tensor: torch.Tensor,
+    cfg: ModelConfig,
+    block: BlockMapper,
+    prefixes: tuple[str, ...] = ("model.",),
+) -> Mapped | None:
+    """The checkpoint layout most families share (Llama's): ``lm_head`` (dropped when tied),
+    ``{prefix}embed_tokens``, ``{prefix}norm.*`` (the final norm), rotary caches (dropped) and
+    ``{prefix}layers.N.rest``, which ``block(N, rest, tensor, cfg)`` maps."""
+    if name == "lm_head.weight":
+        return [] if cfg.tie_word_embeddings else [("lm_head.weight", tensor)]
+    name = strip_prefix(name, prefixes)
+    if name == "embed_tokens.weight":
+        return [("embed_tokens.weight", tensor)]
+    if name.startswith("norm."):
+        return [("final_norm." + name.rpartition(".")[2], tensor)]
+    if name.endswith("rotary_emb.inv_freq"):
+        return []
+    split = split_layer(name, "layers.")
+    return None if split is None else block(split[0], split[1], tensor, cfg)

@@ -17,7 +17,7 @@ from patchserve.models.config import (
     require,
     rope_parameters,
 )
-from patchserve.models.families.base import Family, Mapped, split_layer, strip_prefix
+from patchserve.models.families.base import Family, Mapped, map_decoder_layout
 from patchserve.models.families.llama import BLOCK_NAMES as LLAMA_BLOCK_NAMES
 
 BLOCK_NAMES = {
@@ -147,21 +147,15 @@ def read_config(raw: dict[str, Any], architecture: str) -> ModelConfig:
     )
 
 
-def map_tensor(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> Mapped | None:
-    if name == "lm_head.weight":
-        return [] if cfg.tie_word_embeddings else [("lm_head.weight", tensor)]
-    name = strip_prefix(name, ("model.language_model.", "model."))
-    if name == "embed_tokens.weight":
-        return [("embed_tokens.weight", tensor)]
-    if name == "norm.weight":
-        return [("final_norm.weight", tensor)]
-    split = split_layer(name, "layers.")
-    if split is None:
-        return None
-    layer, rest = split
+def _map_block(layer: int, rest: str, tensor: torch.Tensor, cfg: ModelConfig) -> Mapped | None:
+    """A tensor of block ``layer`` (``rest``: its name inside the block)."""
     names = LLAMA_BLOCK_NAMES if cfg.family == "gemma1" else BLOCK_NAMES
     target = names.get(rest)
     return None if target is None else [(f"blocks.{layer}.{target}", tensor)]
+
+
+def map_tensor(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> Mapped | None:
+    return map_decoder_layout(name, tensor, cfg, _map_block, ("model.language_model.", "model."))
 
 
 FAMILY = Family(

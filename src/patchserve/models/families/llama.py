@@ -13,7 +13,7 @@ from patchserve.models.config import (
     require,
     rope_parameters,
 )
-from patchserve.models.families.base import Family, Mapped, split_layer, strip_prefix
+from patchserve.models.families.base import Family, Mapped, map_decoder_layout
 
 # Checkpoint name (inside a block) → runtime name (inside ``blocks.N``).
 BLOCK_NAMES = {
@@ -82,22 +82,14 @@ def read_config(raw: dict[str, Any], architecture: str) -> ModelConfig:
     )
 
 
-def map_tensor(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> Mapped | None:
-    if name == "lm_head.weight":
-        return [] if cfg.tie_word_embeddings else [("lm_head.weight", tensor)]
-    name = strip_prefix(name, ("model.",))
-    if name == "embed_tokens.weight":
-        return [("embed_tokens.weight", tensor)]
-    if name == "norm.weight":
-        return [("final_norm.weight", tensor)]
-    if name.endswith("rotary_emb.inv_freq"):
-        return []
-    split = split_layer(name, "layers.")
-    if split is None:
-        return None
-    layer, rest = split
+def _map_block(layer: int, rest: str, tensor: torch.Tensor, cfg: ModelConfig) -> Mapped | None:
+    """A tensor of block ``layer`` (``rest``: its name inside the block)."""
     target = BLOCK_NAMES.get(rest)
     return None if target is None else [(f"blocks.{layer}.{target}", tensor)]
+
+
+def map_tensor(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> Mapped | None:
+    return map_decoder_layout(name, tensor, cfg, _map_block)
 
 
 FAMILY = Family(

@@ -22,7 +22,7 @@ from patchserve.models.config import (
     require,
     rope_parameters,
 )
-from patchserve.models.families.base import Family, Mapped, split_layer, strip_prefix
+from patchserve.models.families.base import Family, Mapped, map_decoder_layout
 from patchserve.models.families.llama import BLOCK_NAMES as LLAMA_BLOCK_NAMES
 
 
@@ -108,31 +108,19 @@ def read_config(raw: dict[str, Any], architecture: str) -> ModelConfig:
     )
 
 
-def map_tensor(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> Mapped | None:
-    if name == "lm_head.weight":
-        return [] if cfg.tie_word_embeddings else [("lm_head.weight", tensor)]
-    name = strip_prefix(name, ("model.",))
-    if name == "embed_tokens.weight":
-        return [("embed_tokens.weight", tensor)]
-    if name == "norm.weight":
-        return [("final_norm.weight", tensor)]
-    if name.endswith("rotary_emb.inv_freq"):
-        return []
-    split = split_layer(name, "layers.")
-    if split is None:
-        return None
-    layer, rest = split
+def _map_block(layer: int, rest: str, tensor: torch.Tensor, cfg: ModelConfig) -> Mapped | None:
+    """A tensor of block ``layer`` (``rest``: its name inside the block)."""
     block = f"blocks.{layer}"
     if rest == "self_attn.qkv_proj.weight":  # output rows [q; k; v]
         sizes = (cfg.q_size, cfg.kv_size, cfg.kv_size)
-        _check_rows(name, tensor, sum(sizes))
+        _check_rows(f"layers.{layer}.{rest}", tensor, sum(sizes))
         parts = tensor.split(sizes, dim=0)
         return [
             (f"{block}.attn.{p}_proj.weight", t.contiguous())
             for p, t in zip("qkv", parts, strict=True)
         ]
     if rest == "mlp.gate_up_proj.weight":  # Phi3MLP: gate, up = chunk(2), gate first
-        _check_rows(name, tensor, 2 * cfg.intermediate_size)
+        _check_rows(f"layers.{layer}.{rest}", tensor, 2 * cfg.intermediate_size)
         gate, up = tensor.chunk(2, dim=0)
         return [
             (f"{block}.mlp.gate_proj.weight", gate.contiguous()),
@@ -140,6 +128,10 @@ def map_tensor(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> Mapped | No
         ]
     target = LLAMA_BLOCK_NAMES.get(rest)
     return None if target is None else [(f"{block}.{target}", tensor)]
+
+
+def map_tensor(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> Mapped | None:
+    return map_decoder_layout(name, tensor, cfg, _map_block)
 
 
 FAMILY = Family(

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from patchserve.models.config import ModelConfig, make_rope, require, rope_parameters
-from patchserve.models.families.base import Family, Mapped, split_layer, strip_prefix
+from patchserve.models.families.base import Family, Mapped, map_decoder_layout
 
 NAMES = {
     "input_layernorm": "attn_norm",
@@ -57,24 +57,16 @@ def read_config(raw: dict[str, Any], architecture: str) -> ModelConfig:
     )
 
 
-def map_tensor(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> Mapped | None:
-    if name == "lm_head.weight":
-        return [] if cfg.tie_word_embeddings else [("lm_head.weight", tensor)]
-    name = strip_prefix(name, ("model.",))
-    if name == "embed_tokens.weight":
-        return [("embed_tokens.weight", tensor)]
-    if name.startswith("norm."):
-        return [("final_norm." + name.rpartition(".")[2], tensor)]
-    if name.endswith("rotary_emb.inv_freq"):
-        return []
-    split = split_layer(name, "layers.")
-    if split is None:
-        return None
-    layer, rest = split
+def _map_block(layer: int, rest: str, tensor: torch.Tensor, cfg: ModelConfig) -> Mapped | None:
+    """A tensor of block ``layer`` (``rest``: its name inside the block)."""
     module, _, kind = rest.rpartition(".")
     if module in NAMES:
         return [(f"blocks.{layer}.{NAMES[module]}.{kind}", tensor)]
     return None
+
+
+def map_tensor(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> Mapped | None:
+    return map_decoder_layout(name, tensor, cfg, _map_block)
 
 
 FAMILY = Family(
