@@ -23,7 +23,6 @@ from rich.text import Text
 
 from patchserve.cli.errors import CommandError
 from patchserve.cli.trace import add_tracing_arguments, corruption_fields, run_facts
-from patchserve.client.figures import scale_bounds
 from patchserve.text.spans import Span
 from patchserve.wire.hooks import LOWER_IS_BETTER, METRICS
 from patchserve.wire.sweep import CellEvent, ErrorEvent, SummaryEvent, SweepBody
@@ -275,6 +274,8 @@ def _print_head_grid(
 
 
 def print_result(console: Console, result: SweepBody, top: int) -> None:
+    from patchserve.client.figures import scale_bounds  # the client: not in `patchserve serve`
+
     if not console.is_terminal:  # a pipe or a file: do not squeeze the table into 80 columns
         console.width = max(console.width, 16 + 9 * len(result.positions))
     tokens = result.tokens or [str(p) for p in result.positions]
