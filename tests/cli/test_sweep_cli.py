@@ -175,3 +175,30 @@ def test_head_grid_and_multi_token_answer(tmp_path):
     assert json.loads(out.read_text())["heads"] == [0, 2, 3]
     wrong = patchserve(*study_args("--no-per-position"))
     assert wrong.returncode == 2 and "per_position applies to the attn_head hook" in wrong.stderr
+
+
+def test_negative_positions_count_from_the_end_as_in_the_api(tmp_path):
+    """``--positions span:Sunror -1``: -1 is the last token (it was a "bad position"), and a
+    comma list of negative ones is a value, not an unknown option."""
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_file(str(default_model_path() / "tokenizer.json"))
+    encoding = raw.encode(EXAMPLE["corrupt"])
+    start = EXAMPLE["corrupt"].index("Sunror")
+    subject = [i for i, (a, b) in enumerate(encoding.offsets) if a < start + 6 and b > start]
+    n = len(encoding.ids)
+    assert subject and n - 1 not in subject
+    out = tmp_path / "out.json"
+    cases = [
+        (["span:Sunror", "-1"], [*subject, n - 1]),
+        (["-2,-1"], [n - 2, n - 1]),
+        (["0,-1"], [0, n - 1]),
+    ]
+    for positions, expected in cases:
+        done = patchserve(
+            *study_args("--layers", "0", "--positions", *positions, "--json", str(out))
+        )
+        assert done.returncode == 0, (positions, done.stderr)
+        assert json.loads(out.read_text())["positions"] == expected, positions
+    wrong = patchserve(*study_args("--positions", "3,-1x"))
+    assert wrong.returncode == 2 and "bad position '-1x'" in wrong.stderr

@@ -4,7 +4,9 @@ the truth (asserted through matplotlib's objects)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
 import warnings
 from collections.abc import Iterator
 
@@ -12,7 +14,7 @@ import matplotlib
 import numpy as np
 import pytest
 
-from patchserve import PatchServeWarning, PatchStudy, Span
+from patchserve import AsyncPatchStudy, PatchServeWarning, PatchStudy, Span
 from patchserve.assets import default_model_path
 from patchserve.client.errors import BadRequestError
 from patchserve.client.figures import heatmaps
@@ -46,6 +48,29 @@ def test_an_answer_without_its_leading_space_is_flagged(demo):
     with warnings.catch_warnings():
         warnings.simplefilter("error", PatchServeWarning)
         assert sweep(demo, answer_token=" Pesmum", layers=[0]).warnings == []
+
+
+def test_a_warning_points_at_the_users_line(demo, demo_server):
+    """The synchronous client runs its calls on a loop thread: its warnings are raised in the
+    caller's thread, at the caller's line (not asyncio/events.py), as the async client's are,
+    however deep in the client they were found (zoom's two sweeps)."""
+    kw = {"clean_prompt": FACT["clean"], "answer_token": "Pesmum"}
+
+    async def asynchronous() -> int:
+        async with AsyncPatchStudy(demo_server.url) as study:
+            line = sys._getframe().f_lineno + 1
+            await study.sweep_layers_positions(FACT["corrupt"], layers=[0], **kw)
+        return line
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lines = [sys._getframe().f_lineno + 1]
+        demo.sweep_layers_positions(FACT["corrupt"], layers=[0], **kw)
+        lines += [sys._getframe().f_lineno + 1] * 2  # zoom warns once per sweep
+        demo.zoom(FACT["corrupt"], stride=2, **kw)
+        lines.append(asyncio.run(asynchronous()))
+    ours = [w for w in caught if issubclass(w.category, PatchServeWarning)]
+    assert [(w.filename, w.lineno) for w in ours] == [(__file__, line) for line in lines]
 
 
 def test_identical_prompts_and_repeated_spans_are_flagged(demo):

@@ -309,6 +309,29 @@ def test_a_head_sweep_over_every_position_is_a_layer_by_head_map(tab: Tab) -> No
     assert tab.errors == [] and tab.foreign_requests() == []
 
 
+def test_an_answer_of_several_tokens_is_labelled_and_graded_as_a_continuation(tab: Tab) -> None:
+    """The form says what the server does with an answer of several tokens, and the summary
+    shows the server's warning naming them."""
+    from tokenizers import Tokenizer
+
+    from patchserve.assets import default_model_path
+
+    tab.open()
+    label = tab.page.locator("label", has=tab.testid("answer")).inner_text()
+    assert "several tokens: a continuation" in label and "one token" not in label
+    raw = Tokenizer.from_file(str(default_model_path() / "tokenizer.json"))
+    ids = raw.encode(" Pesmum Terzir", add_special_tokens=False).ids
+    assert len(ids) == 2
+    tab.testid("answer").fill(" Pesmum Terzir")
+    tab.testid("layers").fill("0")
+    tab.testid("run").click()
+    tab.wait_done()
+    warnings = tab.testid("summary-warnings").inner_text()
+    assert f"answer_token ' Pesmum Terzir' is 2 tokens {ids}" in warnings
+    assert "graded as a continuation" in warnings
+    assert tab.errors == [] and tab.foreign_requests() == []
+
+
 def test_a_bad_input_shows_the_servers_error(tab: Tab) -> None:
     tab.open()
     tab.testid("answer").fill(" Pesmum Terzir")  # two tokens: a continuation, which kl refuses

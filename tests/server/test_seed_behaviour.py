@@ -7,6 +7,7 @@ server process on the tiny Qwen3 checkpoint.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,3 +199,15 @@ def test_an_unknown_model_name_is_a_404_model_not_found(client, path, body):
     served = client.get("/v1/models").json()["data"][0]["id"]
     assert client.post(path, json={**body, "model": served}).status_code == 200
     assert client.post(path, json=body).status_code == 200
+
+
+def test_a_multi_token_answer_is_graded_where_the_seed_answers_400_as_documented(client):
+    """A deliberate difference (docs/api.md §4): the seed refuses a string answer of several
+    tokens; patchserve grades the continuation and warns."""
+    body = sweep(client, prompt=CORRUPT, clean_prompt=CLEAN, answer_token=" John gave", layers=[0])
+    assert body.status_code == 200, body.text
+    assert len(body.json()["answer_token_ids"]) > 1
+    assert any("graded as a continuation" in w for w in body.json()["warnings"])
+    api = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
+    differences = api.split("## 4. Differences from the seed server")[1]
+    assert "**Multi-token answers**" in differences and "answers 400" in differences

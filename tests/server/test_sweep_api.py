@@ -219,6 +219,36 @@ def test_spans_resolve_server_side(client, server):
     assert 2 in body["positions"]
 
 
+def test_a_string_answer_of_several_tokens_is_graded_with_a_warning_naming_them(client, server):
+    """A character the vocabulary lacks ("\ufffd") becomes three byte tokens: the sweep grades
+    them as a continuation and says so, with the ids and each token's string."""
+    from tokenizers import Tokenizer as RawTokenizer  # the tokenizer file itself, not ours
+
+    raw = RawTokenizer.from_file(str(server.folder / "tokenizer.json"))
+    sweep = {"prompt": CORRUPT, "clean_prompt": CLEAN, "layers": [0]}
+    replaced = raw.encode("\ufffd", add_special_tokens=False).ids
+    assert len(replaced) == 3
+    body = client.post("/v1/patch_sweep", json={**sweep, "answer_token": "\ufffd"}).json()
+    assert body["answer_token_ids"] == replaced
+    pieces = ", ".join(repr(raw.decode([i])) for i in replaced)
+    assert [w for w in body["warnings"] if "continuation" in w] == [
+        f"answer_token '\ufffd' is 3 tokens {replaced} ({pieces}): graded as a continuation, "
+        "their teacher-forced total log-probability"
+    ]
+    # Without its leading space a word may be several tokens and one with it: both are said.
+    spaced = raw.encode(" the", add_special_tokens=False).ids
+    bare = raw.encode("the", add_special_tokens=False).ids
+    assert len(spaced) == 1 and len(bare) > 1
+    body = client.post("/v1/patch_sweep", json={**sweep, "foil_token": "the"}).json()
+    (warning,) = [w for w in body["warnings"] if "continuation" in w]
+    assert warning.startswith(f"foil_token 'the' is {len(bare)} tokens {bare} (")
+    assert warning.endswith(f"; ' the' is one token (id {spaced[0]}) — did you mean it?")
+    # One token, or ids given as a list, are what was asked for: no warning.
+    one = client.post("/v1/patch_sweep", json={**sweep, "answer_token": " Jo"}).json()
+    ids = client.post("/v1/patch_sweep", json={**sweep, "answer_token_id": replaced}).json()
+    assert one["warnings"] == [] and ids["warnings"] == []
+
+
 def test_six_concurrent_sweeps_match_the_sweep_alone(server):
     request = {
         "prompt": CORRUPT,

@@ -23,7 +23,6 @@ from rich.text import Text
 
 from patchserve.cli.errors import CommandError
 from patchserve.cli.trace import add_tracing_arguments, corruption_fields, run_facts
-from patchserve.client.figures import scale_bounds
 from patchserve.text.spans import Span
 from patchserve.wire.hooks import LOWER_IS_BETTER, METRICS
 from patchserve.wire.sweep import CellEvent, ErrorEvent, SummaryEvent, SweepBody
@@ -36,17 +35,19 @@ def _count(text: str) -> int:
     return int(text)
 
 
-def _int_list(text: str, what: str) -> list[int]:
-    """``0,2,5`` and inclusive ranges ``2-6``, mixed."""
+def _int_list(text: str, what: str, negative: bool = False) -> list[int]:
+    """``0,2,5`` and inclusive ranges ``2-6``, mixed; with ``negative``, also ``-1`` (counted
+    from the end, as the API does)."""
     out: list[int] = []
     for part in text.split(","):
         if re.fullmatch(r"\d+-\d+", part):
             a, b = (int(p) for p in part.split("-"))
             out.extend(range(a, b + 1))
-        elif part.isdigit():
+        elif part.isdigit() or (negative and re.fullmatch(r"-\d+", part)):
             out.append(int(part))
         else:
-            raise CommandError(f"bad {what} {part!r}: use e.g. 3, 0,2,5 or 2-6 (inclusive)")
+            examples = "3, -1 (the last), 0,2,5" if negative else "3, 0,2,5"
+            raise CommandError(f"bad {what} {part!r}: use e.g. {examples} or 2-6 (inclusive)")
     return out
 
 
@@ -72,7 +73,7 @@ def parse_positions_arg(items: list[str] | None) -> Any:
                 text, occurrence = item[len("span:") :], "0"
             out.append(Span(text, int(occurrence)).to_json())
         else:
-            out.extend(_int_list(item, "position"))
+            out.extend(_int_list(item, "position", negative=True))
     return out
 
 
@@ -89,7 +90,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--foil-ids", help="the foil as comma-separated token ids (wins)")
     p.add_argument("--layers", default="all", help="all | 3 | 0,2,5 | 2-6 | 0:12:2")
     p.add_argument(
-        "--positions", nargs="*", help="ints, ranges 3-7, span:TEXT[@N] (default: every token)"
+        "--positions",
+        nargs="*",
+        help="ints (-1 is the last token), ranges 3-7, span:TEXT[@N] (default: every token)",
     )
     p.add_argument("--hooks", default="post_block", help="comma-separated hook names")
     p.add_argument("--heads", help="attn_head: all | 0,2 | 1-3 (default all)")
@@ -129,6 +132,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="write the response body here")
     p.add_argument("--top", type=_count, default=5, help="how many top cells to list")
     add_tracing_arguments(p)
+    # argparse reads "-1" alone as a number, but "-2,-1" as an unknown option: a comma list of
+    # numbers is a value too (no option of this command looks like a number).
+    p._negative_number_matcher = re.compile(r"^-\d+(,-?\d+)*$|^-\d*\.\d+$")
 
 
 def _request(args: argparse.Namespace) -> dict[str, Any]:
@@ -268,6 +274,8 @@ def _print_head_grid(
 
 
 def print_result(console: Console, result: SweepBody, top: int) -> None:
+    from patchserve.client.figures import scale_bounds  # the client: not in `patchserve serve`
+
     if not console.is_terminal:  # a pipe or a file: do not squeeze the table into 80 columns
         console.width = max(console.width, 16 + 9 * len(result.positions))
     tokens = result.tokens or [str(p) for p in result.positions]

@@ -6,15 +6,17 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from patchserve.cli.errors import CommandError
-from patchserve.client.facts import RoleResult, StudyResult, fact_items
 from patchserve.wire.study import PatchStudyBody, PatchStudyRequest
+
+if TYPE_CHECKING:  # the client is imported when a study runs: `patchserve serve` needs none
+    from patchserve.client.facts import RoleResult
 
 
 def add_tracing_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,6 +59,7 @@ def corruption_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 def _study_body(args: argparse.Namespace) -> dict[str, Any]:
     from patchserve.cli.sweep import parse_layers_arg
+    from patchserve.client.facts import fact_items
 
     try:
         facts = json.loads(Path(args.facts).read_text())
@@ -133,6 +136,8 @@ def print_roles(console: Console, role: RoleResult) -> None:
 
 
 def run_facts(args: argparse.Namespace) -> int:
+    from patchserve.client.facts import StudyResult
+
     console = Console()
     body = _study_body(args)
     with console.status(f"tracing {len(body['items'])} facts"):

@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import functools
 import inspect
 import math
 import os
+import sys
 import threading
 import uuid
 import warnings
@@ -143,6 +145,35 @@ def _token_fields(name: str, value: Token) -> dict[str, Any]:
     if isinstance(value, list) or (isinstance(value, int) and not isinstance(value, bool)):
         return {f"{name}_id": value}
     return {name: value}
+
+
+#: This package's folder: frames in it are the client's own, not the user's.
+_CLIENT_DIR = os.path.dirname(__file__) + os.sep
+#: Under the synchronous client, the warnings of the call running on the loop thread (which
+#: holds no frame of the user's): ``PatchStudy`` raises them in the caller's thread.
+_QUEUED_WARNINGS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "patchserve_queued_warnings", default=None
+)
+
+
+def _warn(messages: Sequence[str]) -> None:
+    """Each message as a :class:`PatchServeWarning` pointing at the user's line: the first
+    frame outside the client (queued instead under the synchronous client)."""
+    queued = _QUEUED_WARNINGS.get()
+    if queued is not None:
+        queued.extend(messages)
+        return
+    level, frame = 1, sys._getframe(1)  # level 1: the frame that calls _warn
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_CLIENT_DIR):
+        level, frame = level + 1, frame.f_back
+    for message in messages:
+        warnings.warn(message, PatchServeWarning, stacklevel=level + 1)
+
+
+async def _queueing_warnings(coro: Awaitable[T], queued: list[str]) -> T:
+    """Run ``coro`` (in this task's own context) with its warnings queued on ``queued``."""
+    _QUEUED_WARNINGS.set(queued)
+    return await coro
 
 
 def _source_name(clean: CleanRun | str | None, run: str | None) -> str | None:
@@ -406,8 +437,7 @@ class AsyncPatchStudy:
         finally:
             if bar is not None:
                 bar.close()
-        for message in out.warnings:
-            warnings.warn(message, PatchServeWarning, stacklevel=3)
+        _warn(out.warnings)
         if "hooks" in body:
             return SweepResult.per_hook(out)
         return SweepResult.from_body(out)
@@ -885,15 +915,17 @@ class PatchStudy:
     def _call(self, coro: Awaitable[T]) -> T:
         if self._closed:
             raise RuntimeError("this PatchStudy is closed")
+        queued: list[str] = []
         future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(
-            coro,  # type: ignore[arg-type]
-            self._loop,
+            _queueing_warnings(coro, queued), self._loop
         )
         try:
-            return future.result()
+            result = future.result()
         except BaseException:
             future.cancel()  # Ctrl-C: stop the request (a stream is closed, the server cancels)
             raise
+        _warn(queued)  # here, in the caller's thread: they point at the caller's line
+        return result
 
     @property
     def base_url(self) -> str:

@@ -55,8 +55,9 @@ def resolve_tokens(
     warnings: list[str],
 ) -> list[int] | None:
     """A graded continuation: ``*_token_id`` (an id or a list of ids; wins) or a string of
-    one or more tokens. A string without a leading space that is one token with it gets a
-    warning (it is probably meant as the next word)."""
+    one or more tokens. A string of several tokens gets a warning naming them (it is graded
+    as a continuation, which may not be what was meant), saying so when it is one token
+    with a leading space (it is probably meant as the next word)."""
     if token_ids is not None:
         listed = token_ids if isinstance(token_ids, list) else [token_ids]
         if not listed:
@@ -65,11 +66,22 @@ def resolve_tokens(
     if text is None:
         return None
     ids = _encode(tokenizer, text, param)
-    if len(ids) > 1 and not text.startswith(" "):
+    if len(ids) > 1:
+        warnings.append(_continuation_warning(tokenizer, text, ids, param))
+    return ids
+
+
+def _continuation_warning(tokenizer: Tokenizer, text: str, ids: list[int], param: str) -> str:
+    """A string answer of several tokens: their ids and strings (a character the vocabulary
+    lacks becomes byte tokens that each read as "\ufffd"), and the one-token spelling with a
+    leading space when there is one."""
+    pieces = ", ".join(repr(piece) for piece in tokenizer.token_strings(ids))
+    message = (
+        f"{param} {text!r} is {len(ids)} tokens {ids} ({pieces}): graded as a continuation, "
+        "their teacher-forced total log-probability"
+    )
+    if not text.startswith(" "):
         spaced = tokenizer.encode(" " + text, False).ids
         if len(spaced) == 1:
-            warnings.append(
-                f"{param} {text!r} is graded as {len(ids)} tokens {ids}; {' ' + text!r} is "
-                f"one token (id {spaced[0]}) — did you mean it?"
-            )
-    return ids
+            message += f"; {' ' + text!r} is one token (id {spaced[0]}) — did you mean it?"
+    return message
