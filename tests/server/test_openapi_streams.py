@@ -10,6 +10,7 @@ import pytest
 import schemathesis
 from schemathesis.specs.openapi.adapter.validators import validate_v3
 
+from patchserve.server.openapi import document_event_streams, event_stream
 from patchserve.wire import sse
 from patchserve.wire.errors import ErrorDetail
 from patchserve.wire.sweep import ErrorEvent
@@ -68,6 +69,21 @@ def test_every_event_stream_documents_its_events(client):
         for kind, ref in mapping.items():
             model = component(schema, ref)
             assert model["properties"]["type"]["const"] == kind, (path, kind)
+
+
+def test_a_stream_model_documented_otherwise_under_its_name_is_refused():
+    def document(error_detail: dict) -> dict:
+        answer = {"content": event_stream(ErrorEvent)}
+        return {
+            "paths": {"/e": {"post": {"responses": {"200": answer}}}},
+            "components": {"schemas": {"ErrorDetail": error_detail}},
+        }
+
+    same = document_event_streams(document(ErrorDetail.model_json_schema(mode="serialization")))
+    media = same["paths"]["/e"]["post"]["responses"]["200"]["content"]["text/event-stream"]
+    assert set(media) == {"itemSchema"}  # the carried models went to the components
+    with pytest.raises(ValueError, match="ErrorDetail"):
+        document_event_streams(document({"type": "string"}))
 
 
 @pytest.fixture(scope="module")
