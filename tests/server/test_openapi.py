@@ -6,10 +6,13 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
+import yaml
 
 from conftest import Server, start_server
 from patchserve.wire.hooks import HOOKS, METRICS
@@ -93,10 +96,11 @@ def enum_of(prop: dict, components: dict) -> list[str]:
 
 
 def schemathesis_run(
-    server: Server, max_examples: int, seed: int, workdir: Path
+    server: Server, max_examples: int, seed: int, workdir: Path, *report: str
 ) -> tuple[int, str]:
     """Run Schemathesis' CLI over every operation (its cache in ``workdir``, not the
-    checkout); (generated cases, output)."""
+    checkout; ``report``: more options, e.g. a report into ``workdir``); (generated cases,
+    output)."""
     done = subprocess.run(
         [
             str(Path(sys.executable).with_name("schemathesis")),
@@ -110,6 +114,7 @@ def schemathesis_run(
             str(seed),
             "--request-timeout",
             "120",
+            *report,
         ],
         capture_output=True,
         text=True,
@@ -126,9 +131,27 @@ def schemathesis_run(
     return generated, output
 
 
+def streamed_answers(cassette: Path) -> Counter[str]:
+    """How many 200 event streams a Schemathesis run received (and so checked), per path."""
+    counts: Counter[str] = Counter()
+    for interaction in yaml.load(cassette.read_text(), Loader=yaml.CSafeLoader)[
+        "http_interactions"
+    ]:
+        answer = interaction["response"]
+        content_type = str(answer["headers"].get("content-type"))
+        if answer["status"]["code"] == "200" and "text/event-stream" in content_type:
+            counts[urlsplit(interaction["request"]["uri"]).path] += 1
+    return counts
+
+
 def test_schemathesis_finds_no_nonconforming_answer(fuzzed, tmp_path):
-    generated, _ = schemathesis_run(fuzzed, max_examples=8, seed=1, workdir=tmp_path)
+    vcr = ("--report", "vcr", "--report-dir", str(tmp_path))
+    generated, _ = schemathesis_run(fuzzed, 8, 1, tmp_path, *vcr)
     assert generated > 1000  # coverage phase + fuzzing over all 15 operations
+    # The documented examples stream too: their events were checked against /openapi.json.
+    (cassette,) = tmp_path.glob("vcr-*.yaml")
+    streamed = streamed_answers(cassette)
+    assert streamed["/v1/patch_sweep"] >= 2 and streamed["/v1/patch_study"] >= 1, streamed
 
 
 @pytest.mark.long

@@ -9,6 +9,7 @@ from patchserve import __version__
 from patchserve.server.errors import install_error_handlers, without_validation_422
 from patchserve.server.logs import RequestIds
 from patchserve.server.middleware import ApiKeyAndMetrics, BodyLimit
+from patchserve.server.openapi import document_event_streams
 from patchserve.server.routes import (
     completions,
     dashboard,
@@ -42,7 +43,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            app.openapi_schema = without_validation_422(FastAPI.openapi(app))
+            generated = without_validation_422(FastAPI.openapi(app))
+            app.openapi_schema = document_event_streams(generated)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
