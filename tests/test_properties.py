@@ -92,20 +92,12 @@ def test_blend_copies_exactly_at_one_and_changes_nothing_at_zero(h, s, w):
     starts=st.lists(st.integers(0, 39), min_size=1, max_size=30),
 )
 def test_batch_planner_keeps_every_row_once_and_respects_the_budget(length, budget, starts):
-    from types import SimpleNamespace
-
-    from patchserve.engine.sweep import SweepRunner, _Row
+    from patchserve.engine.sweep_plan import AttentionShape, pack
 
     starts = [p % length for p in starts]
-    runner = SweepRunner.__new__(SweepRunner)
-    runner.cfg = SimpleNamespace(num_heads=4, head_dim=16, attn_softcap=None)
-    runner.length = length
-    runner.lane_lengths = [length]
-    runner.spec = SimpleNamespace(max_batch_tokens=budget)
-    rows = [_Row(SimpleNamespace(position=p), None, [p]) for p in starts]  # type: ignore[arg-type]
-    batches = runner._batches(rows)
-    assert sorted(id(r) for b in batches for r in b) == sorted(id(r) for r in rows)
+    batches = pack(starts, [length], budget, AttentionShape(4, 16, softcapped=False))
+    assert sorted(i for b in batches for i in b) == list(range(len(starts)))
     limit = max(budget, length)
     for batch in batches:
-        tokens = sum(length - r.offset for r in batch)
+        tokens = sum(length - starts[i] for i in batch)
         assert tokens <= limit or len(batch) == 1

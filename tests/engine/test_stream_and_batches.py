@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -13,7 +14,11 @@ from patchserve.engine.errors import InvalidArgument, SweepCancelled
 from patchserve.engine.runs import capture_run
 from patchserve.engine.stream import stream_sweep
 from patchserve.engine.study import prepare_sweep
-from patchserve.engine.sweep import SCORE_ELEMENTS_CAP, SweepRunner, run_sweep
+from patchserve.engine.sweep import run_sweep
+from patchserve.engine.sweep_lanes import corrupt_forward
+from patchserve.engine.sweep_plan import SCORE_ELEMENTS_CAP
+from patchserve.engine.sweep_rows import CellRows
+from patchserve.engine.sweep_runner import SweepRunner
 from patchserve.models import HOOKS
 from patchserve.text.alignment import align
 
@@ -141,12 +146,15 @@ def test_batches_respect_the_token_budget_and_score_cap(study):
         spec, _ = prepare_sweep(model, tok, prompt=CORRUPT, source=run, max_batch_tokens=budget)
         runner = SweepRunner(model, spec)
         with torch.inference_mode():
-            corrupt = runner._corrupt_forward()
-            _, groups, _ = runner._plan(corrupt, align(run.token_ids, spec.corrupt_ids), 0.0)
+            corrupt = corrupt_forward(model, spec, nullcontext)
+            alignment = align(run.token_ids, spec.corrupt_ids)
+            rows = CellRows(spec, model.cfg.num_layers, corrupt, alignment, lambda c: None)
+            planned = rows.plan(0.0).rows
         length = len(spec.corrupt_ids)
-        for rows in groups.values():
-            batches = runner._batches(rows)
-            assert sum(len(b) for b in batches) == len(rows)
+        plan = runner.plan(planned, [corrupt])
+        assert sorted(i for b in plan for i in b.rows) == list(range(len(planned)))
+        for key in {key for key, _ in planned}:
+            batches = [[planned[i][1] for i in b.rows] for b in plan if b.key == key]
             for batch in batches:
                 tokens = sum(length - r.offset for r in batch)
                 assert tokens <= max(budget, length) or len(batch) == 1

@@ -41,7 +41,10 @@ import torch
 from patchserve.engine.errors import InvalidArgument
 from patchserve.engine.metrics import Grader
 from patchserve.engine.runs import CapturedRun
-from patchserve.engine.sweep import Cell, SweepOutcome, SweepRunner, SweepSpec, cell_key
+from patchserve.engine.sweep import Cell, SweepOutcome, SweepSpec, cell_key
+from patchserve.engine.sweep_grading import graded_answer, token_grader
+from patchserve.engine.sweep_rows import source_row
+from patchserve.engine.sweep_runner import SweepRunner, sweep_warnings
 from patchserve.models import HookContext, Transformer
 from patchserve.models.hooks import SiteLayout, blend
 from patchserve.text.alignment import Alignment, align
@@ -159,7 +162,6 @@ class AttributionRunner:
         self.model, self.spec = model, spec
         self.on_cell, self.cancel = on_cell, cancel
         self.gate = gate if gate is not None else nullcontext
-        self.exact = SweepRunner(model, spec, cancel=cancel, gate=gate)  # shared helpers
 
     def run(self) -> SweepOutcome:
         started = time.perf_counter()
@@ -194,8 +196,8 @@ class AttributionRunner:
         ids = torch.tensor([spec.corrupt_ids], device=model.device)
         with torch.inference_mode(False), torch.enable_grad(), self.gate():
             logits = model.prefill(ids, ctx).logits[0]
-            answer = self.exact._answer(logits.detach())[0]
-            grader, _ = self.exact.token_grader(logits.detach(), answer)
+            answer = graded_answer(spec, logits.detach())[0]
+            grader, _ = token_grader(spec, logits.detach(), answer)
             q = raw_quantity(logits, grader)
             leaves = [ctx.leaves[site] for site in sites]
             grads = torch.autograd.grad(q, leaves, allow_unused=True)
@@ -216,7 +218,7 @@ class AttributionRunner:
         if isinstance(spec.source, CapturedRun):
             alignment = align(spec.source.token_ids, spec.corrupt_ids)
         acts, grads, grader = self._gradients()
-        _, clean = self.exact.token_grader(self._logits, grader.answer)
+        _, clean = token_grader(spec, self._logits, grader.answer)
         baseline = float(grade_raw(grader, np.array([self._q0]))[0])
         cells: list[Cell] = []
         change: dict[CellKey, float] = {}
@@ -247,7 +249,7 @@ class AttributionRunner:
     ) -> list[tuple[Cell, float | None]]:
         """Each cell of one site with its estimated change of ``q`` (None: unaligned)."""
         spec = self.spec
-        sources = {p: self.exact._source_row(hook, layer, p, alignment) for p in spec.positions}
+        sources = {p: source_row(spec, hook, layer, p, alignment) for p in spec.positions}
         aligned = [p for p in spec.positions if sources[p] is not None]
         changes: dict[int, list[float]] = {}
         if aligned:
@@ -322,7 +324,7 @@ class AttributionRunner:
             corrupt_logits=est.logits,
             corrupt_ids=list(spec.corrupt_ids),
             stats={"estimated": len(est.change), "verified": 0, "computed": 0, "free": 0},
-            warnings=self.exact._warnings() + estimate_warnings(best),
+            warnings=sweep_warnings(spec, set()) + estimate_warnings(best),
             method=spec.method,
             kinds=kinds,
         )

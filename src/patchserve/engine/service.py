@@ -19,7 +19,6 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-import numpy as np
 import torch
 
 from patchserve.engine.attribution import check_method_scope
@@ -31,8 +30,9 @@ from patchserve.engine.runs import CapturedRun, capture_run, check_run_name
 from patchserve.engine.sites import check_runtime_scope
 from patchserve.engine.stream import stream_sweep
 from patchserve.engine.study import prepare_sweep, window_span
-from patchserve.engine.sweep import Cell, SweepOutcome, SweepSpec, VectorSource, run_sweep
-from patchserve.engine.vectors import mask_vector, table_row, unpack_table
+from patchserve.engine.study_sources import check_module_covers, sweep_masks, vector_source
+from patchserve.engine.sweep import Cell, SweepOutcome, SweepSpec, run_sweep
+from patchserve.engine.vectors import unpack_table
 from patchserve.models import INJECTABLE_HOOKS, Transformer
 from patchserve.text.tokenizer import Encoding, Tokenizer
 from patchserve.wire.axes import parse_hooks
@@ -150,7 +150,7 @@ class Study:
         encoding = res.encoded(req.prompt, "prompt")  # the limits, before anything else
         table = unpack_table(req.patch_vectors)
         hooks = parse_hooks(req.hook, req.hooks)
-        vector = self._vector_source(hooks, table)
+        vector = vector_source(req, res.model, res.vectors, hooks, table)
         if vector is None:
             self._find_or_plan_capture()
         self.spec, self.tokens = prepare_sweep(
@@ -165,7 +165,7 @@ class Study:
             positions=_positions(req),
             heads=req.heads,
             alpha=float(req.alpha),
-            masks=self._masks(hooks, table),
+            masks=sweep_masks(req.mask, res.model, hooks, table),
             answer_token=req.answer_token,
             answer_token_id=req.answer_token_id,
             foil_token=req.foil_token,
@@ -185,7 +185,7 @@ class Study:
         )
         check_runtime_scope(res.model, req.method, self.noise is not None)
         if req.source_module is not None:
-            self._check_module_covers(req.source_module)
+            check_module_covers(res.vectors, res.model, self.spec, req.source_module)
 
     @property
     def auto_captured(self) -> bool:
@@ -214,63 +214,6 @@ class Study:
             )
         self.clean_ids = self.res.encoded(req.clean_prompt, "clean_prompt").ids
         self.capture_name = req.source_run or self.res.runs.fresh_name("sweep")
-
-    def _vector_source(self, hooks: list[str], table: np.ndarray | None) -> VectorSource | None:
-        req, model = self.req, self.res.model
-        if req.source_module is None and req.source_inline is None:
-            return None
-        if req.source_module is not None and req.source_inline is not None:
-            raise InvalidArgument("give one of source_module and source_inline", "source_module")
-        if req.source_run is not None:
-            raise InvalidArgument(
-                "a sweep has one source: source_run or source_module/source_inline", "source_run"
-            )
-        if req.clean_prompt is not None:
-            raise InvalidArgument(
-                "clean_prompt has no use in a vector-sourced sweep (source_module/source_inline); "
-                "drop it, or drop the vector source to patch from the clean run",
-                "clean_prompt",
-            )
-        like, vectors = model.embed_tokens.weight, self.res.vectors
-        if req.source_module is not None:
-            name = req.source_module
-            if not vectors.exists(name):
-                raise InvalidArgument(f"unknown module {name!r}", "source_module")
-            return VectorSource(
-                name,
-                lambda hook, layer: vectors.vector(
-                    name, hook, layer, model.cfg.hook_width(hook), like
-                ),
-            )
-        assert req.source_inline is not None
-        row = table_row(table, req.source_inline, None, "source_inline")
-        for hook in hooks:
-            width = model.cfg.hook_width(hook)
-            if row.shape[0] != width:
-                raise InvalidArgument(
-                    f"source_inline is {row.shape[0]} wide; hook {hook} is {width} wide",
-                    "source_inline",
-                )
-        vector = torch.from_numpy(row.copy()).to(device=like.device, dtype=like.dtype)
-        return VectorSource("inline", lambda hook, layer: vector)
-
-    def _check_module_covers(self, name: str) -> None:
-        """Every swept site has a vector in module ``name`` (only the swept layers)."""
-        like, cfg = self.res.model.embed_tokens.weight, self.res.model.cfg
-        for hook in self.spec.hooks:
-            for layer in self.spec.layers:
-                self.res.vectors.vector(name, hook, layer, cfg.hook_width(hook), like)
-
-    def _masks(self, hooks: list[str], table: np.ndarray | None) -> dict[str, torch.Tensor] | None:
-        mask, cfg = self.req.mask, self.res.model.cfg
-        if mask is None:
-            return None
-        return {
-            hook: mask_vector(
-                mask.indices, mask.inline, cfg.hook_width(hook), table, "mask", f"hook {hook}"
-            )
-            for hook in hooks
-        }
 
     # -- running ----------------------------------------------------------------------
 
