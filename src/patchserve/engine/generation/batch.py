@@ -1,0 +1,219 @@
+"""Batched generation: every prompt of a request prefilled and decoded together.
+
+Three parts, the split of vLLM's scheduler and model runner:
+
+* the **planner** (:func:`plan_step`, pure): which rows run the next step;
+* the **executor** (:class:`BlockExecutor`): rows → logits on the runtime, every row's
+  keys and values in one preallocated :class:`~patchserve.models.state.KVBlock`
+  (row ``r`` padded up to ``len(prompt) + max_tokens``; each pass writes its
+  tokens' keys in place at their positions, see docs/architecture.md);
+* **per-row post-processing** (the ``_Completion`` of :mod:`.loop`): sample with the
+  row's own ``torch.Generator``, stop strings / stop ids / ``max_tokens``, reports.
+
+Each row carries its own interventions (patches at absolute positions, steering
+at every position it computes), addressed to its row of the pass: one prompt's
+patch or vector never touches another row. A row's tokens and logprobs are
+those of :func:`~patchserve.engine.generation.generate` on its prompt alone (up to
+float rounding of batched kernels). ``n`` samples of a prompt share its prefill
+(its block row is copied once); sample ``j`` draws with the seed ``seed + j``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from patchserve.engine.generation.interventions import Interventions
+from patchserve.engine.generation.loop import _Completion, _generator
+from patchserve.engine.generation.sampling import report_prompt_steps, sample
+from patchserve.engine.generation.types import GenerationRequest, GenerationResult, TokenStep
+from patchserve.engine.generation.validation import validate_request
+from patchserve.models.hooks import HookContext, SiteEdit
+from patchserve.models.state import KVBlock
+from patchserve.models.transformer import Transformer
+from patchserve.text.tokenizer import Tokenizer
+
+
+def plan_step(done: Sequence[bool]) -> list[int]:
+    """The rows (indices into the current batch) that run the next decoding step."""
+    return [i for i, finished in enumerate(done) if not finished]
+
+
+def merge_edits(per_row: Iterable[list[SiteEdit]]) -> list[SiteEdit]:
+    """The edits of several rows as few :class:`SiteEdit`\\ s: the ``j``-th edit of a kind at
+    a site of every row merged into one (rows never overlap, so the result is exact and
+    each row's own edits keep their order)."""
+    groups: dict[tuple[int, str, str, int], list[SiteEdit]] = {}
+    for edits in per_row:
+        seen: dict[tuple[int, str, str], int] = {}
+        for e in edits:
+            site = (e.layer, e.hook, e.kind)
+            j = seen.get(site, 0)
+            seen[site] = j + 1
+            groups.setdefault((*site, j), []).append(e)
+    out: list[SiteEdit] = []
+    for group in groups.values():
+        out.extend(_concat(group))
+    return out
+
+
+def _concat(group: list[SiteEdit]) -> list[SiteEdit]:
+    first = group[0]
+    if len(group) == 1 or any(
+        e.source.dtype != first.source.dtype or e.source.device != first.source.device
+        for e in group
+    ):
+        return group
+    masks = None
+    if any(e.mask is not None for e in group):  # mask 1: weight == alpha, exactly
+        masks = torch.cat([torch.ones_like(e.source) if e.mask is None else e.mask for e in group])
+    heads = None if first.heads is None else torch.cat([e.heads for e in group])  # type: ignore[misc]
+    return [
+        SiteEdit(
+            first.layer,
+            first.hook,
+            torch.cat([e.rows for e in group]),
+            torch.cat([e.positions for e in group]),
+            torch.cat([e.source for e in group]),
+            torch.cat([e.alpha for e in group]),
+            masks,
+            heads,
+            first.kind,
+        )
+    ]
+
+
+class BlockExecutor:
+    """Rows → logits on the runtime, on one preallocated key/value block."""
+
+    def __init__(self, model: Transformer, rows: int, slots: int) -> None:
+        self.model = model
+        self.block = KVBlock(model.cfg.num_layers, rows, slots)
+
+    def prefill(
+        self, prompts: list[list[int]], edits: list[SiteEdit]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last-token logits ``[rows, V]`` and hidden ``[rows, tmax, d]`` of the prompts."""
+        device = self.model.device
+        tmax = max(len(p) for p in prompts)
+        ids = torch.zeros(len(prompts), tmax, dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, : len(p)] = torch.tensor(p)
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        offsets = torch.zeros(len(prompts), dtype=torch.long, device=device)
+        out = self.model.run_on_block(
+            ids.to(device), offsets, lengths, self.block, HookContext.build(edits)
+        )
+        return out.logits, out.hidden
+
+    def step(self, tokens: list[int], positions: list[int], edits: list[SiteEdit]) -> torch.Tensor:
+        """Logits ``[rows, V]`` after feeding each row's token at its position."""
+        device = self.model.device
+        ids = torch.tensor(tokens, device=device)[:, None]
+        offsets = torch.tensor(positions, device=device)
+        ones = torch.ones_like(offsets)
+        out = self.model.run_on_block(ids, offsets, ones, self.block, HookContext.build(edits))
+        return out.logits
+
+    def keep(self, rows: list[int]) -> None:
+        self.block.keep(rows)
+
+
+@dataclass
+class _Row:
+    """One sequence being decoded: its request, interventions, sampler and completion."""
+
+    request: GenerationRequest
+    prompt: list[int]
+    hooks: Interventions
+    completion: _Completion
+    generator: torch.Generator
+    requested: list[int]
+    prompt_steps: list[TokenStep | None]
+    token: int = -1  # the last sampled token: the next one to feed
+
+    @property
+    def position(self) -> int:
+        """The position of the token fed next."""
+        return len(self.prompt) + self.completion.count - 1
+
+    def accept(self, logits: torch.Tensor) -> bool:
+        """Sample this row's next token; True when the row ends on it."""
+        req = self.request
+        self.token = sample(logits, float(req.temperature), float(req.top_p), self.generator)
+        ended = self.completion.accept(self.token, logits, req.logprobs, self.requested)
+        return ended or self.completion.count == req.max_tokens
+
+    def result(self) -> GenerationResult:
+        self.completion.close()
+        return self.completion.result(self.request, self.prompt, self.prompt_steps)
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: Transformer, tokenizer: Tokenizer, requests: Sequence[GenerationRequest], n: int = 1
+) -> list[GenerationResult]:
+    """Generate ``n`` completions of every request together; results prompt-major
+    (``n`` samples of request 0, then of request 1, ...)."""
+    for request in requests:
+        validate_request(model, request)
+    if not requests:
+        return []
+    prompts = [[int(i) for i in r.prompt_ids] for r in requests]
+    device = model.device
+    hooks = [Interventions(r, len(p), device) for r, p in zip(requests, prompts, strict=True)]
+    slots = max(len(p) + r.max_tokens for r, p in zip(requests, prompts, strict=True))
+    executor = BlockExecutor(model, len(requests), slots)
+    edits = merge_edits(
+        h.edits(0, len(p), r) for r, (h, p) in enumerate(zip(hooks, prompts, strict=True))
+    )
+    logits, hidden = executor.prefill(prompts, edits)
+    rows: list[_Row] = []
+    for r, (request, prompt) in enumerate(zip(requests, prompts, strict=True)):
+        k = request.logprobs
+        steps: list[TokenStep | None] = []
+        if request.echo and k is not None:
+            steps = report_prompt_steps(model, hidden[r : r + 1, : len(prompt)], prompt, k)
+        for j in range(n):
+            seed = None if request.seed is None else request.seed + j
+            rows.append(
+                _Row(
+                    request,
+                    prompt,
+                    hooks[r],
+                    _Completion.start(tokenizer, prompt, request),
+                    _generator(seed),
+                    [int(i) for i in request.logprob_token_ids],
+                    steps,
+                )
+            )
+    if n != 1:
+        copies = [r for r in range(len(requests)) for _ in range(n)]
+        executor.keep(copies)
+        logits = logits[torch.tensor(copies, device=logits.device)]
+    _decode(executor, rows, logits)
+    return [row.result() for row in rows]
+
+
+def _decode(executor: BlockExecutor, rows: list[_Row], logits: torch.Tensor) -> None:
+    """Sample, stop and step the rows until every one has ended."""
+    done = [row.request.max_tokens == 0 for row in rows]
+    active = list(rows)
+    while True:
+        cpu = logits.float().cpu()
+        done = [
+            d or row.accept(cpu[i]) for i, (row, d) in enumerate(zip(active, done, strict=True))
+        ]
+        keep = plan_step(done)
+        if not keep:
+            return
+        if len(keep) < len(active):
+            executor.keep(keep)
+            active = [active[i] for i in keep]
+        done = [False] * len(active)
+        edits = merge_edits(row.hooks.edits(row.position, 1, i) for i, row in enumerate(active))
+        logits = executor.step(
+            [row.token for row in active], [row.position for row in active], edits
+        )
