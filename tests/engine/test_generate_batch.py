@@ -8,6 +8,7 @@ import torch
 
 from checkpoints import build_checkpoint
 from models.helpers import loaded, tokenizer
+from patchserve.cancel import cancel_scope
 from patchserve.engine.generation import (
     GenerationRequest,
     GenerationResult,
@@ -16,6 +17,7 @@ from patchserve.engine.generation import (
     generate_batch,
 )
 from patchserve.engine.generation.batch import merge_edits, plan_step
+from patchserve.errors import Cancelled
 from patchserve.models import make_edit
 
 LOGPROB_TOL = 1e-5
@@ -170,3 +172,24 @@ def test_merged_edits_keep_each_rows_order():
     both = merge_edits([[a0], [make_edit(0, "pre_attn", [1], [5], src * 4, kind="add")]])
     assert len(both) == 1 and both[0].rows.tolist() == [0, 1]
     assert both[0].positions.tolist() == [1, 5]
+
+
+def test_a_cancel_stops_the_rows_within_one_step(checkpoint_root):
+    folder = build_checkpoint("llama", checkpoint_root)
+    lm = loaded(folder)
+    tok = tokenizer(folder)
+    requests = _requests(folder, lm.model.cfg.hidden_size, temperature=1.0, seed=2)
+    for r in requests:
+        r.max_tokens, r.stop_token_ids = 40, ()
+    heard: list[int] = []
+    at_cancel: list[int] = []
+
+    def listener(index: int, text: str, finish: str | None) -> None:
+        heard.append(index)
+        if not at_cancel:
+            at_cancel.append(len(heard))
+
+    with cancel_scope(lambda: bool(at_cancel)), pytest.raises(Cancelled):
+        generate_batch(lm.model, tok, requests, listener=listener)
+    # only the rest of the step that heard the cancel: no further pass ran
+    assert len(heard) - at_cancel[0] < len(requests)

@@ -20,8 +20,10 @@ float rounding of batched kernels). ``n`` samples of a prompt share its prefill
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
@@ -88,9 +90,16 @@ def _concat(group: list[SiteEdit]) -> list[SiteEdit]:
 class BlockExecutor:
     """Rows → logits on the runtime, on one preallocated key/value block."""
 
-    def __init__(self, model: Transformer, rows: int, slots: int) -> None:
+    def __init__(
+        self,
+        model: Transformer,
+        rows: int,
+        slots: int,
+        gate: Callable[[], AbstractContextManager[Any]],
+    ) -> None:
         self.model = model
         self.block = KVBlock(model.cfg.num_layers, rows, slots)
+        self.gate = gate
 
     def prefill(
         self, prompts: list[list[int]], edits: list[SiteEdit]
@@ -103,9 +112,10 @@ class BlockExecutor:
             ids[r, : len(p)] = torch.tensor(p)
         lengths = torch.tensor([len(p) for p in prompts], device=device)
         offsets = torch.zeros(len(prompts), dtype=torch.long, device=device)
-        out = self.model.run_on_block(
-            ids.to(device), offsets, lengths, self.block, HookContext.build(edits)
-        )
+        with self.gate():
+            out = self.model.run_on_block(
+                ids.to(device), offsets, lengths, self.block, HookContext.build(edits)
+            )
         return out.logits, out.hidden
 
     def step(self, tokens: list[int], positions: list[int], edits: list[SiteEdit]) -> torch.Tensor:
@@ -114,17 +124,25 @@ class BlockExecutor:
         ids = torch.tensor(tokens, device=device)[:, None]
         offsets = torch.tensor(positions, device=device)
         ones = torch.ones_like(offsets)
-        out = self.model.run_on_block(ids, offsets, ones, self.block, HookContext.build(edits))
+        with self.gate():
+            out = self.model.run_on_block(ids, offsets, ones, self.block, HookContext.build(edits))
         return out.logits
 
     def keep(self, rows: list[int]) -> None:
         self.block.keep(rows)
 
 
+Finish = Literal["stop", "length"]
+Listener = Callable[[int, str, Finish | None], None]
+"""Told ``(choice, new_text, finish_reason)`` as rows produce text (``finish_reason`` set
+once, on a row's last call): what a stream sends."""
+
+
 @dataclass
 class _Row:
     """One sequence being decoded: its request, interventions, sampler and completion."""
 
+    index: int  # the row's choice (prompt-major, n samples each)
     request: GenerationRequest
     prompt: list[int]
     hooks: Interventions
@@ -133,6 +151,7 @@ class _Row:
     requested: list[int]
     prompt_steps: list[TokenStep | None]
     token: int = -1  # the last sampled token: the next one to feed
+    sent: int = 0  # characters of text already released to a listener
 
     @property
     def position(self) -> int:
@@ -146,6 +165,20 @@ class _Row:
         ended = self.completion.accept(self.token, logits, req.logprobs, self.requested)
         return ended or self.completion.count == req.max_tokens
 
+    def release(self, listener: Listener, ended: bool) -> None:
+        """Tell ``listener`` the text past what it has: while decoding, all but a tail that
+        may still grow into a stop string (which cuts it); on the row's end, the rest."""
+        c = self.completion
+        if ended:
+            c.close()
+        text = c.detok.text if c.cut is None else c.detok.text[: c.cut]
+        end = len(text)
+        if not ended and c.stops:
+            end = max(self.sent, end - max(len(s) for s in c.stops) + 1)
+        delta, self.sent = text[self.sent : end], end
+        if delta or ended:
+            listener(self.index, delta, c.finish if ended else None)
+
     def result(self) -> GenerationResult:
         self.completion.close()
         return self.completion.result(self.request, self.prompt, self.prompt_steps)
@@ -153,10 +186,17 @@ class _Row:
 
 @torch.inference_mode()
 def generate_batch(
-    model: Transformer, tokenizer: Tokenizer, requests: Sequence[GenerationRequest], n: int = 1
+    model: Transformer,
+    tokenizer: Tokenizer,
+    requests: Sequence[GenerationRequest],
+    n: int = 1,
+    listener: Listener | None = None,
+    gate: Callable[[], AbstractContextManager[None]] | None = None,
 ) -> list[GenerationResult]:
     """Generate ``n`` completions of every request together; results prompt-major
-    (``n`` samples of request 0, then of request 1, ...)."""
+    (``n`` samples of request 0, then of request 1, ...). ``listener`` hears the text as it
+    comes (a stream); ``gate`` is entered around every pass (the prefill, each step), so
+    other work may run between steps."""
     for request in requests:
         validate_request(model, request)
     if not requests:
@@ -165,7 +205,7 @@ def generate_batch(
     device = model.device
     hooks = [Interventions(r, len(p), device) for r, p in zip(requests, prompts, strict=True)]
     slots = max(len(p) + r.max_tokens for r, p in zip(requests, prompts, strict=True))
-    executor = BlockExecutor(model, len(requests), slots)
+    executor = BlockExecutor(model, len(requests), slots, gate or nullcontext)
     edits = merge_edits(
         h.edits(0, len(p), r) for r, (h, p) in enumerate(zip(hooks, prompts, strict=True))
     )
@@ -180,6 +220,7 @@ def generate_batch(
             seed = None if request.seed is None else request.seed + j
             rows.append(
                 _Row(
+                    len(rows),
                     request,
                     prompt,
                     hooks[r],
@@ -193,19 +234,27 @@ def generate_batch(
         copies = [r for r in range(len(requests)) for _ in range(n)]
         executor.keep(copies)
         logits = logits[torch.tensor(copies, device=logits.device)]
-    _decode(executor, rows, logits)
+    _decode(executor, rows, logits, listener)
     return [row.result() for row in rows]
 
 
-def _decode(executor: BlockExecutor, rows: list[_Row], logits: torch.Tensor) -> None:
+def _decode(
+    executor: BlockExecutor, rows: list[_Row], logits: torch.Tensor, listener: Listener | None
+) -> None:
     """Sample, stop and step the rows until every one has ended."""
     done = [row.request.max_tokens == 0 for row in rows]
+    if listener is not None:
+        for row in rows:
+            if row.request.max_tokens == 0:
+                row.release(listener, True)
     active = list(rows)
     while True:
         cpu = logits.float().cpu()
-        done = [
-            d or row.accept(cpu[i]) for i, (row, d) in enumerate(zip(active, done, strict=True))
-        ]
+        for i, row in enumerate(active):
+            if not done[i]:
+                done[i] = row.accept(cpu[i])
+                if listener is not None:
+                    row.release(listener, done[i])
         keep = plan_step(done)
         if not keep:
             return
