@@ -20,6 +20,7 @@ float rounding of batched kernels). ``n`` samples of a prompt share its prefill
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from typing import Any, Literal
 import torch
 
 from patchserve.engine.generation.interventions import Interventions
-from patchserve.engine.generation.loop import _Completion, _generator
+from patchserve.engine.generation.loop import _Completion, _generator, generate
 from patchserve.engine.generation.sampling import report_prompt_steps, sample
 from patchserve.engine.generation.types import GenerationRequest, GenerationResult, TokenStep
 from patchserve.engine.generation.validation import validate_request
@@ -201,6 +202,8 @@ def generate_batch(
         validate_request(model, request)
     if not requests:
         return []
+    if model.runtime != "native":  # the transformers runtime has no key/value block
+        return _one_at_a_time(model, tokenizer, requests, n, listener, gate or nullcontext)
     prompts = [[int(i) for i in r.prompt_ids] for r in requests]
     device = model.device
     hooks = [Interventions(r, len(p), device) for r, p in zip(requests, prompts, strict=True)]
@@ -266,3 +269,24 @@ def _decode(
         logits = executor.step(
             [row.token for row in active], [row.position for row in active], edits
         )
+
+
+def _one_at_a_time(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    requests: Sequence[GenerationRequest],
+    n: int,
+    listener: Listener | None,
+    gate: Callable[[], AbstractContextManager[Any]],
+) -> list[GenerationResult]:
+    """Each row decoded alone (a runtime without a key/value block), text told as it ends."""
+    results: list[GenerationResult] = []
+    for request in requests:
+        for j in range(n):
+            seed = None if request.seed is None else request.seed + j
+            with gate():
+                result = generate(model, tokenizer, dataclasses.replace(request, seed=seed))
+            if listener is not None:
+                listener(len(results), result.text, result.finish_reason)
+            results.append(result)
+    return results
