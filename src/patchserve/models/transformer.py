@@ -29,7 +29,7 @@ from patchserve.models import placement as placing
 from patchserve.models.block import DecoderBlock
 from patchserve.models.config import ModelConfig
 from patchserve.models.hooks import HOOKS, HookContext
-from patchserve.models.invariance import Linear, batch_invariant
+from patchserve.models.invariance import Linear, batch_invariant, plain_unembedding
 from patchserve.models.layers import Rotary, make_norm
 from patchserve.models.layout import Layout, ResumeRows
 from patchserve.models.placement import Placement
@@ -191,7 +191,8 @@ class Transformer(nn.Module):
             block,
         )
         x, last = self._run(self.embed(input_ids, layout.positions), state, 0, self.cfg.num_layers)
-        logits = self.unembed(last.last_tokens(x))
+        with plain_unembedding():
+            logits = self.unembed(last.last_tokens(x))
         return CachedPass(logits, KVCache([], []), state.hooks.captured, x)
 
     def resume(

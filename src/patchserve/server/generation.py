@@ -262,18 +262,18 @@ class Generation:
             validate_request(state.model, gen)  # before the capture stores anything
         return cls(state, req, prompts, requests, samples, req.n)
 
-    @property
-    def choices(self) -> int:
-        return len(self.requests) * self.keep
-
-    def run(self, listener: Listener | None = None) -> list[tuple[GenerationResult, str | None]]:
-        """Capture, then generate every prompt's samples together (blocking); the results
-        prompt-major, the best ``keep`` of each prompt's samples."""
-        state = self.state
+    def capture(self) -> None:
+        """Store each prompt's run when ``capture`` asks (blocking; before the generation,
+        so that a refusal is an error answer, not a broken stream)."""
         self.captured = [
-            _capture(state, self.req, p, r.prompt_ids)
+            _capture(self.state, self.req, p, r.prompt_ids)
             for p, r in zip(self.prompts, self.requests, strict=True)
         ]
+
+    def run(self, listener: Listener | None = None) -> list[tuple[GenerationResult, str | None]]:
+        """Generate every prompt's samples together (blocking); the results prompt-major,
+        the best ``keep`` of each prompt's samples, with the prompt's captured run."""
+        state = self.state
         results = generate_batch(
             state.model,
             state.tokenizer,
@@ -283,7 +283,8 @@ class Generation:
             state.gate.turn,
         )
         out: list[tuple[GenerationResult, str | None]] = []
-        for i, captured in enumerate(self.captured):
+        captured_runs = self.captured or [None] * len(self.requests)
+        for i, captured in enumerate(captured_runs):
             mine = results[i * self.samples : (i + 1) * self.samples]
             if self.keep < self.samples:
                 mine = sorted(mine, key=_mean_logprob, reverse=True)[: self.keep]

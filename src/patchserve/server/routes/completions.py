@@ -143,6 +143,7 @@ async def completions(req: CompletionRequest, request: Request) -> Any:
         "created": int(time.time()),
         "model": state.model_name,
     }
+    await state.run_cancellable(request.receive, gen.capture)
     if req.stream:
         return _stream(
             gen,
@@ -182,6 +183,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
         "created": int(time.time()),
         "model": state.model_name,
     }
+    await state.run_cancellable(request.receive, gen.capture)
     if req.stream:
         return _stream(
             gen,
