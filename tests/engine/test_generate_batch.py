@@ -115,7 +115,6 @@ def test_interventions_never_touch_other_rows(checkpoint_root):
     lm = loaded(folder)
     tok = tokenizer(folder)
     plain = _requests(folder, lm.model.cfg.hidden_size, temperature=0.0, logprobs=1)
-    plain_alone = generate(lm.model, tok, plain[1])
     big = torch.full((lm.model.cfg.hidden_size,), 50.0)
     loud = GenerationRequest(
         plain[0].prompt_ids,
@@ -124,8 +123,11 @@ def test_interventions_never_touch_other_rows(checkpoint_root):
         steer=[SteerVector(1, "post_block", big, 3.0)],
         edits=[make_edit(0, "pre_attn", [0], [0], big[None])],
     )
-    out = generate_batch(lm.model, tok, [loud, plain[1]])
-    _same(out[1], plain_alone)
+    # the loud row between two plain ones: neither side hears it
+    out = generate_batch(lm.model, tok, [plain[1], loud, plain[2]])
+    _same(out[0], generate(lm.model, tok, plain[1]))
+    _same(out[2], generate(lm.model, tok, plain[2]))
+    assert out[1].token_ids != generate(lm.model, tok, plain[0]).token_ids[:6]
 
 
 def test_n_samples_share_the_prefill_and_reproduce(checkpoint_root):
