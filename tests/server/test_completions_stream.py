@@ -134,3 +134,17 @@ def test_what_cannot_be_done_is_refused(client, extra, param):
     answer = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, **extra})
     assert answer.status_code == 400
     assert answer.json()["error"]["param"] == param
+
+
+def test_chat_n_samples_are_the_seeded_single_samples(oai, client):
+    messages = [{"role": "user", "content": "Hello"}]
+    out = oai.chat.completions.create(
+        model="qwen3", messages=messages, max_tokens=5, temperature=1.0, seed=21, n=2
+    )
+    assert [c.index for c in out.choices] == [0, 1]
+    for j, choice in enumerate(out.choices):
+        alone = client.post(
+            "/v1/chat/completions",
+            json={"messages": messages, "max_tokens": 5, "temperature": 1.0, "seed": 21 + j},
+        ).json()
+        assert choice.message.content == alone["choices"][0]["message"]["content"]
