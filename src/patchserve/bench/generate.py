@@ -44,14 +44,33 @@ def prompt_ids(count: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(2, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
+def word_tokenizer(vocab: int) -> Tokenizer:
+    """A word-level tokenizer of ``vocab`` words (the random checkpoint has none): every id
+    detokenizes, as a served model's would."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = RawTokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return Tokenizer(PreTrainedTokenizerFast(tokenizer_object=raw))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run_patchserve(
     model: Any, tokenizer: Any, prompts: list[list[int]], tokens: int, steer: SteerVector
 ) -> tuple[float, list[list[int]]]:
     requests = [
         GenerationRequest(p, max_tokens=tokens, temperature=0.0, steer=[steer]) for p in prompts
     ]
+    _sync(model.device)
     start = time.perf_counter()
     results = generate_batch(model, tokenizer, requests)
+    _sync(model.device)
     return time.perf_counter() - start, [r.token_ids for r in results]
 
 
@@ -72,56 +91,53 @@ def run_transformers(
 
     handle = hf.model.layers[layer].register_forward_hook(add)
     try:
+        _sync(vector.device)
         start = time.perf_counter()
         with torch.inference_mode():
             out = hf.generate(
-                input_ids=ids,
-                attention_mask=mask,
+                input_ids=ids.to(vector.device),
+                attention_mask=mask.to(vector.device),
                 max_new_tokens=tokens,
                 min_new_tokens=tokens,
                 do_sample=False,
                 pad_token_id=0,
                 eos_token_id=None,
             )
+        _sync(vector.device)
         seconds = time.perf_counter() - start
     finally:
         handle.remove()
     return seconds, out[:, width:].tolist()
 
 
-def word_tokenizer(vocab: int) -> Tokenizer:
-    """A word-level tokenizer of ``vocab`` words (the random checkpoint has none): every id
-    detokenizes, as a served model's would."""
-    from tokenizers import Tokenizer as RawTokenizer
-    from tokenizers import models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    raw = RawTokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
-    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return Tokenizer(PreTrainedTokenizerFast(tokenizer_object=raw))
-
-
-def run(args: argparse.Namespace) -> dict:
+def compare(
+    path: Path,
+    points: list[str],
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    layer: int = 4,
+    scale: float = 1.0,
+) -> list[dict]:
+    """Both sides on the checkpoint at ``path``, at every ``PROMPTSxTOKENS`` point."""
     import transformers as tf
 
-    torch.set_num_threads(args.threads)
-    folder = Path(args.cache or tempfile.gettempdir()) / "patchserve-bench"
-    path = build_checkpoint("qwen3", args.layers, args.width, args.vocab, folder)
-    loaded = load_model(path, device="cpu", dtype=torch.float32)
-    model, tokenizer = loaded.model, word_tokenizer(args.vocab)
-    hf = tf.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
-    vector = torch.randn(args.width, generator=torch.Generator().manual_seed(1))
-    vector = vector / vector.norm() * 4
-    steer = SteerVector(args.layer, "post_block", vector, args.scale)
-    warm = prompt_ids(2, args.vocab, seed=99)
+    model = load_model(path, device=device, dtype=dtype).model
+    tokenizer = word_tokenizer(model.cfg.vocab_size)
+    hf: Any = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    hf = hf.to(device).eval()
+    width, vocab = model.cfg.hidden_size, model.cfg.vocab_size
+    vector = torch.randn(width, generator=torch.Generator().manual_seed(1))
+    vector = (vector / vector.norm() * 4).to(device=device, dtype=dtype)
+    steer = SteerVector(layer, "post_block", vector, scale)
+    warm = prompt_ids(2, vocab, seed=99)
     run_patchserve(model, tokenizer, warm, 4, steer)
-    run_transformers(hf, warm, 4, args.layer, vector, args.scale)
+    run_transformers(hf, warm, 4, layer, vector, scale)
     rows = []
-    for point in args.points:
+    for point in points:
         count, tokens = (int(x) for x in point.split("x"))
-        prompts = prompt_ids(count, args.vocab)
+        prompts = prompt_ids(count, vocab)
         ours, ours_ids = run_patchserve(model, tokenizer, prompts, tokens, steer)
-        theirs, their_ids = run_transformers(hf, prompts, tokens, args.layer, vector, args.scale)
+        theirs, their_ids = run_transformers(hf, prompts, tokens, layer, vector, scale)
         same = sum(a == b for a, b in zip(ours_ids, their_ids, strict=True))
         made = count * tokens
         rows.append(
@@ -135,6 +151,16 @@ def run(args: argparse.Namespace) -> dict:
             }
         )
         print_row(rows[-1], file=sys.stderr)
+    return rows
+
+
+def run(args: argparse.Namespace) -> dict:
+    import transformers as tf
+
+    torch.set_num_threads(args.threads)
+    folder = Path(args.cache or tempfile.gettempdir()) / "patchserve-bench"
+    path = build_checkpoint("qwen3", args.layers, args.width, args.vocab, folder)
+    rows = compare(path, args.points, layer=args.layer, scale=args.scale)
     return {
         "model": f"qwen3 {args.layers}x{args.width}, vocab {args.vocab}",
         "threads": args.threads,
