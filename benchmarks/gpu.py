@@ -12,7 +12,9 @@ of 128, vocabulary 151,936) and a Llama-3-8B-like one (its layer shape and vocab
    ``logits_to_keep=1``, and TransformerLens' batched ``run_with_hooks`` loop as users
    run it and with ``logits_to_keep=1`` (when it imports);
 3. cells/s, and the fraction of the card's measured matmul rate (in the run's dtype)
-   that patchserve reaches against the sweep's minimal FLOP count (engine/flops.py).
+   that patchserve reaches against the sweep's minimal FLOP count (engine/flops.py);
+4. batched steered generation (``patchserve bench generate``): tokens/s of
+   ``generate_batch`` against ``transformers``' batched ``generate`` with a forward hook.
 
     python benchmarks/gpu.py --json gpu.json                  # on the GPU, bf16
     python benchmarks/gpu.py --device cpu --small             # the CPU check (tests/)
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from patchserve.bench.generate import compare
 from patchserve.bench.peers import Result, Study, transformer_lens_loops, transformers_hooks
 from patchserve.bench.sweep import (
     SHAPES,
@@ -144,6 +147,10 @@ def run_shape(name: str, shape: dict, args: argparse.Namespace) -> dict:
     out["studies"] = [row for t in args.tokens for row in study_rows(model, checkpoint, t, args)]
     if args.device.startswith("cuda"):
         out["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    # batched steered generation against transformers' generate (patchserve bench generate)
+    layer = min(4, shape["layers"] // 2)
+    points = ["2x4"] if args.small else ["1x32", "8x32", "32x32", "64x32", "32x128"]
+    out["generation"] = compare(checkpoint, points, args.device, args.torch_dtype, layer)
     return out
 
 
@@ -162,6 +169,13 @@ def print_table(report: dict) -> None:
             print(
                 f"| {r['tokens']} | {r['method']} | {r['cells']} | {r['seconds']:.2f} | "
                 f"{r['cells_per_second']:.0f} | {r['patchserve_speedup']:.2f}x | {pct} | {diff} |"
+            )
+        print("\n| prompts x tokens | patchserve tok/s | transformers tok/s | x | same rows |")
+        print("|---|---:|---:|---:|---:|")
+        for g in shape["generation"]:
+            print(
+                f"| {g['prompts']} x {g['tokens']} | {g['patchserve_tok_s']:.0f} | "
+                f"{g['transformers_tok_s']:.0f} | {g['speedup']:.2f}x | {g['same_rows']} |"
             )
 
 

@@ -68,3 +68,5 @@ def test_the_gpu_check_runs_on_the_cpu_and_agrees_with_transformers(tmp_path):
     hooks = [r for r in rows if r["method"].startswith("transformers")]
     assert all(r["max_abs_diff"] < 1e-4 for r in hooks)
     assert all(r["cells_per_second"] > 0 for r in rows)
+    (gen,) = shape["generation"]  # batched steered generation against transformers' generate
+    assert gen["same_rows"] == "2/2" and gen["patchserve_tok_s"] > 0

@@ -124,6 +124,10 @@ def _bench_main(argv: list[str]) -> int:
         from patchserve.bench.attribution import main as attribution_main
 
         return attribution_main(argv[1:])
+    if argv[:1] == ["generate"]:  # patchserve bench generate [options]
+        from patchserve.bench.generate import main as generate_main
+
+        return generate_main(argv[1:])
     from patchserve.bench.sweep import main as bench_main
 
     return bench_main(argv)

@@ -106,6 +106,8 @@ class Attention(nn.Module):
         cos_sin = state.rope_tables(self.rope)
         k, v = self.keys_values(x, cos_sin)
         q = self.queries(x, cos_sin)
+        if state.block is not None:
+            return self._attend_block(state, q, k, v)
         if state.layout.absolute:
             return self._attend_absolute(state, q, k, v, last=False)
         groups = state.layout.groups
@@ -165,6 +167,21 @@ class Attention(nn.Module):
         cached = torch.arange(p, device=grid.device).expand(grid.shape[0], p)
         queries = (group.offsets + group.lengths - 1)[:, None] if last else grid
         return self.alibi(torch.cat((cached, grid), dim=1), queries)
+
+    def _attend_block(
+        self, state: PassState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """Padded rows on a :class:`~patchserve.models.state.KVBlock`: their keys and values
+        written in place at their positions, then attention over the block's slots."""
+        assert state.block is not None
+        grid = state.layout.positions  # [rows, t]
+        kb, vb = state.block.write(self.layer, grid, k, v)
+        masks = state.block_masks(self.window)
+        bias = None
+        if self.alibi is not None:
+            slots = torch.arange(state.block.end, device=q.device)
+            bias = self.alibi(slots.expand(grid.shape[0], -1), grid)
+        return attend(q.transpose(1, 2), kb, vb, None, masks, self.scale, self.softcap, bias)
 
     def _attend_absolute(
         self, state: PassState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: bool

@@ -54,6 +54,22 @@ def batch_invariant() -> Iterator[None]:
         _invariant.reset(token)
 
 
+_plain: ContextVar[bool] = ContextVar("patchserve_plain_unembedding", default=False)
+
+
+@contextmanager
+def plain_unembedding() -> Iterator[None]:
+    """Let ``packed_always`` projections take the plain kernel in this thread (outside
+    :func:`batch_invariant`): a batched generation's logits need no bit-for-bit agreement
+    with a sweep's, and where no packed path exists a 64-row block would multiply the work
+    of a decoding step's few rows."""
+    token = _plain.set(True)
+    try:
+        yield
+    finally:
+        _plain.reset(token)
+
+
 def blocked_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int = ROW_BLOCK
 ) -> torch.Tensor:
@@ -132,7 +148,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         invariant = _invariant.get()
-        if not (invariant or self.packed_always):
+        if not (invariant or (self.packed_always and not _plain.get())):
             return super().forward(x)
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             # the packed path has no backward (attribution's gradient pass)

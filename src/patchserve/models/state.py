@@ -52,6 +52,57 @@ class KVCache:
 
 
 @dataclass
+class KVBlock:
+    """One preallocated key/value block for the rows of a batched generation.
+
+    Per layer ``[rows, kv_heads, slots, head_dim]`` (allocated, zeroed, on the
+    layer's device at its first write): row ``r`` keeps the key of its
+    position ``p`` in slot ``p``. A pass writes its tokens' keys in place at
+    their positions (rows may sit at different positions), then attends the
+    slots ``< end`` (``end``: set per pass). Rows that leave are dropped by
+    :meth:`keep` (one compaction when they leave, never a copy per step).
+    """
+
+    num_layers: int
+    rows: int
+    slots: int
+    keys: list[torch.Tensor | None] = field(default_factory=list)
+    values: list[torch.Tensor | None] = field(default_factory=list)
+    end: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            self.keys = [None] * self.num_layers
+            self.values = [None] * self.num_layers
+
+    def write(
+        self, layer: int, grid: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write keys/values ``[rows, t, KV, D]`` at positions ``grid`` ``[rows, t]``; return
+        the layer's keys and values of slots ``< end`` (views, ``[rows, KV, end, D]``)."""
+        kb, vb = self.keys[layer], self.values[layer]
+        if kb is None or vb is None:
+            shape = (self.rows, k.shape[2], self.slots, k.shape[3])
+            kb = self.keys[layer] = k.new_zeros(shape)  # zeros: masked slots stay finite
+            vb = self.values[layer] = v.new_zeros(shape)
+        rows = torch.arange(grid.shape[0], device=grid.device)[:, None]
+        kb[rows, :, grid] = k
+        vb[rows, :, grid] = v
+        return kb[:, :, : self.end], vb[:, :, : self.end]
+
+    def keep(self, rows: list[int]) -> None:
+        """Row ``i`` becomes row ``rows[i]``: drops the rows that left (one compaction), or
+        repeats a row (samples sharing one prompt's prefill)."""
+        if rows == list(range(self.rows)):
+            return
+        for bufs in (self.keys, self.values):
+            for i, t in enumerate(bufs):
+                if t is not None:
+                    bufs[i] = t[torch.tensor(rows, dtype=torch.long, device=t.device)]
+        self.rows = len(rows)
+
+
+@dataclass
 class Reuse:
     """Activations a resumed first block may take instead of recomputing attention."""
 
@@ -80,6 +131,7 @@ class PassState:
     rotaries: dict[RopeConfig, Rotary]
     dtype: torch.dtype
     keep_cache: bool
+    block: KVBlock | None = None  # a batched generation's preallocated cache (written in place)
     new_keys: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _tables: dict[tuple[RopeConfig, bool], tuple[torch.Tensor, torch.Tensor]] = field(
         default_factory=dict
@@ -185,6 +237,26 @@ class PassState:
             own_k[:, :n] = torch.where(before, pk[0, :, :n].transpose(0, 1)[None], own_k[:, :n])
             own_v[:, :n] = torch.where(before, pv[0, :, :n].transpose(0, 1)[None], own_v[:, :n])
         return own_k.transpose(1, 2), own_v.transpose(1, 2)
+
+    def block_masks(self, window: int | None) -> AttentionMasks:
+        """Masks of a pass on a :class:`KVBlock`: each query (row, position ``q``) sees the
+        row's slots ``j <= q`` written by its real tokens (and ``q - j < window``); a padded
+        query slot sees itself."""
+        key = (-2, window, False)
+        if key not in self._masks:
+            assert self.block is not None
+            layout = self.layout
+            j = torch.arange(self.block.end, device=layout.device)
+            q = layout.positions[:, :, None]  # [rows, t, 1]
+            real = (layout.offsets + layout.lengths)[:, None, None]
+            allowed = (j <= q) & (j < real)
+            if window is not None:
+                allowed = allowed & (q - j < window)
+            # A padded query slot sees itself only, so its (unused) keys and values stay
+            # finite and never poison a real query through a masked-out NaN value.
+            allowed = allowed | ((j == q) & (q >= real))
+            self._masks[key] = AttentionMasks(allowed[:, None], None, False)
+        return self._masks[key]
 
     def absolute_masks(self, window: int | None, last: bool) -> AttentionMasks:
         """Masks of absolute geometry: causal (or the last slot's) over ``end`` slots."""

@@ -29,11 +29,11 @@ from patchserve.models import placement as placing
 from patchserve.models.block import DecoderBlock
 from patchserve.models.config import ModelConfig
 from patchserve.models.hooks import HOOKS, HookContext
-from patchserve.models.invariance import Linear, batch_invariant
+from patchserve.models.invariance import Linear, batch_invariant, plain_unembedding
 from patchserve.models.layers import Rotary, make_norm
 from patchserve.models.layout import Layout, ResumeRows
 from patchserve.models.placement import Placement
-from patchserve.models.state import KVCache, PassState, Reuse
+from patchserve.models.state import KVBlock, KVCache, PassState, Reuse
 
 
 @dataclass
@@ -165,6 +165,35 @@ class Transformer(nn.Module):
         The returned cache holds the new tokens only (see :meth:`KVCache.extend`).
         """
         return self._cached_pass(input_ids, cache, hooks)
+
+    def run_on_block(
+        self,
+        input_ids: torch.Tensor,
+        offsets: torch.Tensor,
+        lengths: torch.Tensor,
+        block: KVBlock,
+        hooks: HookContext | None = None,
+    ) -> CachedPass:
+        """Right-padded rows ``input_ids`` ``[rows, t]`` at positions ``offsets[r] ..`` (real for
+        ``lengths[r]`` tokens) on a preallocated :class:`KVBlock` holding each row's earlier
+        tokens: keys written in place (a batched generation's prefill and decoding steps).
+        The returned ``cache`` is empty (the keys live in ``block``)."""
+        t = input_ids.shape[1]
+        block.end = int(offsets.max()) + t
+        layout = Layout(offsets, lengths, t, False)
+        state = PassState(
+            hooks if hooks is not None else HookContext(),
+            layout,
+            None,
+            self._rotaries,
+            self.dtype,
+            False,
+            block,
+        )
+        x, last = self._run(self.embed(input_ids, layout.positions), state, 0, self.cfg.num_layers)
+        with plain_unembedding():
+            logits = self.unembed(last.last_tokens(x))
+        return CachedPass(logits, KVCache([], []), state.hooks.captured, x)
 
     def resume(
         self,

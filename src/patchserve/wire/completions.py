@@ -85,3 +85,48 @@ class ChatCompletionResponse(WireModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+
+
+# -- streaming (``stream: true``): OpenAI's chunks, one ``data: {...}`` event each ----------
+
+
+class CompletionChunkChoice(WireModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class CompletionChunk(WireModel):
+    """One event of a streamed completion: new text of some choices (``choices`` is empty in
+    the last event with ``stream_options.include_usage``, which carries ``usage``)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = omitted_if_none()
+
+
+class ChatDelta(WireModel):
+    role: Literal["assistant"] | None = omitted_if_none()
+    content: str | None = omitted_if_none()
+
+
+class ChatChunkChoice(WireModel):
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(WireModel):
+    """One event of a streamed chat completion (``usage``: as :class:`CompletionChunk`)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = omitted_if_none()

@@ -369,6 +369,15 @@ class CaptureRequest(Strict):
     """What to capture."""
 
 
+class StreamOptions(BaseModel):
+    """OpenAI's ``stream_options``."""
+
+    model_config = ConfigDict(extra="ignore", use_attribute_docstrings=True)
+
+    include_usage: bool = False
+    """Send a last chunk (no choices) with the request's usage."""
+
+
 class Interventions(RequestBody):
     """The patchserve extras shared by /v1/completions and /v1/chat/completions."""
 
@@ -403,9 +412,12 @@ class Interventions(RequestBody):
     """Exact log-probabilities of these ids at every generated token (with ``logprobs`` set,
     they are what ``top_logprobs`` lists, as in the seed)."""
     n: StrictInt = 1
-    """Completions per prompt (1 only)."""
+    """Completions per prompt (sharing the prompt's prefill); sample ``j`` draws with the
+    seed ``seed + j``."""
     stream: bool = False
-    """Streaming completions are not supported (400)."""
+    """Stream OpenAI's chunks as Server-Sent Events (``data: {...}``, then ``data: [DONE]``)."""
+    stream_options: StreamOptions | None = None
+    """With ``stream``: ``include_usage`` adds a last chunk with the usage."""
 
 
 class CompletionRequest(Interventions):
@@ -415,6 +427,9 @@ class CompletionRequest(Interventions):
     """One prompt or a list (one choice each)."""
     echo: bool = False
     """Prefix the prompt (and its log-probabilities) to each choice."""
+    best_of: StrictInt | None = None
+    """Samples per prompt (>= ``n``); the ``n`` with the highest mean log-probability per
+    token are returned."""
 
 
 class ChatMessage(BaseModel):

@@ -3,10 +3,12 @@
 ``types`` (requests and reports), ``validation`` (every check, before model
 work), ``interventions`` (patches and steering per pass), ``cache`` (the
 growing key/value cache), ``sampling``, ``text`` (detokenisation, stop
-strings, chat templates) and ``loop`` (:func:`generate`). OpenAI's shapes are
+strings, chat templates) ``loop`` (:func:`generate`, one prompt) and ``batch``
+(:func:`generate_batch`, every prompt of a request decoded together). OpenAI's shapes are
 the server's business (``patchserve.server.openai``).
 """
 
+from patchserve.engine.generation.batch import generate_batch
 from patchserve.engine.generation.loop import generate
 from patchserve.engine.generation.sampling import sample
 from patchserve.engine.generation.text import apply_chat_template
@@ -27,6 +29,7 @@ __all__ = [
     "TokenStep",
     "apply_chat_template",
     "generate",
+    "generate_batch",
     "sample",
     "validate_request",
 ]

@@ -53,9 +53,16 @@ class Interventions:
 
     def context(self, start: int, count: int) -> HookContext:
         """The hooks of the pass computing positions ``start .. start + count - 1``."""
+        return HookContext.build(self.edits(start, count, 0))
+
+    def edits(self, start: int, count: int, row: int) -> list[SiteEdit]:
+        """The edits of the pass computing positions ``start .. start + count - 1`` of this
+        sequence, sitting at row ``row`` of the pass (a batched generation's rows)."""
         edits = list(self.prompt_edits if start == 0 else self.step_edits.get(start, ()))
+        if row != 0:
+            edits = [dataclasses.replace(e, rows=torch.full_like(e.rows, row)) for e in edits]
         positions = torch.arange(start, start + count, device=self.device)
-        rows = torch.zeros(count, dtype=torch.long, device=self.device)
+        rows = torch.full((count,), row, dtype=torch.long, device=self.device)
         for steer, vector in self.steer:
             heads = None if steer.head is None else [steer.head] * count
             edits.append(
@@ -70,4 +77,4 @@ class Interventions:
                     kind="add",
                 )
             )
-        return HookContext.build(edits)
+        return edits

@@ -193,4 +193,5 @@ class _Completion:
             prompt_tokens=len(prompt),
             completion_tokens=self.produced,
             completion_text=text[len(self.prompt_text) :],
+            cumulative_logprob=sum(s.logprob for s in self.steps),
         )

@@ -75,6 +75,7 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     completion_text: str = ""
+    cumulative_logprob: float = 0.0  # of the returned tokens (``best_of`` ranks by its mean)
 
 
 @dataclass
