@@ -17,6 +17,13 @@ from patchserve.wire.sweep import ErrorEvent
 from server.test_patch_study_api import STUDY
 from server.test_sweep_api import CLEAN, CORRUPT
 
+#: Routes whose stream is OpenAI's chunk objects, then [DONE] (``stream: true``), and the
+#: field that carries each choice's new text.
+CHUNK_STREAMS = {
+    "/v1/completions": "CompletionChunk",
+    "/v1/chat/completions": "ChatCompletionChunk",
+}
+CHOICE_FIELD = {"CompletionChunk": "text", "ChatCompletionChunk": "delta"}
 # Each streaming route's events, as docs/api.md §2 / §2b list them: type → model.
 STREAMS = {
     "/v1/patch_sweep": {
@@ -52,7 +59,17 @@ def test_every_event_stream_documents_its_events(client):
         for operation in item.values()
         if "text/event-stream" in operation["responses"]["200"]["content"]
     }
-    assert streaming == set(STREAMS)  # completions join here once they stream
+    assert streaming == set(STREAMS) | set(CHUNK_STREAMS)
+    for path, chunk in CHUNK_STREAMS.items():  # OpenAI's chunks: one model, no `type` field
+        media = schema["paths"][path]["post"]["responses"]["200"]["content"]["text/event-stream"]
+        assert "schema" not in media
+        done, payload = media["itemSchema"]["properties"]["data"]["anyOf"]
+        assert done["const"] == "[DONE]"
+        content = payload["contentSchema"]  # the chunk model, inline
+        assert content["title"] == chunk, path
+        assert {"id", "choices", "usage"} <= set(content["properties"])
+        choice = component(schema, content["properties"]["choices"]["items"]["$ref"])
+        assert {"index", "finish_reason", CHOICE_FIELD[chunk]} <= set(choice["properties"])
     for path, events in STREAMS.items():
         media = schema["paths"][path]["post"]["responses"]["200"]["content"]["text/event-stream"]
         assert "schema" not in media  # 3.2: `schema` would describe the whole stream

@@ -7,15 +7,16 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import Body, APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from patchserve.engine import InvalidArgument
 from patchserve.engine.generation import GenerationResult, apply_chat_template
 from patchserve.engine.generation.batch import Finish
 from patchserve.server.errors import error_responses
+from patchserve.server.openapi import event_stream
 from patchserve.server.generation import Generation
 from patchserve.server.openai import chat_logprobs, completion_logprobs
 from patchserve.server.state import ServerState
@@ -107,19 +108,50 @@ def _stream(
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-STREAM = {"text/event-stream": {"schema": {"type": "string"}}}
+# Shown by /docs and sent as they are by a schema-driven fuzzer (Schemathesis' examples
+# phase), so the chunk streams are exercised and checked against their documented events.
+_FACT = "The capital of Rorsun is"
+COMPLETION_EXAMPLES: dict[str, Any] = {
+    "text": {"summary": "Greedy, two tokens", "value": {"prompt": _FACT, "max_tokens": 2}},
+    "stream": {
+        "summary": "Two seeded samples, streamed with usage",
+        "value": {
+            "prompt": _FACT,
+            "max_tokens": 3,
+            "n": 2,
+            "seed": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    },
+}
+CHAT_EXAMPLES: dict[str, Any] = {
+    "stream": {
+        "summary": "A chat answer, streamed",
+        "value": {
+            "messages": [{"role": "user", "content": _FACT}],
+            "max_tokens": 2,
+            "stream": True,
+        },
+    },
+}
 COMPLETION_ERRORS = error_responses(400, 401, 404, 409, 413, 500, 503, 507)
 
 
 def _responses(chunk: type[WireModel]) -> dict[int | str, dict[str, Any]]:
     what = f"with `stream: true` Server-Sent Events: {chunk.__name__} objects, then [DONE]"
-    return {200: {"description": f"The completion; {what}", "content": STREAM}, **COMPLETION_ERRORS}
+    return {
+        200: {"description": f"The completion; {what}", "content": event_stream(chunk)},
+        **COMPLETION_ERRORS,
+    }
 
 
 @router.post(
     "/v1/completions", response_model=CompletionResponse, responses=_responses(CompletionChunk)
 )
-async def completions(req: CompletionRequest, request: Request) -> Any:
+async def completions(
+    req: Annotated[CompletionRequest, Body(openapi_examples=COMPLETION_EXAMPLES)], request: Request
+) -> Any:
     """OpenAI-compatible completions with patches, steering vectors, captures and exact
     logprobs of chosen ids; every prompt (and sample) decoded in one batch."""
     state: ServerState = request.app.state.patchserve
@@ -162,7 +194,9 @@ async def completions(req: CompletionRequest, request: Request) -> Any:
     response_model=ChatCompletionResponse,
     responses=_responses(ChatCompletionChunk),
 )
-async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
+async def chat_completions(
+    req: Annotated[ChatCompletionRequest, Body(openapi_examples=CHAT_EXAMPLES)], request: Request
+) -> Any:
     """OpenAI-compatible chat completions (the model's chat template) with the same
     interventions."""
     state: ServerState = request.app.state.patchserve
