@@ -9,16 +9,16 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
-from fastapi import Body, APIRouter, Request
+from fastapi import APIRouter, Body, Request
 from fastapi.responses import StreamingResponse
 
 from patchserve.engine import InvalidArgument
 from patchserve.engine.generation import GenerationResult, apply_chat_template
 from patchserve.engine.generation.batch import Finish
 from patchserve.server.errors import error_responses
-from patchserve.server.openapi import event_stream
 from patchserve.server.generation import Generation
 from patchserve.server.openai import chat_logprobs, completion_logprobs
+from patchserve.server.openapi import event_stream
 from patchserve.server.state import ServerState
 from patchserve.wire import sse
 from patchserve.wire.base import WireModel
