@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import torch
 from fastapi import APIRouter, Request
 
 from patchserve.engine import CapturedRun, InvalidArgument, capture_run, check_run_name
@@ -63,19 +64,7 @@ async def create_source(req: PatchSourceRequest, request: Request) -> RunManifes
         raise Conflict(f"run {name!r} already exists; pass overwrite: true to replace it", "run")
     encoding = state.encode(req.prompt)
     hooks = capture_hooks(state, req.hooks)
-    n_tokens = len(encoding.ids)
-    if req.positions == "all_prompt":
-        positions = list(range(n_tokens))
-    else:
-        bad = [p for p in req.positions if not 0 <= p < n_tokens]
-        if bad or not req.positions:
-            raise InvalidArgument(
-                f"positions {bad} are out of range for a prompt of {n_tokens} tokens"
-                if bad
-                else "positions is empty",
-                "positions",
-            )
-        positions = list(dict.fromkeys(req.positions))
+    positions = _capture_positions(req.positions, len(encoding.ids))
     vocab = state.model.cfg.vocab_size
     answer = resolve_token(
         state.tokenizer, vocab, req.answer_token, req.answer_token_id, "answer_token"
@@ -93,20 +82,41 @@ async def create_source(req: PatchSourceRequest, request: Request) -> RunManifes
     run, manifest = await state.run_blocking(capture_and_store)
     state.refresh_gauges()
     assert run.last_logits is not None
-    graded = None
-    if answer is not None:
-        logits = run.last_logits[None]
-        graded = Graded(
-            answer_token_id=answer,
-            logprob=float(raw_score(logits, answer, None)[0]),
-            foil_token_id=foil,
-            logit_diff=None if foil is None else float(raw_score(logits, answer, foil)[0]),
-        )
     return manifest.model_copy(
         update={
             "top_logprobs": top_logprobs(state.tokenizer, run.last_logits, req.logprobs),
-            "graded": graded,
+            "graded": _graded(run.last_logits, answer, foil),
         }
+    )
+
+
+def _capture_positions(requested: list[int] | str, n_tokens: int) -> list[int]:
+    """The positions a capture keeps: every one (``all_prompt``) or the requested ones, in
+    range and without repeats."""
+    if requested == "all_prompt":
+        return list(range(n_tokens))
+    assert not isinstance(requested, str)
+    bad = [p for p in requested if not 0 <= p < n_tokens]
+    if bad or not requested:
+        raise InvalidArgument(
+            f"positions {bad} are out of range for a prompt of {n_tokens} tokens"
+            if bad
+            else "positions is empty",
+            "positions",
+        )
+    return list(dict.fromkeys(requested))
+
+
+def _graded(last_logits: torch.Tensor, answer: int | None, foil: int | None) -> Graded | None:
+    """The clean run's log-probability of ``answer`` (and logit difference to ``foil``)."""
+    if answer is None:
+        return None
+    logits = last_logits[None]
+    return Graded(
+        answer_token_id=answer,
+        logprob=float(raw_score(logits, answer, None)[0]),
+        foil_token_id=foil,
+        logit_diff=None if foil is None else float(raw_score(logits, answer, foil)[0]),
     )
 
 

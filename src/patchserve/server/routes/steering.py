@@ -42,18 +42,7 @@ async def register(req: RegisterModuleRequest, request: Request) -> ModuleRegist
             except ValueError:
                 raise InvalidArgument(f"layer {layer_key!r} is not an integer", "vectors") from None
             check_layer(cfg, layer, "vectors")
-            if isinstance(entry.vector, PackedVectors):
-                try:
-                    array = unpack_vectors(entry.vector.model_dump())
-                except PackingError as exc:
-                    raise InvalidArgument(str(exc), "vectors") from exc
-                if array.shape[0] != 1:
-                    raise InvalidArgument(
-                        "a packed module vector must have exactly one row", "vectors"
-                    )
-                array = array[0]
-            else:
-                array = np.asarray(entry.vector, dtype=np.float32)
+            array = _vector_array(entry.vector)
             width = cfg.hook_width(hook)
             if array.shape != (width,):
                 raise InvalidArgument(
@@ -65,6 +54,19 @@ async def register(req: RegisterModuleRequest, request: Request) -> ModuleRegist
             vectors[hook, layer] = torch.from_numpy(array * float(entry.scale))
     state.modules.register(req.name, vectors, overwrite=req.overwrite)
     return ModuleRegistered(name=req.name, registered=len(vectors))
+
+
+def _vector_array(vector: PackedVectors | list[float]) -> np.ndarray:
+    """One module vector as float32 values, given as a list or packed (one row)."""
+    if not isinstance(vector, PackedVectors):
+        return np.asarray(vector, dtype=np.float32)
+    try:
+        array = unpack_vectors(vector.model_dump())
+    except PackingError as exc:
+        raise InvalidArgument(str(exc), "vectors") from exc
+    if array.shape[0] != 1:
+        raise InvalidArgument("a packed module vector must have exactly one row", "vectors")
+    return array[0]
 
 
 @router.get("/v1/steering/modules", response_model=ModuleList, responses=error_responses(401, 500))
