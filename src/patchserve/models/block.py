@@ -2,11 +2,13 @@
 
 One class covers all supported families, on a padded ``[batch, tokens, d]``
 or packed ``[tokens, d]`` residual stream (only attention needs to know
-which). The family differences are which norms exist (Gemma's post-branch
-norms) and whether the MLP reads the residual before or after attention
-(GPT-NeoX's parallel residual). For a parallel block ``post_attn`` is a
-virtual residual, ``pre_attn + attn_out``: writing it changes ``post_block``
-exactly as writing ``attn_out`` would, and the MLP still reads ``pre_attn``.
+which). The family differences it sees are data: which norms exist (pre-norms,
+Gemma's and OLMo-2's post-branch norms), a branch scale (Granite), a routed MLP
+(mixture of experts), and whether the MLP reads the residual before or after
+attention (parallel residual: GPT-NeoX, GPT-J, Phi, Cohere, Falcon). For a
+parallel block ``post_attn`` is a virtual residual, ``pre_attn + attn_out``:
+writing it changes ``post_block`` exactly as writing ``attn_out`` would, and the
+MLP still reads ``pre_attn``.
 
 A post-LN block (OPT-350m, ``post_ln_residual``) normalises the residual sums
 instead of the branch inputs: attention reads ``pre_attn`` itself, ``post_attn``
