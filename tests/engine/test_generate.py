@@ -123,46 +123,31 @@ def sampled(folder: Path, n: int = 10, seed: int = 0, **kwargs: Any) -> Generati
 # ---------------------------------------------------------------------------- exactness
 
 
+def _transformers_greedy(ref: Any, folder: Path, n: int) -> tuple[list[int], bool]:
+    """``transformers``' greedy ``generate`` of the prompt on ``ref``: its tokens cut at EOS,
+    and whether it stopped there."""
+    ids = torch.tensor([prompt_ids(folder)])
+    with torch.inference_mode():
+        out = ref.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=n,
+            pad_token_id=2,
+            eos_token_id=EOS,
+        )
+    theirs = out[0, ids.shape[1] :].tolist()
+    return (theirs[: theirs.index(EOS)], True) if EOS in theirs else (theirs, False)
+
+
 def test_greedy_matches_transformers_generate(family_checkpoint):
     folder = family_checkpoint
     n = 12
     ours = run(folder, n, stop_token_ids=[EOS])
-    ref = load_reference(folder)
-    ids = torch.tensor([prompt_ids(folder)])
-    with torch.inference_mode():
-        out = ref.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            max_new_tokens=n,
-            pad_token_id=2,
-            eos_token_id=EOS,
-        )
-    theirs = out[0, ids.shape[1] :].tolist()
-    if EOS in theirs:
-        theirs = theirs[: theirs.index(EOS)]
-        assert ours.finish_reason == "stop"
-    else:
-        assert ours.finish_reason == "length"
+    theirs, stopped = _transformers_greedy(load_reference(folder), folder, n)
+    assert ours.finish_reason == ("stop" if stopped else "length")
     assert ours.token_ids == theirs
     assert ours.text == tokenizer(folder).decode(theirs)
-
-
-def _transformers_greedy(folder: Path, n: int) -> list[int]:
-    """``transformers``' greedy ``generate`` of the prompt, cut at EOS."""
-    ref = load_reference(folder)
-    ids = torch.tensor([prompt_ids(folder)])
-    with torch.inference_mode():
-        out = ref.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            max_new_tokens=n,
-            pad_token_id=2,
-            eos_token_id=EOS,
-        )
-    theirs = out[0, ids.shape[1] :].tolist()
-    return theirs[: theirs.index(EOS)] if EOS in theirs else theirs
 
 
 def test_steered_greedy_matches_transformers_generate_with_a_hook(family_checkpoint):
@@ -176,6 +161,7 @@ def test_steered_greedy_matches_transformers_generate_with_a_hook(family_checkpo
         folder, n, stop_token_ids=[EOS], steer=[SteerVector(layer, "post_block", vec, scale)]
     )
     ref = load_reference(folder)
+    plain, _ = _transformers_greedy(ref, folder, n)
     layers, _, _ = reference_modules(ref, folder.name)
 
     def add(_module, _inputs, output):
@@ -185,22 +171,11 @@ def test_steered_greedy_matches_transformers_generate_with_a_hook(family_checkpo
 
     handle = layers[layer].register_forward_hook(add)
     try:
-        ids = torch.tensor([prompt_ids(folder)])
-        with torch.inference_mode():
-            out = ref.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                max_new_tokens=n,
-                pad_token_id=2,
-                eos_token_id=EOS,
-            )
+        theirs, _ = _transformers_greedy(ref, folder, n)
     finally:
         handle.remove()
-    theirs = out[0, ids.shape[1] :].tolist()
-    theirs = theirs[: theirs.index(EOS)] if EOS in theirs else theirs
     assert ours.token_ids == theirs
-    assert theirs != _transformers_greedy(folder, n), "the vector must change the completion"
+    assert theirs != plain, "the vector must change the completion"
 
 
 def test_sampled_path_logprobs_match_transformers(family_checkpoint):
