@@ -16,7 +16,7 @@ from patchserve.engine.generation import (
     generate,
     generate_batch,
 )
-from patchserve.engine.generation.batch import merge_edits, plan_step
+from patchserve.engine.generation.batch import merge_edits
 from patchserve.errors import Cancelled
 from patchserve.models import make_edit
 
@@ -152,12 +152,6 @@ def test_max_tokens_zero_rows_beside_decoding_rows(checkpoint_root):
     requests[3].max_tokens = 0
     for got, request in zip(generate_batch(lm.model, tok, requests), requests, strict=True):
         _same(got, generate(lm.model, tok, request))
-
-
-def test_planner_keeps_unfinished_rows_in_order():
-    assert plan_step([False, True, False, True]) == [0, 2]
-    assert plan_step([True, True]) == []
-    assert plan_step([]) == []
 
 
 def test_merged_edits_keep_each_rows_order():

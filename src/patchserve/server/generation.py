@@ -1,9 +1,10 @@
 """The generation service of ``/v1/completions`` and ``/v1/chat/completions``: a parsed
 request's patches, steering vectors and captures turned into engine requests
 (:class:`~patchserve.engine.generation.GenerationRequest`, checked before any model work),
-run together by :func:`~patchserve.engine.generation.generate_batch` (every prompt and
-sample of the request decoded in one batch, the fair gate taken per decoding step), and
-streamed as events when asked. The routes only parse and shape the wire models.
+run by the model's :class:`~patchserve.engine.generation.GenerationScheduler` (continuous
+batching: every prompt and sample of every concurrent request decodes in one batch, rows
+joining and leaving between steps, the fair gate taken per pass), and streamed as events
+when asked. The routes only parse and shape the wire models.
 
 Patch entries become runtime edits at absolute positions (positions past the
 prompt address generated tokens and apply on the step that computes them),
@@ -15,18 +16,21 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from prometheus_client import Gauge
 
 from patchserve.cancel import cancel_scope
 from patchserve.engine import InvalidArgument, capture_run, check_run_name
 from patchserve.engine.generation import (
     GenerationRequest,
     GenerationResult,
+    GenerationScheduler,
     SteerVector,
     generate_batch,
     validate_request,
@@ -42,6 +46,29 @@ from patchserve.server.state import ServerState
 from patchserve.wire.requests import Interventions, PatchEntry, SteerEntry
 
 MAX_SAMPLES = 16  # n and best_of per prompt
+
+_SCHEDULERS: weakref.WeakKeyDictionary[ServerState, GenerationScheduler] = (
+    weakref.WeakKeyDictionary()
+)
+_SCHEDULERS_LOCK = threading.Lock()
+
+
+def scheduler(state: ServerState) -> GenerationScheduler:
+    """The server's one generation scheduler (made on first use): every request's rows
+    decode in its batch; ``/metrics`` shows its running rows and decoding passes."""
+    with _SCHEDULERS_LOCK:
+        if state in _SCHEDULERS:
+            return _SCHEDULERS[state]
+        sched = GenerationScheduler(
+            state.model, state.tokenizer, state.gate.turn, state.config.max_batch_tokens
+        )
+        _SCHEDULERS[state] = sched
+        registry = state.metrics.registry
+        rows = Gauge("patchserve_generation_rows", "Rows decoding now", registry=registry)
+        rows.set_function(lambda: sched.running)
+        steps = Gauge("patchserve_generation_steps", "Decoding passes run", registry=registry)
+        steps.set_function(lambda: sched.steps)
+        return sched
 
 
 def _inline(table: np.ndarray | None, row: int, width: int, param: str) -> torch.Tensor:
@@ -274,14 +301,12 @@ class Generation:
         """Generate every prompt's samples together (blocking); the results prompt-major,
         the best ``keep`` of each prompt's samples, with the prompt's captured run."""
         state = self.state
-        results = generate_batch(
-            state.model,
-            state.tokenizer,
-            self.requests,
-            self.samples,
-            listener,
-            state.gate.turn,
-        )
+        if state.model.runtime == "native":
+            results = scheduler(state).run(self.requests, self.samples, listener)
+        else:  # the transformers runtime: one row at a time, the gate taken per row
+            results = generate_batch(
+                state.model, state.tokenizer, self.requests, self.samples, listener, state.gate.turn
+            )
         out: list[tuple[GenerationResult, str | None]] = []
         captured_runs = self.captured or [None] * len(self.requests)
         for i, captured in enumerate(captured_runs):

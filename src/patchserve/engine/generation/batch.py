@@ -1,47 +1,37 @@
-"""Batched generation: every prompt of a request prefilled and decoded together.
-
-Three parts, the split of vLLM's scheduler and model runner:
-
-* the **planner** (:func:`plan_step`, pure): which rows run the next step;
-* the **executor** (:class:`BlockExecutor`): rows → logits on the runtime, every row's
-  keys and values in one preallocated :class:`~patchserve.models.state.KVBlock`
-  (row ``r`` padded up to ``len(prompt) + max_tokens``; each pass writes its
-  tokens' keys in place at their positions, see docs/architecture.md);
-* **per-row post-processing** (the ``_Completion`` of :mod:`.loop`): sample with the
-  row's own ``torch.Generator``, stop strings / stop ids / ``max_tokens``, reports.
+"""Batched generation's parts: the **executor** (:class:`BlockExecutor`: rows → logits on the
+runtime, on a view of one preallocated :class:`~patchserve.models.state.KVBlock`), the
+rows' interventions merged into one pass (:func:`merge_edits`) and **per-row
+post-processing** (:class:`_Row`: sample with the row's own ``torch.Generator``, stop
+strings / stop ids / ``max_tokens``, reports, streamed text). The planner
+(:mod:`.planner`, pure) and the continuous-batching loop that joins them
+(:mod:`.scheduler`, :func:`~patchserve.engine.generation.scheduler.generate_batch`) use
+them; docs/architecture.md ("Batched generation") draws the whole.
 
 Each row carries its own interventions (patches at absolute positions, steering
 at every position it computes), addressed to its row of the pass: one prompt's
 patch or vector never touches another row. A row's tokens and logprobs are
 those of :func:`~patchserve.engine.generation.generate` on its prompt alone (up to
-float rounding of batched kernels). ``n`` samples of a prompt share its prefill
-(its block row is copied once); sample ``j`` draws with the seed ``seed + j``.
+float rounding of batched kernels).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
 from patchserve.engine.generation.interventions import Interventions
-from patchserve.engine.generation.loop import _Completion, _generator, generate
-from patchserve.engine.generation.sampling import report_prompt_steps, sample
+from patchserve.engine.generation.loop import _Completion, generate
+from patchserve.engine.generation.sampling import sample
 from patchserve.engine.generation.types import GenerationRequest, GenerationResult, TokenStep
-from patchserve.engine.generation.validation import validate_request
 from patchserve.models.hooks import HookContext, SiteEdit
 from patchserve.models.state import KVBlock
 from patchserve.models.transformer import Transformer
 from patchserve.text.tokenizer import Tokenizer
-
-
-def plan_step(done: Sequence[bool]) -> list[int]:
-    """The rows (indices into the current batch) that run the next decoding step."""
-    return [i for i, finished in enumerate(done) if not finished]
 
 
 def merge_edits(per_row: Iterable[list[SiteEdit]]) -> list[SiteEdit]:
@@ -89,23 +79,17 @@ def _concat(group: list[SiteEdit]) -> list[SiteEdit]:
 
 
 class BlockExecutor:
-    """Rows → logits on the runtime, on one preallocated key/value block."""
+    """Rows → logits on the runtime; each pass on a view of the rows' key/value block."""
 
-    def __init__(
-        self,
-        model: Transformer,
-        rows: int,
-        slots: int,
-        gate: Callable[[], AbstractContextManager[Any]],
-    ) -> None:
+    def __init__(self, model: Transformer, gate: Callable[[], AbstractContextManager[Any]]) -> None:
         self.model = model
-        self.block = KVBlock(model.cfg.num_layers, rows, slots)
         self.gate = gate
 
     def prefill(
-        self, prompts: list[list[int]], edits: list[SiteEdit]
+        self, block: KVBlock, prompts: list[list[int]], edits: list[SiteEdit]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Last-token logits ``[rows, V]`` and hidden ``[rows, tmax, d]`` of the prompts."""
+        """Last-token logits ``[rows, V]`` and hidden ``[rows, tmax, d]`` of the prompts,
+        their keys written into ``block``'s rows (one per prompt, from position 0)."""
         device = self.model.device
         tmax = max(len(p) for p in prompts)
         ids = torch.zeros(len(prompts), tmax, dtype=torch.long)
@@ -115,22 +99,21 @@ class BlockExecutor:
         offsets = torch.zeros(len(prompts), dtype=torch.long, device=device)
         with self.gate():
             out = self.model.run_on_block(
-                ids.to(device), offsets, lengths, self.block, HookContext.build(edits)
+                ids.to(device), offsets, lengths, block, HookContext.build(edits)
             )
         return out.logits, out.hidden
 
-    def step(self, tokens: list[int], positions: list[int], edits: list[SiteEdit]) -> torch.Tensor:
+    def step(
+        self, block: KVBlock, tokens: list[int], positions: list[int], edits: list[SiteEdit]
+    ) -> torch.Tensor:
         """Logits ``[rows, V]`` after feeding each row's token at its position."""
         device = self.model.device
         ids = torch.tensor(tokens, device=device)[:, None]
         offsets = torch.tensor(positions, device=device)
         ones = torch.ones_like(offsets)
         with self.gate():
-            out = self.model.run_on_block(ids, offsets, ones, self.block, HookContext.build(edits))
+            out = self.model.run_on_block(ids, offsets, ones, block, HookContext.build(edits))
         return out.logits
-
-    def keep(self, rows: list[int]) -> None:
-        self.block.keep(rows)
 
 
 Finish = Literal["stop", "length"]
@@ -185,93 +168,7 @@ class _Row:
         return self.completion.result(self.request, self.prompt, self.prompt_steps)
 
 
-@torch.inference_mode()
-def generate_batch(
-    model: Transformer,
-    tokenizer: Tokenizer,
-    requests: Sequence[GenerationRequest],
-    n: int = 1,
-    listener: Listener | None = None,
-    gate: Callable[[], AbstractContextManager[None]] | None = None,
-) -> list[GenerationResult]:
-    """Generate ``n`` completions of every request together; results prompt-major
-    (``n`` samples of request 0, then of request 1, ...). ``listener`` hears the text as it
-    comes (a stream); ``gate`` is entered around every pass (the prefill, each step), so
-    other work may run between steps."""
-    for request in requests:
-        validate_request(model, request)
-    if not requests:
-        return []
-    if model.runtime != "native":  # the transformers runtime has no key/value block
-        return _one_at_a_time(model, tokenizer, requests, n, listener, gate or nullcontext)
-    prompts = [[int(i) for i in r.prompt_ids] for r in requests]
-    device = model.device
-    hooks = [Interventions(r, len(p), device) for r, p in zip(requests, prompts, strict=True)]
-    slots = max(len(p) + r.max_tokens for r, p in zip(requests, prompts, strict=True))
-    executor = BlockExecutor(model, len(requests), slots, gate or nullcontext)
-    edits = merge_edits(
-        h.edits(0, len(p), r) for r, (h, p) in enumerate(zip(hooks, prompts, strict=True))
-    )
-    logits, hidden = executor.prefill(prompts, edits)
-    rows: list[_Row] = []
-    for r, (request, prompt) in enumerate(zip(requests, prompts, strict=True)):
-        k = request.logprobs
-        steps: list[TokenStep | None] = []
-        if request.echo and k is not None:
-            steps = report_prompt_steps(model, hidden[r : r + 1, : len(prompt)], prompt, k)
-        for j in range(n):
-            seed = None if request.seed is None else request.seed + j
-            rows.append(
-                _Row(
-                    len(rows),
-                    request,
-                    prompt,
-                    hooks[r],
-                    _Completion.start(tokenizer, prompt, request),
-                    _generator(seed),
-                    [int(i) for i in request.logprob_token_ids],
-                    steps,
-                )
-            )
-    if n != 1:
-        copies = [r for r in range(len(requests)) for _ in range(n)]
-        executor.keep(copies)
-        logits = logits[torch.tensor(copies, device=logits.device)]
-    _decode(executor, rows, logits, listener)
-    return [row.result() for row in rows]
-
-
-def _decode(
-    executor: BlockExecutor, rows: list[_Row], logits: torch.Tensor, listener: Listener | None
-) -> None:
-    """Sample, stop and step the rows until every one has ended."""
-    done = [row.request.max_tokens == 0 for row in rows]
-    if listener is not None:
-        for row in rows:
-            if row.request.max_tokens == 0:
-                row.release(listener, True)
-    active = list(rows)
-    while True:
-        cpu = logits.float().cpu()
-        for i, row in enumerate(active):
-            if not done[i]:
-                done[i] = row.accept(cpu[i])
-                if listener is not None:
-                    row.release(listener, done[i])
-        keep = plan_step(done)
-        if not keep:
-            return
-        if len(keep) < len(active):
-            executor.keep(keep)
-            active = [active[i] for i in keep]
-        done = [False] * len(active)
-        edits = merge_edits(row.hooks.edits(row.position, 1, i) for i, row in enumerate(active))
-        logits = executor.step(
-            [row.token for row in active], [row.position for row in active], edits
-        )
-
-
-def _one_at_a_time(
+def one_at_a_time(
     model: Transformer,
     tokenizer: Tokenizer,
     requests: Sequence[GenerationRequest],
