@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from patchserve.cancel import cancelled
+from patchserve.cancel import cancel_scope, cancelled
 from patchserve.engine.generation.batch import (
     BlockExecutor,
     Listener,
@@ -70,6 +70,10 @@ class Ticket:
         self.done = threading.Event()
         context = contextvars.copy_context()  # the submitter's cancel scope
         self.cancelled: Callable[[], bool] = lambda: context.run(cancelled)
+
+    def left_us(self) -> bool:
+        """Whether the submission failed or its caller went away."""
+        return self.error is not None or self.cancelled()
 
     def ended(self, row: _Row) -> None:
         self.rows[row.index] = row
@@ -198,7 +202,13 @@ class GenerationScheduler:
         with self._lock:
             self.waiting = [p for p in self.waiting if id(p) not in joining]
         for group in passes:
-            self._prefill([waiting[w.key] for w in group])
+            prompts = [waiting[w.key] for w in group]
+            if any(not p.ticket.left_us() for p in prompts):
+                self._prefill([p for p in prompts if not p.ticket.left_us()])
+            for p in prompts:
+                if p.ticket.left_us():
+                    p.ticket.fail(Cancelled("the caller went away; its rows were stopped"))
+        self._drop_leavers()
         if self.active:
             self._decode()
         with self._lock:
@@ -208,7 +218,7 @@ class GenerationScheduler:
         tickets = {id(s.ticket): s.ticket for s in self.active}
         with self._lock:
             tickets.update((id(p.ticket), p.ticket) for p in self.waiting)
-        gone = {key for key, t in tickets.items() if t.error is not None or t.cancelled()}
+        gone = {key for key, t in tickets.items() if t.left_us()}
         if not gone:
             return
         for key in gone:
@@ -224,8 +234,10 @@ class GenerationScheduler:
         self.block.reserve(start + rows, max(len(p.ids) + p.request.max_tokens for p in prompts))
         view = self.block.view(start, k)
         edits = merge_edits(p.hooks.edits(0, len(p.ids), r) for r, p in enumerate(prompts))
+        tickets = {p.ticket for p in prompts}
         try:
-            logits, hidden = self.executor.prefill(view, [p.ids for p in prompts], edits)
+            with cancel_scope(lambda: all(t.left_us() for t in tickets)):
+                logits, hidden = self.executor.prefill(view, [p.ids for p in prompts], edits)
         except Exception as exc:
             for p in prompts:
                 p.ticket.fail(exc)
@@ -271,12 +283,17 @@ class GenerationScheduler:
         rows = [s.row for s in self.active]
         edits = merge_edits(row.hooks.edits(row.position, 1, i) for i, row in enumerate(rows))
         view = self.block.view(0, len(rows))
-        try:
-            logits = self.executor.step(
-                view, [row.token for row in rows], [row.position for row in rows], edits
-            )
+        tickets = {seat.ticket for seat in self.active}
+        try:  # stops mid-pass (between blocks) once every caller of the batch went away
+            with cancel_scope(lambda: all(t.left_us() for t in tickets)):
+                logits = self.executor.step(
+                    view, [row.token for row in rows], [row.position for row in rows], edits
+                )
         except Exception as exc:
-            self._fail_all(exc)
+            for ticket in tickets:
+                ticket.fail(exc)
+            self.active = []
+            self.block.release()
             return
         self.steps += 1
         cpu = logits.float().cpu()
