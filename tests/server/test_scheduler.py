@@ -50,3 +50,39 @@ def test_outside_a_cancel_scope_nothing_is_cancelled():
     raise_if_cancelled()
     with pytest.raises(Cancelled), cancel_scope(lambda: True):
         raise_if_cancelled()
+
+
+def test_the_waiter_with_the_least_service_goes_first():
+    """A request that has held the model for a while waits behind one that just came (a
+    sweep sent during a long generation, a generation during a long sweep), whatever the
+    order they asked in; first come, first served would serve the long one first."""
+    gate = FairGate()
+    order: list[str] = []
+    worked, asked = threading.Event(), threading.Event()
+
+    def long() -> None:
+        for _ in range(3):  # its earlier batches: 0.3 s of service
+            with gate.turn():
+                time.sleep(0.1)
+        worked.set()
+        asked.wait(5)
+        with gate.turn():
+            order.append("long")
+
+    def short() -> None:
+        with gate.turn():
+            order.append("short")
+
+    first = threading.Thread(target=long)
+    first.start()
+    assert worked.wait(5)
+    with gate.turn():  # the model is busy: the long one asks first, then the short one
+        asked.set()
+        time.sleep(2 * POLL_S)
+        second = threading.Thread(target=short)
+        second.start()
+        time.sleep(2 * POLL_S)
+        assert gate.waiting == 3
+    first.join(5)
+    second.join(5)
+    assert order == ["short", "long"]

@@ -13,8 +13,11 @@ long generation, a generation during a long sweep — instead of waiting one of 
 request's batches per batch of its own; and no short request starves behind a long
 grid. Because a request runs some Python between its batches (grading, sampling), an
 account that releases the gate with less service than every waiter keeps its claim for
-``GRACE_S`` (its next batch goes first if it comes back by then). An account idle for
-``IDLE_S`` (a thread that served another request before) starts again from zero.
+``GRACE_S`` (its next batch goes first if it comes back by then). Service decays with a
+half-life of ``HALF_LIFE_S``, so a busy account (the generation scheduler under constant
+traffic) is not starved for long by a newcomer: once the newcomer has held the gate about
+as long recently, they alternate. An account idle for ``IDLE_S`` (a thread that served
+another request before) starts again from zero.
 
 A request whose client left (``patchserve.cancel``) gives up its place in
 the queue within ``POLL_S``: its waiting turn is dropped, so the requests behind it
@@ -33,6 +36,7 @@ from patchserve.cancel import cancelled, raise_if_cancelled
 POLL_S = 0.05  # how often a waiting request checks whether its client is still there
 GRACE_S = 0.03  # how long a returning account with the least service keeps its claim
 IDLE_S = 1.0  # an account that asked for no turn this long starts from zero service
+HALF_LIFE_S = 5.0  # attained service halves every this many seconds
 
 
 class FairGate:
@@ -41,7 +45,7 @@ class FairGate:
         self._next_ticket = 0
         self._holding = False
         self._waiters: dict[int, int] = {}  # ticket -> account, in arrival order
-        self._service: dict[int, float] = {}  # account -> seconds held
+        self._service: dict[int, tuple[float, float]] = {}  # account -> (seconds held, when)
         self._released: dict[int, float] = {}  # account -> when it last released
         self._claim: tuple[int, float] | None = None  # (account, until)
 
@@ -57,7 +61,7 @@ class FairGate:
         with self._cond:
             now = time.monotonic()
             if now - self._released.get(account, float("-inf")) > IDLE_S:
-                self._service[account] = 0.0
+                self._service[account] = (0.0, now)
             ticket = self._next_ticket
             self._next_ticket += 1
             self._waiters[ticket] = account
@@ -79,10 +83,10 @@ class FairGate:
             with self._cond:
                 now = time.monotonic()
                 self._holding = False
-                self._service[account] = self._service.get(account, 0.0) + now - start
+                mine = self._level(account, now) + now - start
+                self._service[account] = (mine, now)
                 self._released[account] = now
-                others = [self._service.get(a, 0.0) for a in self._waiters.values()]
-                mine = self._service[account]
+                others = [self._level(a, now) for a in self._waiters.values()]
                 if others and mine < min(others):
                     self._claim = (account, now + GRACE_S)
                 self._forget(now)
@@ -95,8 +99,13 @@ class FairGate:
             return False
         if self._claim is not None and self._claim[0] != account and now < self._claim[1]:
             return False
-        best = min(self._waiters, key=lambda t: (self._service.get(self._waiters[t], 0.0), t))
+        best = min(self._waiters, key=lambda t: (self._level(self._waiters[t], now), t))
         return best == ticket
+
+    def _level(self, account: int, now: float) -> float:
+        """``account``'s attained service now (decayed)."""
+        held, when = self._service.get(account, (0.0, now))
+        return held * 0.5 ** ((now - when) / HALF_LIFE_S)
 
     def _timeout(self, now: float) -> float:
         if self._claim is not None and now < self._claim[1]:
