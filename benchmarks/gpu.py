@@ -14,7 +14,9 @@ of 128, vocabulary 151,936) and a Llama-3-8B-like one (its layer shape and vocab
 3. cells/s, and the fraction of the card's measured matmul rate (in the run's dtype)
    that patchserve reaches against the sweep's minimal FLOP count (engine/flops.py);
 4. batched steered generation (``patchserve bench generate``): tokens/s of
-   ``generate_batch`` against ``transformers``' batched ``generate`` with a forward hook.
+   ``generate_batch`` against ``transformers``' batched ``generate`` with a forward hook;
+   and continuous batching: 8 concurrent clients x 4 prompts (threads on one
+   ``GenerationScheduler``, as the server runs them) against one 32-prompt run.
 
     python benchmarks/gpu.py --json gpu.json                  # on the GPU, bf16
     python benchmarks/gpu.py --device cpu --small             # the CPU check (tests/)
@@ -28,12 +30,13 @@ import argparse
 import json
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import torch
 
-from patchserve.bench.generate import compare
+from patchserve.bench.generate import compare, prompt_ids, word_tokenizer
 from patchserve.bench.peers import Result, Study, transformer_lens_loops, transformers_hooks
 from patchserve.bench.sweep import (
     SHAPES,
@@ -42,6 +45,7 @@ from patchserve.bench.sweep import (
     max_diff,
     prompts,
 )
+from patchserve.engine.generation import GenerationRequest, GenerationScheduler, SteerVector
 from patchserve.engine.metrics import Grader
 from patchserve.engine.runs import capture_run
 from patchserve.engine.sweep import SweepSpec, run_sweep
@@ -151,7 +155,55 @@ def run_shape(name: str, shape: dict, args: argparse.Namespace) -> dict:
     layer = min(4, shape["layers"] // 2)
     points = ["2x4"] if args.small else ["1x32", "8x32", "32x32", "64x32", "32x128"]
     out["generation"] = compare(checkpoint, points, args.device, args.torch_dtype, layer)
+    sizes = (2, 1, 4) if args.small else (8, 4, 32)
+    out["generation_clients"] = clients_row(model, layer, *sizes)
     return out
+
+
+def clients_row(model: Transformer, layer: int, clients: int, per: int, tokens: int) -> dict:
+    """Continuous batching: ``clients`` threads of ``per`` prompts each on one scheduler
+    against one run of all the prompts (greedy, one steering vector; tokens/s)."""
+    tokenizer = word_tokenizer(model.cfg.vocab_size)
+    vector = torch.randn(model.cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    vector = (vector / vector.norm() * 4).to(device=model.device, dtype=model.dtype)
+    steer = SteerVector(layer, "post_block", vector, 1.0)
+    requests = [
+        GenerationRequest(p, max_tokens=tokens, temperature=0.0, steer=[steer])
+        for p in prompt_ids(clients * per, model.cfg.vocab_size)
+    ]
+    scheduler = GenerationScheduler(model, tokenizer)
+    scheduler.run(requests[:2])  # warm-up
+    device = str(model.device)
+    _sync(device)
+    start = time.perf_counter()
+    alone = scheduler.run(requests)
+    _sync(device)
+    one = time.perf_counter() - start
+    got: dict[int, list] = {}
+
+    def client(i: int) -> None:
+        got[i] = scheduler.run(requests[i * per : (i + 1) * per])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    _sync(device)
+    many = time.perf_counter() - start
+    shared = [r.token_ids for i in range(clients) for r in got[i]]
+    made = clients * per * tokens
+    return {
+        "clients": clients,
+        "prompts_each": per,
+        "tokens": tokens,
+        "one_request_tok_s": made / one,
+        "concurrent_tok_s": made / many,
+        "ratio": one / many,
+        "same_rows": f"{sum(a == b.token_ids for a, b in zip(shared, alone, strict=True))}/"
+        f"{len(alone)}",
+    }
 
 
 def print_table(report: dict) -> None:
@@ -177,6 +229,12 @@ def print_table(report: dict) -> None:
                 f"| {g['prompts']} x {g['tokens']} | {g['patchserve_tok_s']:.0f} | "
                 f"{g['transformers_tok_s']:.0f} | {g['speedup']:.2f}x | {g['same_rows']} |"
             )
+        c = shape["generation_clients"]
+        print(
+            f"\n{c['clients']} concurrent clients x {c['prompts_each']} prompts x {c['tokens']} "
+            f"tokens: {c['concurrent_tok_s']:.0f} tok/s against one request's "
+            f"{c['one_request_tok_s']:.0f} ({100 * c['ratio']:.0f} %), same rows {c['same_rows']}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

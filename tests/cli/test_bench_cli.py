@@ -69,4 +69,6 @@ def test_the_gpu_check_runs_on_the_cpu_and_agrees_with_transformers(tmp_path):
     assert all(r["max_abs_diff"] < 1e-4 for r in hooks)
     assert all(r["cells_per_second"] > 0 for r in rows)
     (gen,) = shape["generation"]  # batched steered generation against transformers' generate
+    clients = shape["generation_clients"]  # concurrent clients on one scheduler, same tokens
+    assert clients["same_rows"] == "2/2" and clients["concurrent_tok_s"] > 0
     assert gen["same_rows"] == "2/2" and gen["patchserve_tok_s"] > 0
