@@ -137,17 +137,20 @@ def test_closing_the_stream_cancels_the_worker(study):
 
     def sweep(model, spec, on_cell, cancel, gate):
         """run_sweep, holding every model call after the first streamed cell until the stream
-        sets the cancel flag (10 s at most), so the worker cannot finish first."""
+        sets the cancel flag (10 s after that cell at most), so the worker cannot finish
+        first."""
+
+        deadline: list[float] = []
 
         def counted(cell, done, total):
             graded.append(total)
             on_cell(cell, done, total)
+            deadline.append(time.monotonic() + 10)
             streamed.set()
 
         @contextmanager
         def held():
-            deadline = time.monotonic() + 10
-            while streamed.is_set() and not cancel() and time.monotonic() < deadline:
+            while streamed.is_set() and not cancel() and time.monotonic() < deadline[0]:
                 time.sleep(0.005)
             with gate() if gate is not None else nullcontext():
                 yield
