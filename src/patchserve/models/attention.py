@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from patchserve.models.config import CheckpointError, ModelConfig
-from patchserve.models.invariance import Linear
+from patchserve.models.decode_kernels import DecodeLinear
 from patchserve.models.layers import HeadLayerNorm, RMSNorm, apply_rotary, make_norm, rms_norm
 
 if TYPE_CHECKING:
@@ -79,10 +79,10 @@ class Attention(nn.Module):
             cfg.num_kv_heads,
             cfg.head_dim,
         )
-        self.q_proj = Linear(cfg.hidden_size, cfg.q_size, bias=cfg.qkv_bias)
-        self.k_proj = Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
-        self.v_proj = Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_proj = DecodeLinear(cfg.hidden_size, cfg.q_size, bias=cfg.qkv_bias)
+        self.k_proj = DecodeLinear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
+        self.v_proj = DecodeLinear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = DecodeLinear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.q_norm = qk_norm(cfg, cfg.num_heads)
         self.k_norm = qk_norm(cfg, cfg.num_kv_heads)
         self.qk_norm_full = cfg.qk_norm_full_width
