@@ -181,7 +181,21 @@ class Attention(nn.Module):
         if self.alibi is not None:
             slots = torch.arange(state.block.end, device=q.device)
             bias = self.alibi(slots.expand(grid.shape[0], -1), grid)
+        elif grid.shape[1] == 1 and self.softcap is None and self.num_heads != self.num_kv_heads:
+            return self._attend_step_grouped(q, kb, vb, masks)
         return attend(q.transpose(1, 2), kb, vb, None, masks, self.scale, self.softcap, bias)
+
+    def _attend_step_grouped(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: AttentionMasks
+    ) -> torch.Tensor:
+        """A decoding step's one query per row ``[rows, 1, H, D]`` on the block, the query heads
+        of each key/value head folded into that head's query axis (``[rows, KV, H/KV, D]``:
+        every key read once per key/value head, not once per query head, as ``transformers``
+        decodes); the row's mask ``[rows, 1, 1, slots]`` is the same for every head."""
+        rows, kv = q.shape[0], self.num_kv_heads
+        folded = q.reshape(rows, kv, self.num_heads // kv, self.head_dim)
+        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=masks.new, scale=self.scale)
+        return out.reshape(rows, 1, self.num_heads, self.head_dim)
 
     def _attend_absolute(
         self, state: PassState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: bool
