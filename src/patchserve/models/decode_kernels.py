@@ -20,11 +20,14 @@ within float32 rounding of ``F.linear``'s on a probe is not used.
 Memory: one reordered copy of each projection weight that runs inside the context
 (``q/k/v/o``, the MLP's, the unembedding — about the model's weights once more), made at
 its first decoding pass and kept with the module (remade when the weight changes).
+``PATCHSERVE_DECODE_KERNELS=0`` in the environment turns the path off (``F.linear``, no
+copies) where that memory matters more than the speed.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -53,7 +56,8 @@ def decoding_kernels() -> Iterator[None]:
 
 def _available(weight: torch.Tensor) -> bool:
     return (
-        weight.device.type == "cpu"
+        os.environ.get("PATCHSERVE_DECODE_KERNELS", "1") != "0"
+        and weight.device.type == "cpu"
         and weight.dtype == torch.float32
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
