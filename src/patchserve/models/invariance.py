@@ -34,7 +34,11 @@ Inside :func:`batch_invariant`:
     blocks and calls, 1, 7 rows); where it fails, the per-block loop;
 * resumed attention (``Layout.absolute``) gives every row the same geometry:
   all of its prompt's positions as keys (cached prefix, then its own), a query
-  slot for each.
+  slot for each — and runs in fixed batches of :data:`ATTENTION_ROWS` rows
+  (:func:`fixed_row_batches`, the last zero-padded): attention kernels split
+  their work by the batch size (the CPU's one-query SDPA with two threads or
+  more; flash-decoding's split of the keys on CUDA), and a split of the keys
+  changes the order of a row's sums.
 
 Rows are then computed independently of one another, and a sweep cell's value
 is a function of the cell alone (``tests/engine/test_batch_invariance.py``, every
@@ -44,7 +48,7 @@ family).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -55,6 +59,7 @@ log = logging.getLogger(__name__)
 
 ROW_BLOCK = 64
 TILE_BLOCKS = 16  # blocks per batched call of the tiled path: 1024 rows
+ATTENTION_ROWS = 16  # rows per attention call in absolute geometry
 TILED_ON_CPU = False  # take the tiled path on the CPU too (tests: the accelerator's code path)
 _invariant: ContextVar[bool] = ContextVar("patchserve_batch_invariant", default=False)
 _PROBE_ROWS = (1, 7, 61)
@@ -178,6 +183,24 @@ def tiles_checked(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
                 )
                 return False
     return True
+
+
+def fixed_row_batches(
+    fn: Callable[..., torch.Tensor], *tensors: torch.Tensor, rows: int = ATTENTION_ROWS
+) -> torch.Tensor:
+    """``fn(*tensors)`` over ``rows`` rows (dim 0) at a time, the last call zero-padded:
+    every call the same shape, so however a kernel splits its work by the batch size, a
+    row's result does not depend on how many rows share the pass. Every part is made
+    contiguous (a kernel's path can follow the strides too). ``fn`` must compute each row
+    on its own (zero rows give finite values)."""
+    n = tensors[0].shape[0]
+    outs = []
+    for start in range(0, n, rows):
+        part = [t[start : start + rows].contiguous() for t in tensors]
+        if len(part[0]) < rows:
+            part = [torch.cat([p, p.new_zeros(rows - len(p), *p.shape[1:])]) for p in part]
+        outs.append(fn(*part))
+    return torch.cat(outs)[:n]
 
 
 def _project(
