@@ -27,6 +27,7 @@ machine's measured float32 matmul rate.
     patchserve bench --family gpt2 --tokens 256
     patchserve bench --family olmo2          # or mixtral: 8 experts, 2 per token
     patchserve bench --memory --layers 12 --width 256 --tokens 256
+    patchserve bench --dtype bfloat16 --invariance-cost   # + the sweep with invariant=False
     patchserve bench --model src/patchserve/assets/demo_facts   # any checkpoint folder
 """
 
