@@ -19,6 +19,7 @@ from torch import nn
 
 from patchserve.models.config import CheckpointError, ModelConfig
 from patchserve.models.decode_kernels import DecodeLinear
+from patchserve.models.invariance import fixed_row_batches
 from patchserve.models.layers import HeadLayerNorm, RMSNorm, apply_rotary, make_norm, rms_norm
 
 if TYPE_CHECKING:
@@ -212,10 +213,19 @@ class Attention(nn.Module):
         if self.alibi is not None:
             bias = self.alibi(slots[None], slots[None, -1:] if last else slots[None])
         z = torch.empty_like(q)
+        # One query per row: written out (the CPU's fp32 SDPA with 2+ threads gives a row
+        # other bits by its slot in the batch); in fixed batches of rows (kernels split their
+        # work by the batch size).
+        attn = _attend_explicit if last else attend
         for g in state.layout.groups:
             kg, vg = state.absolute_kv(self.layer, g, k, v)
             qg = q[g.rows, None] if last else g.place(q, end)
-            out = attend(qg.transpose(1, 2), kg, vg, None, masks, self.scale, self.softcap, bias)
+            out = fixed_row_batches(
+                lambda q_, k_, v_: attn(q_, k_, v_, None, masks, self.scale, self.softcap, bias),
+                qg.transpose(1, 2),
+                kg,
+                vg,
+            )
             if last:
                 z[g.rows] = out[:, 0]
             else:
