@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch==$${TORCH_VERSION:-2.13.0}"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,ray]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,9 +31,10 @@ test: $(STAMP) chromium
 	$(PY) -m mypy
 	$(PY) -m pytest -q
 
-# The long checks too (a long Schemathesis run, ...): tests marked `long`.
+# `make test` runs a short Schemathesis pass and a reduced Ray test (two actors, a 2-layer
+# model; the `ray` extra is installed with dev). The long checks too (the long Schemathesis
+# run, the full Ray cluster tests, ...): tests marked `long`.
 test-long: $(STAMP) chromium
-	$(PY) -m pip install --quiet -e ".[dev,ray]"
 	$(PY) -m pytest -q --long
 
 lint: $(STAMP)

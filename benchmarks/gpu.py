@@ -11,6 +11,9 @@ of 128, vocabulary 151,936) and a Llama-3-8B-like one (its layer shape and vocab
    patchserve's runtime, a batched ``transformers`` forward-hook loop with
    ``logits_to_keep=1``, and TransformerLens' batched ``run_with_hooks`` loop as users
    run it and with ``logits_to_keep=1`` (when it imports);
+   The same sweep with ``invariant=False`` (plain products) is timed beside it — the cost of
+   batch invariance on the card (docs/performance.md) — and a few cells recomputed alone
+   must equal the full grid's bit for bit (``bit_invariant``);
 3. cells/s, and the fraction of the card's measured matmul rate (in the run's dtype)
    that patchserve reaches against the sweep's minimal FLOP count (engine/flops.py);
 4. batched steered generation (``patchserve bench generate``): tokens/s of
@@ -50,6 +53,7 @@ from patchserve.engine.metrics import Grader
 from patchserve.engine.runs import capture_run
 from patchserve.engine.sweep import SweepSpec, run_sweep
 from patchserve.models import Transformer, load_model
+from patchserve.models.invariance import sweeps_not_invariant
 
 SMALL_SHAPES = {
     "qwen3-small": dict(family="qwen3", layers=3, width=64, vocab=300, heads=4, kv_heads=2),
@@ -105,6 +109,14 @@ def study_rows(model: Transformer, checkpoint: Path, tokens: int, args) -> list[
     _sync(args.device)
     cells = len(layers) * tokens
     results = [Result("patchserve", cells, time.perf_counter() - start)]
+    with sweeps_not_invariant():  # the cost of batch invariance: the same sweep, plain products
+        run_sweep(model, spec)
+        _sync(args.device)
+        start = time.perf_counter()
+        run_sweep(model, spec)
+        _sync(args.device)
+    results.append(Result(PLAIN, cells, time.perf_counter() - start, "plain products"))
+    invariant = bit_invariant(model, spec, outcome.grids["post_block"])
     grader = Grader("logprob", outcome.answer)
     start = time.perf_counter()
     batched_full_forward(model, corrupt, run, layers, "post_block", grader)
@@ -129,9 +141,23 @@ def study_rows(model: Transformer, checkpoint: Path, tokens: int, args) -> list[
             "max_abs_diff": diffs.get(r.name),
             "fraction_of_matmul_rate": flops / r.seconds / args.rate if i == 0 else None,
             "note": r.note,
+            "bit_invariant": invariant if i == 0 else None,
         }
         for i, r in enumerate(results)
     ]
+
+
+PLAIN = "patchserve, invariant=False"
+
+
+def bit_invariant(model: Transformer, spec: SweepSpec, grid: list[list[float | None]]) -> bool:
+    """Whether a few cells recomputed in a batch of their own equal the full grid's bit for
+    bit on this device (what ``attribution+verify`` relies on)."""
+    computed = [(i, j) for i, row in enumerate(grid) for j, v in enumerate(row) if v is not None]
+    picked = computed[:: max(1, len(computed) // 5)][:5]
+    only = {("post_block", spec.layers[i], spec.positions[j], None) for i, j in picked}
+    alone = run_sweep(model, SweepSpec(**{**spec.__dict__, "only": only})).grids["post_block"]
+    return all(alone[i][j] == grid[i][j] for i, j in picked)
 
 
 def _transformer_lens(study: Study) -> list:
@@ -212,15 +238,20 @@ def print_table(report: dict) -> None:
         print(
             f"\n{shape['shape']}: parity max |dlogp| = {shape['parity_max_abs_logprob_diff']:.2e}"
         )
-        print("| tokens | method | cells | s | cells/s | patchserve x | % matmul | max diff |")
-        print("|---:|---|---:|---:|---:|---:|---:|---:|")
+        print(
+            "| tokens | method | cells | s | cells/s | patchserve x | % matmul | max diff "
+            "| bit-invariant |"
+        )
+        print("|---:|---|---:|---:|---:|---:|---:|---:|---|")
         for r in shape["studies"]:
             frac = r["fraction_of_matmul_rate"]
             pct = f"{100 * frac:.0f} %" if frac is not None else ""
             diff = f"{r['max_abs_diff']:.1e}" if r["max_abs_diff"] is not None else ""
+            same = "" if r["bit_invariant"] is None else str(r["bit_invariant"]).lower()
             print(
                 f"| {r['tokens']} | {r['method']} | {r['cells']} | {r['seconds']:.2f} | "
-                f"{r['cells_per_second']:.0f} | {r['patchserve_speedup']:.2f}x | {pct} | {diff} |"
+                f"{r['cells_per_second']:.0f} | {r['patchserve_speedup']:.2f}x | {pct} | {diff} "
+                f"| {same} |"
             )
         print("\n| prompts x tokens | patchserve tok/s | transformers tok/s | x | same rows |")
         print("|---|---:|---:|---:|---:|")

@@ -300,6 +300,10 @@ EXTRA_CONFIGS: dict[str, Callable[[], tf.PretrainedConfig]] = {
         head_dim=64,
         max_position_embeddings=512,
     ),
+    # the reduced Ray test of `make test` (tests/engine/test_replicas.py): two actors, 2 layers
+    "qwen3_2layer": lambda: tf.Qwen3Config(
+        **COMMON, **{**LLAMA_SHAPE, "num_hidden_layers": 2}, head_dim=32
+    ),
 }
 ADDS_BOS = {"llama", "llama_tied_bias", "mistral", "gemma2", "gemma3", "gemma1", "mixtral"}
 FAMILIES = tuple(CONFIGS)

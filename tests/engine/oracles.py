@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import torch
 
-from checkpoints import branch_scale, reference_modules, submodule
-from patchserve.engine.metrics import Grader, raw_score
+from checkpoints import branch_scale, load_reference, reference_modules, submodule
+from patchserve.engine.metrics import Grader
 from patchserve.models import Transformer
 from patchserve.models.reference import reference_forward
 
@@ -70,18 +74,77 @@ def naive_cell(
     return float(grader(logits[-1:])[0])
 
 
-def grader_for(outcome, run) -> Grader:
-    """The grader a sweep used, rebuilt from its outcome and its clean run."""
+def graded(metric: str, clean: torch.Tensor, corrupt: torch.Tensor, answer=None, foil=None):
+    """A grader whose answer (the clean top-1 unless given), clean and corrupt baselines come
+    from the last-position logits ``clean`` and ``corrupt`` of an independent forward."""
+    clean_lp = torch.log_softmax(clean.double(), -1)
+    corrupt_lp = torch.log_softmax(corrupt.double(), -1)
+    answer = int(clean_lp.argmax()) if answer is None else answer
+
+    def m(logits: torch.Tensor, logprobs: torch.Tensor) -> float:
+        if foil is None:
+            return float(logprobs[answer])
+        return float(logits[answer].double() - logits[foil].double())
+
     return Grader(
-        metric=outcome.metric,
-        answer=outcome.answer,
-        foil=outcome.foil,
-        clean_logprobs=torch.log_softmax(run.last_logits.double(), -1),
-        clean_score=float(raw_score(run.last_logits[None], outcome.answer, outcome.foil)[0]),
-        corrupt_score=float(
-            raw_score(outcome.corrupt_logits[None], outcome.answer, outcome.foil)[0]
-        ),
+        metric=metric,
+        answer=answer,
+        foil=foil,
+        clean_logprobs=clean_lp,
+        clean_score=m(clean, clean_lp),
+        corrupt_score=m(corrupt, corrupt_lp),
     )
+
+
+def reference_grader(
+    model: Transformer,
+    metric: str,
+    clean_ids: list[int],
+    corrupt_ids: list[int],
+    answer: int | None = None,
+    foil: int | None = None,
+) -> Grader:
+    """The grader of a sweep, its baselines from plain reference forwards of both prompts
+    (never from the outcome under test)."""
+    clean = naive_logits(model, clean_ids, [])[-1]
+    corrupt = naive_logits(model, corrupt_ids, [])[-1]
+    return graded(metric, clean, corrupt, answer, foil)
+
+
+def reference_sigma(folder: Path) -> float:
+    """σ of the noise, from the checkpoint's own embedding weights (``transformers``): the
+    rows the residual receives (through OPT's ``project_in``), times Gemma's √hidden or
+    Granite's ``embedding_multiplier``."""
+    ref = load_reference(folder)
+    weight = ref.get_input_embeddings().weight.detach()
+    decoder = getattr(getattr(ref, "model", None), "decoder", None)
+    project_in = getattr(decoder, "project_in", None)  # OPT-350m's narrower embedding
+    if project_in is not None:
+        with torch.no_grad():
+            weight = project_in(weight)
+    sigma = float(weight.double().std())
+    config = json.loads((folder / "config.json").read_text())
+    if config["model_type"].startswith("gemma"):
+        sigma *= config["hidden_size"] ** 0.5
+    return sigma * abs(float(config.get("embedding_multiplier", 1.0)))
+
+
+def reference_noise(
+    sigma: float, width: int, positions: list[int], scale: float, seed: int, sample: int
+) -> tuple[list[int], torch.Tensor]:
+    """Sample ``sample``'s noise as docs/api.md documents the draw: ``scale * σ * N(0, 1)``
+    ``[len(positions), width]``, float32 from ``torch.Generator().manual_seed(seed + sample)``."""
+    generator = torch.Generator(device="cpu").manual_seed(seed + sample)
+    z = torch.randn((len(positions), width), generator=generator, dtype=torch.float32)
+    return positions, z * (scale * sigma)
+
+
+def mean_and_stderr(values: list[float]) -> tuple[float, float]:
+    """numpy's sample mean and its standard error ``std(ddof=1) / √n`` (0 for one value)."""
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) == 1:
+        return float(x[0]), 0.0
+    return float(x.mean()), float(np.std(x, ddof=1) / np.sqrt(len(x)))
 
 
 def naive_total(

@@ -136,3 +136,28 @@ def test_the_multi_token_case_has_several_tokens(checkpoint_root):
         answer_token=" Mary went home",
     )
     assert spec.answer_ids is not None and len(spec.answer_ids) > 1
+
+
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads (the kernels' work split follows the batch size only then)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cells_are_bitwise_the_same_with_several_threads(two_threads, tmp_path, dtype):
+    """With two threads, the CPU's attention of one query per row splits its work by the
+    number of rows; absolute attention runs in fixed batches of rows, so that never moves
+    a cell's bits (found on benchmarks/gpu.py's small Qwen3 shape, 12 tokens)."""
+    from patchserve.bench.sweep import build_checkpoint, prompts
+
+    folder = build_checkpoint("qwen3", 3, 64, 300, tmp_path, heads=4, kv_heads=2)
+    model = loaded(folder, dtype=dtype).model
+    clean, corrupt = prompts(300, 12, 2)
+    layers = list(range(3))
+    run = capture_run(model, "clean", "", clean, {"post_block": layers})
+    spec = SweepSpec(corrupt, ["post_block"], layers, list(range(12)), run)
+    _check_invariant(model, spec, picks=12)

@@ -6,9 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.oracles import grader_for, naive_cell
+from engine.oracles import (
+    mean_and_stderr,
+    naive_cell,
+    reference_grader,
+    reference_noise,
+    reference_sigma,
+)
 from models.helpers import loaded, tokenizer
-from patchserve.engine.noise import Noise, mean_stderr, noise_tensor, run_noised
+from patchserve.engine.noise import Noise, noise_tensor, run_noised
 from patchserve.engine.runs import capture_run
 from patchserve.engine.study import prepare_sweep
 from patchserve.engine.sweep import run_sweep, window_layers
@@ -56,7 +62,8 @@ def test_window_cells_match_naive_forward(family_checkpoint):
         max_batch_tokens=32,
     )
     outcome = run_sweep(model, spec)
-    grader = grader_for(outcome, run)
+    grader = reference_grader(model, spec.metric, run.token_ids, spec.corrupt_ids)
+    assert outcome.answer == grader.answer
     n = model.cfg.num_layers
     for hook in spec.hooks:
         head = 0 if hook == "attn_head" else None
@@ -88,9 +95,16 @@ def test_noise_cells_are_sample_means_of_naive_forwards(family_checkpoint):
         metric="logprob",
     )
     outcome = run_noised(model, spec, noise)
-    grader = grader_for(outcome, run)
+    grader = reference_grader(model, "logprob", run.token_ids, run.token_ids)
+    assert outcome.answer == grader.answer
     n = model.cfg.num_layers
-    samples = [(noise.positions, noise_tensor(model, noise, s)) for s in range(noise.samples)]
+    # σ from the checkpoint's embedding weights (times Gemma's √hidden), not the package's
+    sigma = reference_sigma(family_checkpoint)
+    width = model.cfg.hidden_size
+    samples = [
+        reference_noise(sigma, width, noise.positions, noise.scale, noise.seed, s)
+        for s in range(noise.samples)
+    ]
     for hook in spec.hooks:
         for i, layer in enumerate(spec.layers):
             for j, pos in enumerate(spec.positions):
@@ -99,7 +113,7 @@ def test_noise_cells_are_sample_means_of_naive_forwards(family_checkpoint):
                     naive_cell(model, spec.corrupt_ids, hook, layer, pos, source, grader, noise=z)
                     for z in samples
                 ]
-                mean, stderr = mean_stderr(each)
+                mean, stderr = mean_and_stderr(each)
                 assert outcome.grids[hook][i][j] == pytest.approx(mean, abs=TOL)
                 assert outcome.stderr[hook][i][j] == pytest.approx(stderr, abs=TOL)
     # the corrupt baseline is the mean over samples of the noised forward
@@ -107,8 +121,17 @@ def test_noise_cells_are_sample_means_of_naive_forwards(family_checkpoint):
         naive_cell(model, spec.corrupt_ids, "post_block", 0, 0, {}, grader, noise=z)
         for z in samples
     ]
-    assert outcome.corrupt == pytest.approx(mean_stderr(corrupt)[0], abs=TOL)
-    assert outcome.corrupt_stderr == pytest.approx(mean_stderr(corrupt)[1], abs=TOL)
+    assert outcome.corrupt == pytest.approx(mean_and_stderr(corrupt)[0], abs=TOL)
+    assert outcome.corrupt_stderr == pytest.approx(mean_and_stderr(corrupt)[1], abs=TOL)
+
+
+def test_the_standard_error_is_the_sample_std_over_root_n():
+    """Hard-coded from numpy: ``np.std(x, ddof=1) / sqrt(n)``, the mean's standard error."""
+    from patchserve.engine.noise import mean_stderr
+
+    assert mean_stderr([1.0, 2.0, 4.0]) == pytest.approx((7 / 3, 0.8819171036881969), rel=1e-12)
+    assert mean_stderr([0.5, -0.5]) == pytest.approx((0.0, 0.5), rel=1e-12)
+    assert mean_stderr([3.0]) == (3.0, 0.0)
 
 
 def test_noise_is_deterministic_for_a_seed_and_differs_across_seeds(family_checkpoint):

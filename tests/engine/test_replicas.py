@@ -1,8 +1,9 @@
 """Sweeps over a local 2-actor Ray cluster equal the one-process sweep bit for bit.
 
-The cluster tests are ``long`` (starting Ray and two actors that each import torch and
-load a model costs well over 30 CPU-seconds): ``make test-long``, which installs the
-``ray`` extra. The block planner is tested in ``make test``.
+``make test`` (which installs the ``ray`` extra) runs the block planner and one reduced
+cluster test: two actors holding a 2-layer model stream one sweep. The full cluster tests
+(a 3-layer model, every hook, the service, cancellation, head cells) are ``long``:
+``make test-long``.
 """
 
 from __future__ import annotations
@@ -27,17 +28,32 @@ CORRUPT = "When Mari and John went to the store, John gave a drink to"
 
 
 @pytest.fixture(scope="module")
-def cluster(checkpoint_root):
+def ray_session():
+    """One local Ray for the module (logical CPUs: room for both pools' two actors); the
+    `ray` extra is part of make test's install, so a missing Ray fails here."""
     import ray
 
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="warning")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_session, checkpoint_root):
     from checkpoints import build_checkpoint
 
     folder = build_checkpoint("qwen3", checkpoint_root)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
-    try:
-        yield folder, ReplicaPool(str(folder), replicas=2, threads=1)
-    finally:
-        ray.shutdown()
+    yield folder, ReplicaPool(str(folder), replicas=2, threads=1)
+
+
+@pytest.fixture(scope="module")
+def small_cluster(ray_session, checkpoint_root):
+    from checkpoints import build_checkpoint
+
+    folder = build_checkpoint("qwen3_2layer", checkpoint_root)
+    yield folder, ReplicaPool(str(folder), replicas=2, threads=1)
 
 
 def test_layer_blocks_are_contiguous_cover_every_layer_and_balance_work():
@@ -50,6 +66,44 @@ def test_layer_blocks_are_contiguous_cover_every_layer_and_balance_work():
         assert all(blocks) and len(blocks) == min(3, len(layers))
     work = [sum(29 - layer for layer in block) for block in layer_blocks([*range(28)], 3, 28)]
     assert max(work) - min(work) <= 29  # within one layer's work of each other
+
+
+def _streamed(model, spec, pool):
+    async def collect():
+        events, summary = [], None
+        async for item in stream_sweep(model, spec, sweep=pool.run_sweep):
+            if item[0] == "cell":
+                events.append(item)
+            else:
+                summary = item[1]
+        return events, summary
+
+    return asyncio.run(collect())
+
+
+def test_two_actors_of_a_two_layer_model_equal_one_process(small_cluster):
+    """The reduced cluster test of `make test`: each actor takes one layer's cells."""
+    folder, pool = small_cluster
+    model, tok = loaded(folder).model, tokenizer(folder)
+    assert model.cfg.num_layers == 2
+    run = capture_run(model, "clean", CLEAN, tok.encode(CLEAN).ids, {"post_block": [0, 1]})
+    spec, _ = prepare_sweep(
+        model,
+        tok,
+        prompt=CORRUPT,
+        source=run,
+        metric="logit_diff",
+        answer_token_id=5,
+        foil_token_id=9,
+    )
+    plain = run_sweep(model, spec)
+    events, outcome = _streamed(model, spec, pool)
+    assert [e[2] for e in events] == list(range(1, spec.num_cells + 1))
+    assert {e[1].layer for e in events} == {0, 1}
+    assert outcome.grids == plain.grids  # float equality: bit for bit
+    assert (outcome.corrupt, outcome.noise_floor) == (plain.corrupt, plain.noise_floor)
+    assert outcome.stats["replicas"] == 2
+    assert outcome.stats["computed"] == plain.stats["computed"] > 0
 
 
 @pytest.mark.long

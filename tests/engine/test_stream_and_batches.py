@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from contextlib import nullcontext
+import time
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
@@ -130,14 +131,48 @@ def test_cancel_stops_before_the_next_batch(study):
 def test_closing_the_stream_cancels_the_worker(study):
     model, tok, run = study
     spec, _ = prepare_sweep(model, tok, prompt=CORRUPT, source=run, max_batch_tokens=8)
+    graded: list[int] = []
+    ended: list[str] = []
+    streamed = threading.Event()
+
+    def sweep(model, spec, on_cell, cancel, gate):
+        """run_sweep, holding every model call after the first streamed cell until the stream
+        sets the cancel flag (10 s after that cell at most), so the worker cannot finish
+        first."""
+
+        deadline: list[float] = []
+
+        def counted(cell, done, total):
+            graded.append(total)
+            on_cell(cell, done, total)
+            deadline.append(time.monotonic() + 10)
+            streamed.set()
+
+        @contextmanager
+        def held():
+            while streamed.is_set() and not cancel() and time.monotonic() < deadline[0]:
+                time.sleep(0.005)
+            with gate() if gate is not None else nullcontext():
+                yield
+
+        try:
+            outcome = run_sweep(model, spec, counted, cancel, held)
+        except SweepCancelled:
+            ended.append("cancelled")
+            raise
+        ended.append("finished")
+        return outcome
 
     async def take_one():
-        agen = stream_sweep(model, spec)
+        agen = stream_sweep(model, spec, sweep=sweep)
         first = await agen.__anext__()
         await agen.aclose()
         return first
 
     assert asyncio.run(take_one())[0] == "cell"
+    # aclose waited for the worker, which stopped early instead of grading every cell
+    assert ended == ["cancelled"]
+    assert 0 < len(graded) < graded[0] == spec.num_cells
 
 
 def test_batches_respect_the_token_budget_and_score_cap(study):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from checkpoints import load_reference
-from engine.oracles import grader_for, naive_cell, transformers_cell
+from engine.oracles import naive_cell, reference_grader, transformers_cell
 from models.helpers import loaded, tokenizer
 from patchserve.engine.metrics import Grader
 from patchserve.engine.runs import capture_run
@@ -18,6 +18,32 @@ CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPT = "When Mari and John went to the store, John gave a drink to"
 LONGER = "When Mary and Jo went to the big store, John gave a drink to"
 TOL = 1e-4
+MARI_AT = "When Mari and John went to the store, John gave a drink at"
+#: ``recovered`` divides by the clean/corrupt gap of log p(answer): per family, a prompt pair
+#: whose gap on the reference model is > 0.1 (the tiny random models barely tell Mary from
+#: Mari), so the tolerance stays at most 10 x TOL.
+RECOVERED_PROMPTS = {
+    **dict.fromkeys(
+        [
+            *("gpt_neox", "gpt_neox_sequential", "gemma2", "gemma3", "gemma1", "gptj"),
+            *("cohere", "phi_qk_layernorm", "stablelm", "stablelm_parallel_qk", "phi3"),
+            *("granite", "gpt_neo", "bloom", "falcon", "mixtral"),
+        ],
+        (CLEAN, MARI_AT),
+    ),
+    "mistral": (CLEAN, "When Mari or John went to the park, Jim gave a drink to"),
+    "gpt2": (
+        "Then Mary or John went to the store, John gave a drink at",
+        "When Mari or John went to the park, Jim gave a ball to",
+    ),
+    "phi": (CLEAN, "When Mary and John went to the store, John gave a book to"),
+    "starcoder2": (CLEAN, "Then Mary or John went to the store, Jim gave a ball to"),
+    "opt": (CLEAN, "When Mari and John went to the house, John gave a book at"),
+    "opt_post_ln": (CLEAN, "When Mari and John went to the house, John gave a book at"),
+    "falcon_mq": (CLEAN, "When Anna or John went to the park, John gave a drink to"),
+    "falcon_alibi": (CLEAN, "Then Anna or John went to the store, John gave a ball to"),
+}
+MIN_GAP = 0.1
 
 
 def _clean_run(model, tok, prompt=CLEAN):
@@ -27,13 +53,19 @@ def _clean_run(model, tok, prompt=CLEAN):
 
 
 def _assert_matches_naive(model, spec, outcome, run, alpha=1.0, masks=None):
-    grader = grader_for(outcome, run)
+    grader = reference_grader(
+        model, outcome.metric, run.token_ids, spec.corrupt_ids, spec.answer, spec.foil
+    )
+    assert outcome.answer == grader.answer
     from patchserve.text.alignment import align
 
     tol = TOL
     if outcome.metric == "recovered":
-        # recovered divides logit-space differences by (m_clean - m_corrupt).
-        tol = TOL / min(1.0, abs(grader.clean_score - grader.corrupt_score))
+        # recovered divides logit-space differences by (m_clean - m_corrupt): a gap > 0.1
+        # keeps the tolerance at most 10 x TOL.
+        gap = abs(grader.clean_score - grader.corrupt_score)
+        assert gap > MIN_GAP, gap
+        tol = TOL / min(1.0, gap)
 
     alignment = align(run.token_ids, spec.corrupt_ids)
     checked = 0
@@ -73,11 +105,14 @@ def _assert_matches_naive(model, spec, outcome, run, alpha=1.0, masks=None):
 def test_every_hook_matches_naive_forward(family_checkpoint, metric):
     model = loaded(family_checkpoint).model
     tok = tokenizer(family_checkpoint)
-    run = _clean_run(model, tok)
+    clean, corrupt = CLEAN, CORRUPT
+    if metric == "recovered":
+        clean, corrupt = RECOVERED_PROMPTS.get(family_checkpoint.name, (CLEAN, CORRUPT))
+    run = _clean_run(model, tok, clean)
     spec, _ = prepare_sweep(
         model,
         tok,
-        prompt=CORRUPT,
+        prompt=corrupt,
         source=run,
         hooks=list(HOOKS),
         metric=metric,

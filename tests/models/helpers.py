@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
+import pytest
 import torch
 
 from patchserve.models import LoadedModel, load_model
@@ -12,7 +13,13 @@ from patchserve.text.tokenizer import Tokenizer
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 OTHER = "When Mari and John went to the store, John gave a drink to"
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+#: The CUDA cases are collected everywhere and skipped without a GPU, so `pytest -ra` lists them.
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+    ),
+]
 
 
 @cache

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from checkpoints import build_checkpoint, load_reference
-from engine.oracles import grader_for
+from engine.oracles import graded
 from generic_checkpoints import GENERIC, build_generic_checkpoint
 from patchserve.engine import InvalidArgument
 from patchserve.engine.generation import GenerationRequest, generate
@@ -182,7 +182,12 @@ def test_sweep_at_every_offered_hook_equals_the_naive_transformers_oracle(generi
     )
     outcome = run_sweep(model, spec)
     assert outcome.stats["computed"] > 0
-    grader = grader_for(outcome, run)
+    # answer and baselines from transformers' own forwards of both prompts
+    with torch.inference_mode():
+        clean_logits = ref(torch.tensor([run.token_ids])).logits[0, -1]
+        corrupt_logits = ref(torch.tensor([spec.corrupt_ids])).logits[0, -1]
+    grader = graded(spec.metric, clean_logits, corrupt_logits, spec.answer, spec.foil)
+    assert outcome.answer == grader.answer
     checked = 0
     for hook in spec.hooks:
         for i, layer in enumerate(spec.layers):

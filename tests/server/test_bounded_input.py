@@ -209,3 +209,22 @@ def test_a_missing_or_non_object_body_says_so(small: Server):
         )
         assert "Content-Type: application/json" in _assert_error(plain, 400)["message"]
         assert "not valid JSON" in _assert_error(broken, 400)["message"]
+
+
+def test_a_prompt_past_the_models_context_is_a_400_on_every_model_route(client):
+    """The session server's checkpoint has a context of 256 positions (``max_position_
+    embeddings``) and the default ``--max-prompt-tokens`` of 2048: a longer prompt is
+    refused by name on the sweep, study, capture and completion routes (never run past the
+    positions the model computes), while ``/tokenize`` still counts it."""
+    words = "When Mary and John went to the store, John gave a drink to Mary. " * 30
+    count = client.post("/tokenize", json={"prompt": words}).json()["count"]
+    assert 256 < count <= 2048
+    sweep = {"prompt": words, "source_module": "zeros", "positions": [0]}
+    for path, body, param in [
+        ("/v1/patch_sweep", sweep, "prompt"),
+        ("/v1/patch_sweep", {"prompt": "Mary", "clean_prompt": words}, "clean_prompt"),
+        ("/v1/patch_source", {"prompt": words, "run": "long"}, "prompt"),
+        ("/v1/completions", {"prompt": words, "max_tokens": 1}, "prompt"),
+    ]:
+        error = _assert_error(client.post(path, json=body), 400, param)
+        assert f"{count} tokens, more than the model's context of 256" in error["message"]

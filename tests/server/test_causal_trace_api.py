@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from engine.oracles import reference_sigma
 from models.helpers import loaded, tokenizer
 from patchserve.engine import capture_run, prepare_sweep
-from patchserve.engine.noise import Noise, embedding_std, run_noised
+from patchserve.engine.noise import Noise, run_noised
 from patchserve.models import INJECTABLE_HOOKS
 from server.test_sweep_api import CLEAN, CORRUPT, sse_events
 
@@ -33,7 +34,7 @@ def test_noise_sweep_over_http_equals_the_engine_bit_for_bit(client, server):
         assert entry["stderr"] == outcome.stderr[entry["hook"]]
     assert got["stderr_grid"] == outcome.stderr["post_block"]
     assert got["window"] == 2
-    assert got["noise"]["sigma"] == pytest.approx(3.0 * embedding_std(model))
+    assert got["noise"]["sigma"] == pytest.approx(3.0 * reference_sigma(server.folder), rel=1e-6)
     assert got["corrupt"] == outcome.corrupt
     assert got["warnings"] == []  # the same prompt twice is the point here
     assert got["alignment"]["differing_positions"] == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import start_server
 from models.helpers import tokenizer
@@ -21,12 +22,20 @@ def test_tokenize_and_detokenize_round_trip(client, server):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
 
 
+def _samples(client) -> dict[str, float]:
+    """Every sample of /metrics, by name (labelled samples summed over their labels)."""
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    return values
+
+
 def test_models_health_and_metrics(client):
     model = client.get("/v1/models").json()["data"][0]
     assert model["architecture"] == "Qwen3ForCausalLM" and model["num_layers"] == 3
     assert client.get("/health").json()["status"] == "ok"
-    client.post("/v1/patch_sweep", json={"prompt": CLEAN, "source_module": "zeros", "layers": [0]})
-    text = client.get("/metrics").text
+    before = _samples(client)
     for name in (
         "patchserve_requests_total",
         "patchserve_sweeps_total",
@@ -35,7 +44,15 @@ def test_models_health_and_metrics(client):
         "patchserve_queue_depth",
         "patchserve_store_bytes",
     ):
-        assert name in text
+        assert name in before
+    tokens = len(client.post("/tokenize", json={"prompt": CLEAN}).json()["tokens"])
+    sweep = {"prompt": CLEAN, "source_module": "zeros", "layers": [0, 2]}
+    assert client.post("/v1/patch_sweep", json=sweep).status_code == 200
+    after = _samples(client)
+    # the counters moved by exactly this sweep: one sweep of 2 layers x every position
+    assert after["patchserve_sweeps_total"] - before["patchserve_sweeps_total"] == 1
+    assert after["patchserve_cells_total"] - before["patchserve_cells_total"] == 2 * tokens
+    assert after["patchserve_requests_total"] - before["patchserve_requests_total"] >= 2
     assert client.get("/openapi.json").json()["paths"]["/v1/patch_sweep"]
 
 
@@ -58,6 +75,24 @@ def test_named_vectors_register_use_and_delete(client):
     assert names[:2] == ["zeros", "dir"]
     sweep = client.post("/v1/patch_sweep", json={"prompt": CLEAN, "source_module": "dir"})
     assert sweep.status_code == 200
+    # the registered scale applies: layer 0's (scale 2) grid is that of the inline 2·v
+    by_module = client.post(
+        "/v1/patch_sweep", json={"prompt": CLEAN, "source_module": "dir", "layers": [0, 2]}
+    ).json()["grid"]
+    twice, once = (
+        client.post(
+            "/v1/patch_sweep",
+            json={
+                "prompt": CLEAN,
+                "source_inline": 0,
+                "patch_vectors": pack_vectors(np.asarray([k * np.linspace(-1, 1, d)], "float32")),
+                "layers": [0, 2],
+            },
+        ).json()["grid"]
+        for k in (2.0, 1.0)
+    )
+    assert by_module[0] == twice[0] and by_module[1] == once[1]
+    assert twice[0] != once[0]
     missing = client.post(
         "/v1/patch_sweep", json={"prompt": CLEAN, "source_module": "dir", "hook": "mlp_out"}
     )

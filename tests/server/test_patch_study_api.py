@@ -35,6 +35,21 @@ def _role_positions(subject: list[int], length: int) -> list[list[int]]:
     ]
 
 
+def _span_positions(client, prompt: str, span: str) -> list[int]:
+    """The tokens whose /tokenize offsets overlap the span's first occurrence."""
+    start = prompt.index(span)
+    end = start + len(span)
+    offsets = client.post("/tokenize", json={"prompt": prompt}).json()["offsets"]
+    return [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
+
+
+def _differing_positions(client, clean: str, corrupt: str) -> list[int]:
+    """Where the two prompts' /tokenize ids differ (prompts of equal token length)."""
+    a, b = (client.post("/tokenize", json={"prompt": p}).json()["tokens"] for p in (clean, corrupt))
+    assert len(a) == len(b)
+    return [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+
+
 def test_items_equal_single_sweeps_and_the_aggregate_is_the_role_mean(client):
     response = client.post("/v1/patch_study", json=STUDY)
     assert response.status_code == 200, response.text
@@ -44,14 +59,20 @@ def test_items_equal_single_sweeps_and_the_aggregate_is_the_role_mean(client):
         single = {k: v for k, v in STUDY.items() if k != "items"}
         alone = client.post("/v1/patch_sweep", json={**single, **item}).json()
         assert got["hook_grids"] == alone["hook_grids"]
-    assert body["subjects"][0] == body["items"][0]["noise"]["positions"]
-    assert body["subjects"][2] == body["items"][2]["alignment"]["differing_positions"]
+    # the subjects from /tokenize offsets, not from what the study reports
+    subjects = [
+        _span_positions(client, CLEAN, "Mary and"),
+        _span_positions(client, SECOND, "Anna"),
+        _differing_positions(client, CLEAN, CORRUPT),
+    ]
+    assert all(subjects)
+    assert body["subjects"] == subjects
     agg = body["aggregate"]
     assert agg["roles"][0] == "first subject token" and agg["roles"][-1] == "last token"
     for entry in agg["hook_grids"]:
         for r in range(6):
             values: list[list[float]] = [[] for _ in agg["layers"]]
-            for item, subject in zip(body["items"], body["subjects"], strict=True):
+            for item, subject in zip(body["items"], subjects, strict=True):
                 grid = next(g["grid"] for g in item["hook_grids"] if g["hook"] == entry["hook"])
                 for p in _role_positions(subject, len(item["positions"]))[r]:
                     for i in range(len(agg["layers"])):

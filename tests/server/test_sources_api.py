@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from checkpoints import load_reference
 from conftest import start_server
 from models.helpers import loaded, tokenizer
 from patchserve.engine import CapturedRun
@@ -33,7 +34,18 @@ def test_capture_returns_manifest_top_logprobs_and_grading(client, server):
     assert len(body["top_logprobs"]) == 3
     lps = [t["logprob"] for t in body["top_logprobs"]]
     assert lps == sorted(lps, reverse=True)
-    assert body["graded"]["answer_token_id"] == 5 and "logit_diff" in body["graded"]
+    assert body["graded"]["answer_token_id"] == 5 and body["graded"]["foil_token_id"] == 9
+    # graded against log_softmax of a plain transformers forward of the prompt, sign included
+    with torch.inference_mode():
+        ids = torch.tensor([body["token_ids"]])
+        logits = load_reference(server.folder)(ids).logits[0, -1].double()
+    logprobs = torch.log_softmax(logits, -1)
+    diff = float(logprobs[5] - logprobs[9])  # = logits[5] - logits[9]
+    assert abs(diff) > 1e-2  # a flipped sign could not pass
+    assert body["graded"]["logit_diff"] == pytest.approx(diff, abs=1e-4)
+    assert body["graded"]["logprob"] == pytest.approx(float(logprobs[5]), abs=1e-4)
+    top = torch.topk(logprobs, 3).values.tolist()
+    assert lps == pytest.approx(top, abs=1e-4)
     dup = client.post("/v1/patch_source", json={"run": "cap-1", "prompt": CLEAN})
     assert dup.status_code == 409 and dup.json()["error"]["param"] == "run"
     assert (

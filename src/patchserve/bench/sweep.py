@@ -27,6 +27,7 @@ machine's measured float32 matmul rate.
     patchserve bench --family gpt2 --tokens 256
     patchserve bench --family olmo2          # or mixtral: 8 experts, 2 per token
     patchserve bench --memory --layers 12 --width 256 --tokens 256
+    patchserve bench --dtype bfloat16 --invariance-cost   # + the sweep with invariant=False
     patchserve bench --model src/patchserve/assets/demo_facts   # any checkpoint folder
 """
 
@@ -57,6 +58,7 @@ from patchserve.engine.metrics import Grader
 from patchserve.engine.runs import capture_run
 from patchserve.engine.sweep import SweepSpec, run_sweep
 from patchserve.models import HookContext, Transformer, load_model, make_edit
+from patchserve.models.invariance import sweeps_not_invariant
 
 # Real models' shapes with random weights (no download): `--shape`, and benchmarks/gpu.py.
 SHAPES: dict[str, dict] = {
@@ -159,6 +161,9 @@ def shape_checkpoint(args: argparse.Namespace, folder: Path) -> Path:
     return build_checkpoint(args.family, args.layers, args.width, args.vocab, folder)
 
 
+PLAIN = "patchserve, invariant=False"  # --invariance-cost: the same sweep, not batch-invariant
+
+
 def max_diff(a: list[list[float]], b: list[list[float]]) -> float:
     pairs = (zip(ra, rb, strict=True) for ra, rb in zip(a, b, strict=True))
     return max(abs(x - y) for row in pairs for x, y in row)
@@ -167,7 +172,7 @@ def max_diff(a: list[list[float]], b: list[list[float]]) -> float:
 def _fastest_peer(results: list[Result]) -> Result:
     """The fastest peer library computing the whole grid (the batched loop on this runtime
     when no peer library is installed)."""
-    full = [r for r in results[1:] if r.cells == results[0].cells]
+    full = [r for r in results[1:] if r.cells == results[0].cells and r.name != PLAIN]
     libraries = [r for r in full if r.name != "batched full forward"]
     return max(libraries or full, key=lambda r: r.cells_per_second)
 
@@ -278,6 +283,12 @@ def run(args: argparse.Namespace) -> dict:
         note = f"{outcome.stats['computed']} computed, {outcome.stats['free']} free"
         _keep(best, Result("patchserve", cells, time.perf_counter() - start, note))
         grader = Grader("logprob", outcome.answer)
+        if args.invariance_cost:
+            start = time.perf_counter()
+            with sweeps_not_invariant():
+                plain = run_sweep(model, spec)
+            _keep(best, Result(PLAIN, cells, time.perf_counter() - start, "plain products"))
+            plain_diff = max_diff(outcome.grids[hook], plain.grids[hook])
         start = time.perf_counter()
         batched = batched_full_forward(model, corrupt, run_, layers, hook, grader)
         _keep(best, Result("batched full forward", cells, time.perf_counter() - start))
@@ -292,6 +303,12 @@ def run(args: argparse.Namespace) -> dict:
                     peer_diffs[result.name] = max_diff(outcome.grids[hook], grid)
     results = list(best.values())
     engine_s = results[0].seconds
+    invariance = {}
+    if args.invariance_cost:
+        invariance = {
+            "invariance_overhead": engine_s / best[PLAIN].seconds - 1,
+            "max_abs_diff_vs_not_invariant": plain_diff,
+        }
     fastest = _fastest_peer(results)
 
     flops = int(outcome.stats["flops"])
@@ -314,6 +331,7 @@ def run(args: argparse.Namespace) -> dict:
         "fraction_of_matmul_rate": flops / engine_s / rate,
         "max_abs_diff_vs_batched": diff,
         "max_abs_diff_vs_peers": peer_diffs,
+        **invariance,
         "fastest_peer": fastest.name,
         "speedup_vs_fastest_peer": results[0].cells_per_second / fastest.cells_per_second,
         "results": [
@@ -356,6 +374,11 @@ def print_report(report: dict) -> None:
         f"{100 * report['fraction_of_matmul_rate']:.0f}% of the measured matmul rate"
     )
     print(f"grid max |patchserve - batched full forward| = {report['max_abs_diff_vs_batched']:.2e}")
+    if "invariance_overhead" in report:
+        print(
+            f"batch invariance costs {100 * report['invariance_overhead']:+.0f}% over "
+            f"invariant=False; grids differ by {report['max_abs_diff_vs_not_invariant']:.2e}"
+        )
     for name, peer_diff in report["max_abs_diff_vs_peers"].items():
         print(f"grid max |patchserve - {name}| = {peer_diff:.2e}")
     print(
@@ -456,6 +479,12 @@ def parser() -> argparse.ArgumentParser:
         dest="no_peers",
         action="store_true",
         help="leave out the other libraries (transformers hooks, nnsight, TransformerLens)",
+    )
+    p.add_argument(
+        "--invariance-cost",
+        action="store_true",
+        help="also time the same sweep without batch invariance (invariant=False: plain "
+        "products, packed attention), side by side",
     )
     p.add_argument("--memory", action="store_true", help="measure peak memory of a full grid")
     p.add_argument("--json", help="also write the report here")

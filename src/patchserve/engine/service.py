@@ -27,7 +27,7 @@ from patchserve.engine.errors import InvalidArgument
 from patchserve.engine.noise import noise_summary, run_noised
 from patchserve.engine.report import cell_event, start_event, sweep_body
 from patchserve.engine.runs import CapturedRun, capture_run, check_run_name
-from patchserve.engine.sites import check_runtime_scope
+from patchserve.engine.sites import check_context, check_runtime_scope
 from patchserve.engine.stream import stream_sweep
 from patchserve.engine.study import prepare_sweep, window_span
 from patchserve.engine.study_sources import check_module_covers, sweep_masks, vector_source
@@ -128,7 +128,9 @@ class StudyResources:
     sweep: Callable[..., SweepOutcome] = run_sweep
 
     def encoded(self, prompt: str, param: str) -> Encoding:
-        return (self.encode or _plain_encode(self.tokenizer))(prompt, param)
+        encoding = (self.encode or _plain_encode(self.tokenizer))(prompt, param)
+        check_context(self.model.cfg, len(encoding.ids), param)
+        return encoding
 
 
 def _positions(req: PatchSweepRequest) -> Any:

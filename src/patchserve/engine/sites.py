@@ -1,5 +1,6 @@
 """The one check of a site against the model — layer, hook and head in range — used by the
-sweep's preparation, the generation's patches and steering, and the module registry."""
+sweep's preparation, the generation's patches and steering, and the module registry; and of
+a prompt's length against the model's context."""
 
 from __future__ import annotations
 
@@ -11,6 +12,16 @@ from patchserve.models.hooks import hook_unavailable
 def is_int(value: object) -> bool:
     """An int that is not a bool (JSON's true is no layer number)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_context(cfg: ModelConfig, count: int, param: str) -> None:
+    """A prompt of ``count`` tokens fits the model's context (the positions it computes
+    exactly: absolute position tables end there, Phi-3's LongRoPE switches factors past it)."""
+    context = cfg.max_position_embeddings
+    if count > context:
+        raise InvalidArgument(
+            f"{param} has {count} tokens, more than the model's context of {context}", param
+        )
 
 
 def check_layer(cfg: ModelConfig, layer: object, param: str) -> int:

@@ -21,7 +21,7 @@ from patchserve.engine.errors import InvalidArgument
 from patchserve.engine.metrics import check_metric
 from patchserve.engine.request import resolve_tokens
 from patchserve.engine.runs import CapturedRun
-from patchserve.engine.sites import check_offered
+from patchserve.engine.sites import check_context, check_offered
 from patchserve.engine.sweep import (
     DEFAULT_BATCH_TOKENS,
     Source,
@@ -242,6 +242,9 @@ def prepare_sweep(
     """
     cfg = model.cfg
     encoding = _encode_prompt(tokenizer, prompt)
+    check_context(cfg, len(encoding.ids), "prompt")
+    if clean_ids is not None:
+        check_context(cfg, len(clean_ids), "clean_prompt")
     hook_list = parse_hooks(hook, hooks)
     for name in hook_list:
         check_offered(model, name, "hooks" if hooks is not None else "hook")

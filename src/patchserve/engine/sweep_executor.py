@@ -21,7 +21,7 @@ from patchserve.engine.sweep_plan import ResumeKey
 from patchserve.engine.sweep_rows import Row
 from patchserve.models import HookContext, Transformer, make_edit
 from patchserve.models.hooks import SiteEdit
-from patchserve.models.invariance import batch_invariant
+from patchserve.models.invariance import batch_invariant, plain_unembedding, sweeps_invariant
 from patchserve.models.layout import ResumeRows
 from patchserve.models.state import Reuse
 
@@ -41,9 +41,11 @@ class SweepExecutor:
         model, cfg = self.model, self.cfg
         start, site, reuse = key.start, key.site, key.reuse
         k = lane.reads
+        invariant = sweeps_invariant()  # always, but in a bench's invariant=False comparison
+        passes = batch_invariant if invariant else plain_unembedding
         if start == cfg.num_layers:
             # post_block of the last layer at the last position: unembed the patched residual.
-            with self.gate(), batch_invariant():
+            with self.gate(), passes():
                 logits = model.unembed(torch.cat([r.patched for r in rows]))[:, None]
             self.stats["flops"] += len(rows) * unembed_flops(cfg)
             tail = lane.logits[1:][None].expand(len(rows), -1, -1)  # the tail is unchanged
@@ -52,12 +54,12 @@ class SweepExecutor:
         edits = [self._edit(start, site, rows), *self._window_edits(rows, key.extra)]
         hooks = HookContext.build(edits)
         # batch-invariant: a cell's value does not depend on the cells batched with it
-        with self.gate(), batch_invariant():
+        with self.gate(), passes():
             if k == 1:
-                logits = model.resume(resumed, start, lane.kv, reused, hooks, invariant=True)
+                logits = model.resume(resumed, start, lane.kv, reused, hooks, invariant)
                 logits = logits[:, None]
             else:  # the last k tokens of every packed row: the last prompt one, the tail
-                x = model.run_blocks(resumed, start, lane.kv, reused, hooks, invariant=True)
+                x = model.run_blocks(resumed, start, lane.kv, reused, hooks, invariant)
                 ends = torch.cumsum(resumed.lengths, 0)
                 ends = ends.to(x.device)
                 logits = model.unembed(x[(ends - k)[:, None] + torch.arange(k, device=x.device)])

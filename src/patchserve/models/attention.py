@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from patchserve.models.config import CheckpointError, ModelConfig
-from patchserve.models.invariance import Linear
+from patchserve.models.decode_kernels import DecodeLinear
+from patchserve.models.invariance import fixed_row_batches
 from patchserve.models.layers import HeadLayerNorm, RMSNorm, apply_rotary, make_norm, rms_norm
 
 if TYPE_CHECKING:
@@ -79,10 +80,10 @@ class Attention(nn.Module):
             cfg.num_kv_heads,
             cfg.head_dim,
         )
-        self.q_proj = Linear(cfg.hidden_size, cfg.q_size, bias=cfg.qkv_bias)
-        self.k_proj = Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
-        self.v_proj = Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_proj = DecodeLinear(cfg.hidden_size, cfg.q_size, bias=cfg.qkv_bias)
+        self.k_proj = DecodeLinear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
+        self.v_proj = DecodeLinear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = DecodeLinear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.q_norm = qk_norm(cfg, cfg.num_heads)
         self.k_norm = qk_norm(cfg, cfg.num_kv_heads)
         self.qk_norm_full = cfg.qk_norm_full_width
@@ -181,7 +182,21 @@ class Attention(nn.Module):
         if self.alibi is not None:
             slots = torch.arange(state.block.end, device=q.device)
             bias = self.alibi(slots.expand(grid.shape[0], -1), grid)
+        elif grid.shape[1] == 1 and self.softcap is None and self.num_heads != self.num_kv_heads:
+            return self._attend_step_grouped(q, kb, vb, masks)
         return attend(q.transpose(1, 2), kb, vb, None, masks, self.scale, self.softcap, bias)
+
+    def _attend_step_grouped(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: AttentionMasks
+    ) -> torch.Tensor:
+        """A decoding step's one query per row ``[rows, 1, H, D]`` on the block, the query heads
+        of each key/value head folded into that head's query axis (``[rows, KV, H/KV, D]``:
+        every key read once per key/value head, not once per query head, as ``transformers``
+        decodes); the row's mask ``[rows, 1, 1, slots]`` is the same for every head."""
+        rows, kv = q.shape[0], self.num_kv_heads
+        folded = q.reshape(rows, kv, self.num_heads // kv, self.head_dim)
+        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=masks.new, scale=self.scale)
+        return out.reshape(rows, 1, self.num_heads, self.head_dim)
 
     def _attend_absolute(
         self, state: PassState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, last: bool
@@ -198,10 +213,19 @@ class Attention(nn.Module):
         if self.alibi is not None:
             bias = self.alibi(slots[None], slots[None, -1:] if last else slots[None])
         z = torch.empty_like(q)
+        # One query per row: written out (the CPU's fp32 SDPA with 2+ threads gives a row
+        # other bits by its slot in the batch); in fixed batches of rows (kernels split their
+        # work by the batch size).
+        attn = _attend_explicit if last else attend
         for g in state.layout.groups:
             kg, vg = state.absolute_kv(self.layer, g, k, v)
             qg = q[g.rows, None] if last else g.place(q, end)
-            out = attend(qg.transpose(1, 2), kg, vg, None, masks, self.scale, self.softcap, bias)
+            out = fixed_row_batches(
+                lambda q_, k_, v_: attn(q_, k_, v_, None, masks, self.scale, self.softcap, bias),
+                qg.transpose(1, 2),
+                kg,
+                vg,
+            )
             if last:
                 z[g.rows] = out[:, 0]
             else:

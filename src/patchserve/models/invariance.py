@@ -16,11 +16,30 @@ Inside :func:`batch_invariant`:
   packing fixed, each output row's sums run in one order whatever the number of
   rows — checked when a weight is packed, on 1, 7 and 61 rows. Where that path
   is missing or the check fails (no MKL, another device or dtype), rows run in
-  fixed blocks of :data:`ROW_BLOCK` (the last one zero-padded): the same kernel
-  on the same shape for every row, at some cost;
+  fixed blocks of :data:`ROW_BLOCK` (the last one zero-padded), every product
+  the same shape whatever the number of rows:
+
+  - on the CPU one ``mm`` per block (:func:`blocked_linear`; a Python loop, but a
+    64-row product is large enough there that the loop costs little: batch
+    invariance costs about 20 % of a sweep on an AMD EPYC, fp32 and bf16 alike,
+    docs/performance.md; a batched ``bmm`` is no faster there);
+  - on an accelerator (CUDA) one ``torch.bmm`` per :data:`TILE_BLOCKS` blocks
+    (:func:`tiled_linear`): every call ``[TILE_BLOCKS, ROW_BLOCK, k] @ [k, n]``
+    (the weight broadcast, not copied), the last call zero-padded — a 4096-row
+    pass is 4 calls, not 64 launches. One call shape means one kernel
+    configuration from the library's heuristics (cuBLAS picks by m, n, k and
+    batch count; split-K and the like are fixed with it), and each row's
+    product is a 64-row problem of its own, so neither where a row sits nor
+    how many rows there are changes its sums. That is checked on the device
+    when a weight is first used (:func:`tiles_checked`: rows shifted across
+    blocks and calls, 1, 7 rows); where it fails, the per-block loop;
 * resumed attention (``Layout.absolute``) gives every row the same geometry:
   all of its prompt's positions as keys (cached prefix, then its own), a query
-  slot for each.
+  slot for each — and runs in fixed batches of :data:`ATTENTION_ROWS` rows
+  (:func:`fixed_row_batches`, the last zero-padded): attention kernels split
+  their work by the batch size (the CPU's one-query SDPA with two threads or
+  more; flash-decoding's split of the keys on CUDA), and a split of the keys
+  changes the order of a row's sums.
 
 Rows are then computed independently of one another, and a sweep cell's value
 is a function of the cell alone (``tests/engine/test_batch_invariance.py``, every
@@ -30,7 +49,7 @@ family).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -40,6 +59,9 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 ROW_BLOCK = 64
+TILE_BLOCKS = 16  # blocks per batched call of the tiled path: 1024 rows
+ATTENTION_ROWS = 16  # rows per attention call in absolute geometry
+TILED_ON_CPU = False  # take the tiled path on the CPU too (tests: the accelerator's code path)
 _invariant: ContextVar[bool] = ContextVar("patchserve_batch_invariant", default=False)
 _PROBE_ROWS = (1, 7, 61)
 
@@ -52,6 +74,28 @@ def batch_invariant() -> Iterator[None]:
         yield
     finally:
         _invariant.reset(token)
+
+
+_sweeps_invariant: ContextVar[bool] = ContextVar("patchserve_sweeps_invariant", default=True)
+
+
+@contextmanager
+def sweeps_not_invariant() -> Iterator[None]:
+    """Measurement only (``patchserve bench --invariance both``): sweeps run in this thread
+    as they would without batch invariance — plain products, packed attention groups
+    (``invariant=False``). Their cells then agree with an invariant sweep's to float
+    rounding, not bit for bit; nothing in the server enters this."""
+    token = _sweeps_invariant.set(False)
+    try:
+        yield
+    finally:
+        _sweeps_invariant.reset(token)
+
+
+def sweeps_invariant() -> bool:
+    """Whether a sweep in this thread runs its passes batch-invariantly (always, but inside
+    :func:`sweeps_not_invariant`)."""
+    return _sweeps_invariant.get()
 
 
 _plain: ContextVar[bool] = ContextVar("patchserve_plain_unembedding", default=False)
@@ -86,6 +130,78 @@ def blocked_linear(
         block[: n - full] = flat[full:]
         out[full:] = _project(block, wt, bias)[: n - full]
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def tiled_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: int = ROW_BLOCK,
+    blocks: int = TILE_BLOCKS,
+) -> torch.Tensor:
+    """``F.linear`` as batched products of one fixed shape: the rows zero-padded to a
+    multiple of ``blocks * rows``, each ``blocks * rows`` of them one ``torch.bmm`` of
+    ``[blocks, rows, k]`` by the weight broadcast to ``[blocks, k, n]`` (``baddbmm`` with
+    the bias, added in the product's own precision)."""
+    flat = x.reshape(-1, x.shape[-1])
+    (n, k), m = flat.shape, weight.shape[0]
+    step = rows * blocks
+    total = -(-n // step) * step
+    if total == 0:
+        return flat.new_empty(*x.shape[:-1], m)
+    if total != n:
+        flat = torch.cat([flat, flat.new_zeros(total - n, k)])
+    wt = weight.t().expand(blocks, k, m)
+    tiles = flat.reshape(-1, blocks, rows, k)
+    if bias is None:
+        parts = [torch.bmm(tile, wt) for tile in tiles]
+    else:
+        b = bias.expand(blocks, rows, m)
+        parts = [torch.baddbmm(b, tile, wt) for tile in tiles]
+    out = torch.cat(parts).reshape(total, m)[:n]
+    return out.reshape(*x.shape[:-1], m)
+
+
+def tiles_checked(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether :func:`tiled_linear` gives each row the same bits wherever it sits and
+    however many rows there are, on a probe on ``weight``'s device and dtype: rows
+    shifted across blocks and calls, the last 1 and 7 alone (a meta tensor has no
+    values: shapes only, true)."""
+    if weight.device.type == "meta":
+        return True
+    with torch.no_grad():
+        w = weight.detach()
+        n = ROW_BLOCK * TILE_BLOCKS + 2 * ROW_BLOCK + 5  # two calls, the second padded
+        gen = torch.Generator().manual_seed(0)
+        probe = torch.randn(n, w.shape[1], generator=gen).to(w.device, w.dtype)
+        ref = tiled_linear(probe, w, bias)
+        for lo, hi in ((n - 1, n), (n - 7, n), (5, n), (0, ROW_BLOCK + 6)):
+            if not torch.equal(tiled_linear(probe[lo:hi], w, bias), ref[lo:hi]):
+                log.warning(
+                    "tiled %s products on %s vary with the rows beside them: 64-row blocks",
+                    tuple(w.shape),
+                    w.device,
+                )
+                return False
+    return True
+
+
+def fixed_row_batches(
+    fn: Callable[..., torch.Tensor], *tensors: torch.Tensor, rows: int = ATTENTION_ROWS
+) -> torch.Tensor:
+    """``fn(*tensors)`` over ``rows`` rows (dim 0) at a time, the last call zero-padded:
+    every call the same shape, so however a kernel splits its work by the batch size, a
+    row's result does not depend on how many rows share the pass. Every part is made
+    contiguous (a kernel's path can follow the strides too). ``fn`` must compute each row
+    on its own (zero rows give finite values)."""
+    n = tensors[0].shape[0]
+    outs = []
+    for start in range(0, n, rows):
+        part = [t[start : start + rows].contiguous() for t in tensors]
+        if len(part[0]) < rows:
+            part = [torch.cat([p, p.new_zeros(rows - len(p), *p.shape[1:])]) for p in part]
+        outs.append(fn(*part))
+    return torch.cat(outs)[:n]
 
 
 def _project(
@@ -145,6 +261,7 @@ class Linear(nn.Linear):
 
     packed_always = False
     _packed: tuple[tuple[object, ...], torch.Tensor | None] | None = None  # (weight key, pack)
+    _tiles: tuple[tuple[object, ...], bool] | None = None  # (weight key, tiles_checked)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         invariant = _invariant.get()
@@ -152,19 +269,36 @@ class Linear(nn.Linear):
             return super().forward(x)
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             # the packed path has no backward (attribution's gradient pass)
-            return blocked_linear(x, self.weight, self.bias) if invariant else super().forward(x)
-        packed = self.pack()
+            return self._fixed_shape(x) if invariant else super().forward(x)
+        packed = None if TILED_ON_CPU else self.pack()
         if packed is not None:
             return _packed_linear(x, packed, self.weight.detach(), self.bias)
         # No row-count-invariant packed path here (another CPU, device or dtype): blocks, for
         # invariant passes and for ``packed_always`` in every pass alike — one kernel per row.
+        return self._fixed_shape(x)
+
+    def _fixed_shape(self, x: torch.Tensor) -> torch.Tensor:
+        """Products of one shape for every row count: batched tiles on an accelerator
+        (where they pass :func:`tiles_checked`), else one ``mm`` per 64-row block."""
+        if (x.device.type != "cpu" or TILED_ON_CPU) and self.tiles():
+            return tiled_linear(x, self.weight, self.bias)
         return blocked_linear(x, self.weight, self.bias)
+
+    def _weight_key(self) -> tuple[object, ...]:
+        w = self.weight
+        version = 0 if w.is_inference() else w._version  # inference tensors have no counter
+        return (w.data_ptr(), version, w.device, w.dtype, tuple(w.shape))
 
     def pack(self) -> torch.Tensor | None:
         """The packed weight, made once (again when the weight changes: moved, reloaded)."""
-        w = self.weight
-        version = 0 if w.is_inference() else w._version  # inference tensors have no counter
-        key = (w.data_ptr(), version, w.device, w.dtype, tuple(w.shape))
+        key = self._weight_key()
         if self._packed is None or self._packed[0] != key:
-            self._packed = (key, pack_checked(w, self.bias))
+            self._packed = (key, pack_checked(self.weight, self.bias))
         return self._packed[1]
+
+    def tiles(self) -> bool:
+        """Whether the tiled path is row-invariant for this weight (probed once per weight)."""
+        key = self._weight_key()
+        if self._tiles is None or self._tiles[0] != key:
+            self._tiles = (key, tiles_checked(self.weight, self.bias))
+        return self._tiles[1]

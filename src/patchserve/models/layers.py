@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from patchserve.models.config import NormKind, RopeConfig
-from patchserve.models.invariance import Linear
+from patchserve.models.decode_kernels import DecodeLinear
 
 
 class RMSNorm(nn.Module):
@@ -138,9 +138,9 @@ class MLP(nn.Module):
         super().__init__()
         self.gated = gated
         self.act = activation(act)
-        self.gate_proj = Linear(dim, hidden, bias=bias) if gated else None
-        self.up_proj = Linear(dim, hidden, bias=bias)
-        self.down_proj = Linear(hidden, dim, bias=bias)
+        self.gate_proj = DecodeLinear(dim, hidden, bias=bias) if gated else None
+        self.up_proj = DecodeLinear(dim, hidden, bias=bias)
+        self.down_proj = DecodeLinear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_proj is not None:

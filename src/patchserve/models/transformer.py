@@ -28,6 +28,7 @@ from patchserve.cancel import raise_if_cancelled
 from patchserve.models import placement as placing
 from patchserve.models.block import DecoderBlock
 from patchserve.models.config import ModelConfig
+from patchserve.models.decode_kernels import DecodeLinear, decoding_kernels
 from patchserve.models.hooks import HOOKS, HookContext
 from patchserve.models.invariance import Linear, batch_invariant, plain_unembedding
 from patchserve.models.layers import Rotary, make_norm
@@ -70,7 +71,7 @@ class Transformer(nn.Module):
         self.final_norm = (
             make_norm(cfg.norm_kind, d, cfg.norm_eps) if cfg.final_norm else nn.Identity()
         )
-        self.lm_head = Linear(e, cfg.vocab_size, bias=cfg.lm_head_bias)
+        self.lm_head = DecodeLinear(e, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.lm_head.packed_always = True  # every pass's logits from one kernel
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -190,9 +191,12 @@ class Transformer(nn.Module):
             False,
             block,
         )
-        x, last = self._run(self.embed(input_ids, layout.positions), state, 0, self.cfg.num_layers)
-        with plain_unembedding():
-            logits = self.unembed(last.last_tokens(x))
+        with decoding_kernels():
+            x, last = self._run(
+                self.embed(input_ids, layout.positions), state, 0, self.cfg.num_layers
+            )
+            with plain_unembedding():
+                logits = self.unembed(last.last_tokens(x))
         return CachedPass(logits, KVCache([], []), state.hooks.captured, x)
 
     def resume(

@@ -17,6 +17,7 @@ from starlette.types import Receive
 
 from patchserve.cancel import cancel_scope
 from patchserve.engine.service import StudyResources
+from patchserve.engine.sites import check_context
 from patchserve.engine.sweep import SweepOutcome, run_sweep
 from patchserve.errors import InvalidArgument, NotFound, TooLarge
 from patchserve.models import LoadedModel, Transformer, load_model, pack_weights
@@ -110,6 +111,7 @@ class ServerState:
             raise InvalidArgument(f"{param} must be a non-empty string", param)
         encoding = self.tokenizer.encode(prompt)
         self.check_token_count(len(encoding.ids), param)
+        check_context(self.model.cfg, len(encoding.ids), param)
         if not encoding.ids:
             raise InvalidArgument(f"{param} tokenizes to no tokens", param)
         return encoding

@@ -3,8 +3,9 @@
 :class:`TransformersModel` runs the model in ``transformers`` itself and offers what the
 engine calls on a :class:`~patchserve.models.transformer.Transformer` — ``prefill``,
 ``extend``, ``resume``, ``run_blocks``, ``unembed``, ``forward``. Our hook sites are
-forward hooks and pre-hooks on the discovered modules (``discovery.py``), installed for one
-pass and removed after it, each calling ``ctx.site(layer, hook, tensor, layout)``:
+forward hooks and pre-hooks (``adapters.py``) on the discovered modules (``discovery.py``),
+installed for one pass and removed after it, each calling ``ctx.site(layer, hook, tensor,
+layout)``:
 
 * ``pre_attn`` / ``post_block``: the decoder layer's input / output;
 * ``attn_out``: the attention module's output; ``mlp_in`` / ``mlp_out``: the MLP's input /
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -32,16 +33,25 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformers.cache_utils import DynamicCache
 
-from patchserve.cancel import raise_if_cancelled
 from patchserve.errors import InvalidArgument
 from patchserve.models.config import CheckpointError, ModelConfig
+from patchserve.models.generic.adapters import (
+    GivenHidden,
+    SkippedLayer,
+    attn_head_hook,
+    attn_out_hook,
+    input_tensor,
+    mlp_in_hook,
+    mlp_out_hook,
+    output_tensor,
+    post_block_hook,
+    pre_attn_hook,
+)
 from patchserve.models.generic.discovery import Structure, text_config
 from patchserve.models.hooks import HOOKS, HookContext, hook_unavailable
 from patchserve.models.layout import Layout, ResumeRows
 from patchserve.models.state import KVCache, Reuse
 from patchserve.models.transformer import CachedPass, Transformer
-
-Site = Callable[[int, str, torch.Tensor], torch.Tensor]
 
 
 class UnsupportedHook(InvalidArgument):
@@ -92,83 +102,6 @@ class _Group:
         return bool(
             (self.offsets == self.offsets[0]).all() and (self.lengths == self.lengths[0]).all()
         )
-
-
-class _Skip(nn.Module):
-    """A decoder layer a resumed pass does not need: passes its input through."""
-
-    def __init__(self, layer: nn.Module, as_tuple: bool) -> None:
-        super().__init__()
-        object.__setattr__(self, "wrapped", layer)  # attributes (attention_type...) read through
-        self.as_tuple = as_tuple
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "wrapped"), name)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        h = args[0] if args else kwargs["hidden_states"]
-        return (h,) if self.as_tuple else h
-
-
-class _Given:
-    """The base model's output as its causal LM reads it: the given hidden states (first
-    item, ``last_hidden_state``), nothing else (every other field None)."""
-
-    def __init__(self, hidden: torch.Tensor) -> None:
-        self.last_hidden_state = hidden
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        if index != 0:
-            raise IndexError(index)
-        return self.last_hidden_state
-
-    def __getattr__(self, name: str) -> None:
-        return None
-
-
-class _GivenHidden(nn.Module):
-    """Stands in for the base model while the causal LM's head runs on given hidden states."""
-
-    def forward(self, *args: Any, inputs_embeds: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        assert inputs_embeds is not None
-        return _Given(inputs_embeds)
-
-
-def _first_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | int:
-    if args:
-        return 0
-    for name in ("hidden_states", "x", "input", "inputs"):
-        if name in kwargs:
-            return name
-    raise ValueError("the hooked module was called without a tensor input")
-
-
-def _map_input(
-    args: tuple[Any, ...], kwargs: dict[str, Any], fn: Callable[[torch.Tensor], torch.Tensor]
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    where = _first_input(args, kwargs)
-    if isinstance(where, int):
-        return (fn(args[0]), *args[1:]), kwargs
-    return args, {**kwargs, where: fn(kwargs[where])}
-
-
-def _map_output(output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if isinstance(output, torch.Tensor):
-        return fn(output)
-    return (fn(output[0]), *output[1:])
-
-
-def output_tensor(output: Any) -> torch.Tensor:
-    """A module's main output (a tensor, or the first of a tuple)."""
-    return output if isinstance(output, torch.Tensor) else output[0]
-
-
-def input_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    where = _first_input(args, kwargs)
-    return args[0] if isinstance(where, int) else kwargs[where]
 
 
 class TransformersModel(Transformer):
@@ -284,7 +217,7 @@ class TransformersModel(Transformer):
         assert norm is not None
         shape = hidden.shape
         x = hidden.to(self.device).reshape(1, -1, shape[-1])
-        with self._lock, self._swapped(self.hf, self.structure.base_name, _GivenHidden()):
+        with self._lock, self._swapped(self.hf, self.structure.base_name, GivenHidden()):
             logits = self.hf(inputs_embeds=norm(x), use_cache=False).logits
         return logits.reshape(*shape[:-1], logits.shape[-1])
 
@@ -471,7 +404,7 @@ class TransformersModel(Transformer):
         kept = [layers[i] for i in range(start)]
         try:
             for i, layer in enumerate(kept):
-                layers[i] = _Skip(layer, self.layer_returns_tuple)
+                layers[i] = SkippedLayer(layer, self.layer_returns_tuple)
             yield
         finally:
             for i, layer in enumerate(kept):
@@ -514,94 +447,25 @@ class TransformersModel(Transformer):
             layer = s.layers[i]
             given = hidden if i == start else None
             handles.append(
-                layer.register_forward_pre_hook(_pre_attn(i, given, site), with_kwargs=True)
+                layer.register_forward_pre_hook(pre_attn_hook(i, given, site), with_kwargs=True)
             )
             if wanted(i, "post_block") or i == n - 1:
                 keep = out if i == n - 1 else None
-                handles.append(layer.register_forward_hook(_post_block(i, site, keep)))
+                handles.append(layer.register_forward_hook(post_block_hook(i, site, keep)))
             own = reuse if i == start else {}
             attention, mlp, proj = s.attention[i], s.mlp[i], s.out_proj[i]
             if attention is not None and (wanted(i, "attn_out") or "attn_out" in own):
-                hook = _attn_out(i, site, own.get("attn_out"))
+                hook = attn_out_hook(i, site, own.get("attn_out"))
                 handles.append(attention.register_forward_hook(hook))
             if proj is not None and (wanted(i, "attn_head") or "attn_head" in own):
-                hook = _attn_head(i, site, own.get("attn_head"), self.cfg)
+                hook = attn_head_hook(i, site, own.get("attn_head"), self.cfg)
                 handles.append(proj.register_forward_pre_hook(hook, with_kwargs=True))
             if mlp is not None and wanted(i, "mlp_in"):
-                handles.append(mlp.register_forward_pre_hook(_mlp_in(i, site), with_kwargs=True))
+                hook = mlp_in_hook(i, site)
+                handles.append(mlp.register_forward_pre_hook(hook, with_kwargs=True))
             if mlp is not None and wanted(i, "mlp_out"):
-                handles.append(mlp.register_forward_hook(_mlp_out(i, site)))
+                handles.append(mlp.register_forward_hook(mlp_out_hook(i, site)))
         return handles
-
-
-def _pre_attn(layer: int, given: torch.Tensor | None, site: Site) -> Callable[..., Any]:
-    def hook(
-        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        raise_if_cancelled()  # a long batch stops within one block of a cancel
-
-        def write(h: torch.Tensor) -> torch.Tensor:
-            return site(layer, "pre_attn", h if given is None else given.to(h.dtype))
-
-        return _map_input(args, kwargs, write)
-
-    return hook
-
-
-def _post_block(layer: int, site: Site, out: dict[str, torch.Tensor] | None) -> Callable[..., Any]:
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        def write(h: torch.Tensor) -> torch.Tensor:
-            h = site(layer, "post_block", h)
-            if out is not None:
-                out["hidden"] = h
-            return h
-
-        return _map_output(output, write)
-
-    return hook
-
-
-def _attn_out(layer: int, site: Site, reused: torch.Tensor | None) -> Callable[..., Any]:
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        def write(h: torch.Tensor) -> torch.Tensor:
-            return site(layer, "attn_out", h if reused is None else reused.to(h.dtype))
-
-        return _map_output(output, write)
-
-    return hook
-
-
-def _attn_head(
-    layer: int, site: Site, reused: torch.Tensor | None, cfg: ModelConfig
-) -> Callable[..., Any]:
-    def hook(
-        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        def write(z: torch.Tensor) -> torch.Tensor:
-            heads = z.reshape(*z.shape[:-1], cfg.num_heads, cfg.head_dim)
-            if reused is not None:
-                heads = reused.to(z.dtype)
-            return site(layer, "attn_head", heads).reshape(z.shape)
-
-        return _map_input(args, kwargs, write)
-
-    return hook
-
-
-def _mlp_in(layer: int, site: Site) -> Callable[..., Any]:
-    def hook(
-        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        return _map_input(args, kwargs, lambda h: site(layer, "mlp_in", h))
-
-    return hook
-
-
-def _mlp_out(layer: int, site: Site) -> Callable[..., Any]:
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        return _map_output(output, lambda h: site(layer, "mlp_out", h))
-
-    return hook
 
 
 __all__ = ["HOOKS", "TransformersModel", "UnsupportedHook", "input_tensor", "output_tensor"]

@@ -26,7 +26,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from patchserve.models.config import CheckpointError
-from patchserve.models.generic.model import TransformersModel, input_tensor, output_tensor
+from patchserve.models.generic.adapters import input_tensor, output_tensor
+from patchserve.models.generic.model import TransformersModel
 from patchserve.models.hooks import HOOKS, HookContext
 from patchserve.models.layout import ResumeRows
 
