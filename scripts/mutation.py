@@ -81,7 +81,44 @@ SELECTIONS: dict[str, list[str]] = {
 }
 
 #: Surviving mutants that cannot change any result, by id, with why (docs/reliability.md).
-EQUIVALENT: dict[str, str] = {}
+EQUIVALENT: dict[str, str] = {
+    "wire/metrics.py:53:62:drop-USub": (
+        "`kl_divergence` sums rows of `[n, vocab]` (its contract; the client passes `[1, vocab]`):"
+        " `.sum(1)` is `.sum(-1)` there"
+    ),
+    "wire/metrics.py:99:8:return-None": (
+        "the base `has_clean_distribution` is only read as `not ...()`: None and False agree"
+    ),
+    "wire/metrics.py:121:19:And->Or": (
+        "an `assert` for the type checker: `__post_init__` already refused a `recovered` grading"
+        " without both baselines, so both are set and `and`/`or` agree"
+    ),
+    "engine/metrics.py:27:41:drop-USub": (
+        "`raw_score` takes `[n, vocab]` logits (every caller adds the row axis):"
+        " `log_softmax(dim=1)` is `dim=-1` there"
+    ),
+    "engine/metrics.py:49:12:And->Or": (
+        "only changes `recovered` with a foil, which then also computes log p(answer) — and"
+        " ignores it (`Grading.raw` takes the logit difference when there is a foil): work, not"
+        " a value"
+    ),
+    "engine/metrics.py:51:49:drop-USub": "the grader's logits are `[n, vocab]`: dim 1 is dim -1",
+    "engine/metrics.py:57:91:drop-USub": "the KL terms are `[n, vocab]`: `.sum(1)` is `.sum(-1)`",
+    "engine/noise.py:70:62:0->1": (
+        "`device_of(1)` for `device_of(0)`: the same device unless layers 0 and 1 sit on"
+        " different GPUs (a device map), where the add would raise, not mis-compute; every"
+        " machine this check runs on has one device"
+    ),
+    "engine/continuation.py:30:72:1->2": (
+        "`_serves`' length clause is implied by its first (equal lists have equal lengths), so"
+        " weakening it to `len(seq) - 2` changes nothing"
+    ),
+    "engine/continuation.py:48:26:1->2": (
+        "`_serves(foil[:-2], answer)` is only reached when the answer's tail does not serve the"
+        " foil; then the foil is longer than the answer and `foil[:-2]` still holds"
+        " `answer[:-1]`, so the decision (and the lane, `foil[:-1]`) is the same"
+    ),
+}
 
 #: Third-party imports the parent loads once so that each forked child skips them.
 PRELOAD = [
@@ -461,8 +498,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", action="store_true", help="show the baseline runs' output")
     parser.add_argument("--verbose", action="store_true", help="print every mutant's outcome")
     parser.add_argument("--nice", type=int, default=10, help="niceness (the CPUs are shared)")
+    parser.add_argument(
+        "--table",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="print the table of earlier --json results (a later file's result of a mutant "
+        "replaces an earlier one's: a full run, then a rerun of its survivors) and exit",
+    )
     args = parser.parse_args(argv)
     ARGS_MAX_SURVIVAL[0] = args.max_survival
+    if args.table:
+        merged: dict[str, Result] = {}
+        for path in args.table:
+            for item in json.loads(path.read_text()):
+                merged[item["id"]] = Result(**item)
+        found = list(merged.values())
+        lines, ok = summary(found, [m for m in SELECTIONS if any(r.module == m for r in found)])
+        print("\n".join(lines))
+        for r in found:
+            if r.outcome == "survived":
+                print(f"- `{r.id}` ({r.description}): {EQUIVALENT.get(r.id, 'NOT EQUIVALENT')}")
+        return 0 if ok else 1
     if args.list:
         for mutant in mutants(args.list):
             print(mutant.id, "|", mutant.description)

@@ -32,6 +32,7 @@ from patchserve.wire.metrics import Grading
         ([5, 6, 7], [5, 9, 8], [[5, 6], [5, 9]], (0, 1)),  # contexts differ: two lanes
         ([5, 6], [7, 8], [[5], [7]], (0, 1)),
         ([5, 6], [5, 6, 8, 9], [[5, 6, 8]], (0, 0)),
+        ([5, 6, 7], [5, 6, 8, 9], [[5, 6, 8]], (0, 0)),  # a 2-token context in the foil's
     ],
 )
 def test_lane_plans_by_hand(answer, foil, tails, lanes):

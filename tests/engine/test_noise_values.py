@@ -155,6 +155,35 @@ def test_noised_sweep_is_the_mean_of_per_sample_sweeps(gpt2):
         assert cell.stderr == pytest.approx(outcome.stderr["post_block"][i][j], abs=1e-12)
 
 
+def test_a_noised_head_sweep_averages_every_head(gpt2):
+    model, tok = gpt2
+    ids = tok.encode(CLEAN).ids
+    hooks = {h: list(range(model.cfg.num_layers)) for h in ("post_block", "attn_head")}
+    run = capture_run(model, "clean", CLEAN, ids, hooks)
+    spec, _ = prepare_sweep(
+        model,
+        tok,
+        prompt=CLEAN,
+        source=run,
+        hooks=["attn_head", "post_block"],
+        heads=[0, 2],
+        positions=[1, -1],
+    )
+    noise = Noise(positions=[1], samples=2, seed=9)
+    outcome = run_noised(model, spec, noise)
+    each = [
+        run_sweep(model, replace(spec, corrupt_edits=[noise_edit(model, noise, s)]))
+        for s in range(2)
+    ]
+    for hook in ("attn_head", "post_block"):
+        grids = np.array([o.grids[hook] for o in each], dtype=np.float64)
+        assert np.array(outcome.grids[hook]).shape == grids.shape[1:]
+        assert np.allclose(np.array(outcome.grids[hook]), grids.mean(0), atol=1e-12)
+        sem = grids.std(0, ddof=1) / math.sqrt(2)
+        assert np.allclose(np.array(outcome.stderr[hook]), sem, atol=1e-12)
+    assert np.array(outcome.grids["attn_head"]).shape == (model.cfg.num_layers, 2, 2)
+
+
 def test_one_sample_has_zero_standard_errors(gpt2):
     model, tok = gpt2
     spec = _spec(model, tok, metric="prob")

@@ -116,3 +116,10 @@ def test_parse_span_reads_the_occurrence_and_refuses_a_bool():
         parse_span({"span": "ab", "occurrence": True})
     with pytest.raises(SpanError, match="expected a position"):
         parse_span({"text": "ab"})
+
+
+def test_offsets_and_special_flags_of_different_lengths_are_an_error():
+    with pytest.raises(ValueError):
+        incremental_char_offsets(lambda ids: "x" * len(ids), [1, 2, 3], [False, False])
+    with pytest.raises(ValueError):
+        resolve_span(PROMPT, OFFSETS, SPECIAL[:-1], Span("ab", 1))
