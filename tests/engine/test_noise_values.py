@@ -14,6 +14,7 @@ import transformers as tf
 
 from checkpoints import build_checkpoint
 from models.helpers import loaded, tokenizer
+from patchserve.engine import noise as noise_module
 from patchserve.engine.noise import (
     MAX_SAMPLES,
     Noise,
@@ -27,6 +28,7 @@ from patchserve.engine.noise import (
 from patchserve.engine.runs import capture_run
 from patchserve.engine.study import prepare_sweep
 from patchserve.engine.sweep import run_sweep
+from patchserve.text.alignment import align
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 
@@ -182,6 +184,43 @@ def test_a_noised_head_sweep_averages_every_head(gpt2):
         sem = grids.std(0, ddof=1) / math.sqrt(2)
         assert np.allclose(np.array(outcome.stderr[hook]), sem, atol=1e-12)
     assert np.array(outcome.grids["attn_head"]).shape == (model.cfg.num_layers, 2, 2)
+
+
+def test_a_noised_sweep_of_a_longer_prompt_streams_its_skipped_cells(gpt2):
+    model, tok = gpt2
+    clean_ids = tok.encode(CLEAN).ids
+    run = capture_run(model, "clean", CLEAN, clean_ids, {"post_block": [0, 1]})
+    longer = CLEAN.replace("Mary", "Mary Ann")
+    unpaired = align(clean_ids, tok.encode(longer).ids).unpaired()
+    spec, _ = prepare_sweep(
+        model,
+        tok,
+        prompt=longer,
+        source=run,
+        hook="post_block",
+        layers=[0, 1],
+        positions=[0, unpaired[0]],
+    )
+    streamed = []
+    outcome = run_noised(
+        model,
+        spec,
+        Noise(positions=[0], samples=2),
+        on_cell=lambda c, d, t: streamed.append((c, d, t)),
+    )
+    assert outcome.skipped
+    skipped = [c for c, _, _ in streamed if c.position == unpaired[0]]
+    assert len(skipped) == 2 and all(c.value is None and c.skipped for c in skipped)
+    assert all(row[1] is None for row in outcome.grids["post_block"])
+
+
+def test_zero_seconds_give_zero_cells_per_second(gpt2):
+    model, tok = gpt2
+    spec = _spec(model, tok)
+    outcome = run_sweep(model, spec)
+    timeless = replace(outcome, stats={**outcome.stats, "seconds": 0.0})
+    combined = noise_module._combine(spec, [timeless, timeless], {})
+    assert combined.stats["seconds"] == 0.0 and combined.stats["cells_per_second"] == 0.0
 
 
 def test_one_sample_has_zero_standard_errors(gpt2):
