@@ -124,6 +124,11 @@ EQUIVALENT: dict[str, str] = {
         "`zip(values, ids, strict=False)`: `topk` answers as many values as indices, so the"
         " strict check never fires"
     ),
+    "server/routes/sources.py:45:12:drop-raise": (
+        "unreachable over HTTP: both callers (`/v1/patch_source`, a completion's `capture`)"
+        " type `hooks` as `HookName` = `Literal[HOOKS]` and `INJECTABLE_HOOKS == HOOKS`, so an"
+        " unknown hook is the request model's 400 before this line"
+    ),
     "engine/continuation.py:30:72:1->2": (
         "`_serves`' length clause is implied by its first (equal lists have equal lengths), so"
         " weakening it to `len(seq) - 2` changes nothing"

@@ -208,3 +208,25 @@ def test_activation_requests_that_cannot_be_answered(app_client):
     missing = {"include": "activations", "hook": "post_block", "layer": 1}
     _error(app_client.get(url, params=missing), 404, "hook")
     _error(app_client.get("/v1/patch_source/nope", params=missing), 404, "run")
+
+
+def test_another_model_and_bad_run_names_in_the_path_are_refused(app_client):
+    unknown = app_client.post("/v1/patch_source", json={"prompt": CLEAN, "model": "gpt-x"})
+    _error(unknown, 404, "model")
+    assert unknown.json()["error"]["type"] == "model_not_found"
+    _error(app_client.get("/v1/patch_source/a..b"), 400, "run")
+    _error(app_client.delete("/v1/patch_source/a..b"), 400, "run")
+
+
+def test_hooks_the_runtime_does_not_offer_are_refused_and_left_out(checkpoint_root, tmp_path):
+    llama = build_checkpoint("llama", checkpoint_root)
+    config = ServerConfig(model=str(llama), runtime="transformers", source_dir=tmp_path)
+    with TestClient(create_app(ServerState.from_config(config))) as client:
+        card = client.get("/v1/models").json()["data"][0]
+        assert card["runtime"] == "transformers" and "post_attn" not in card["hooks"]
+        refused = client.post(
+            "/v1/patch_source", json={"prompt": CLEAN, "hooks": {"post_attn": [0]}}
+        )
+        _error(refused, 400, "hooks")
+        body = client.post("/v1/patch_source", json={"run": "offered", "prompt": CLEAN}).json()
+        assert set(body["hooks"]) == set(card["hooks"]) & set(INJECTABLE_HOOKS)
