@@ -129,6 +129,20 @@ EQUIVALENT: dict[str, str] = {
         " type `hooks` as `HookName` = `Literal[HOOKS]` and `INJECTABLE_HOOKS == HOOKS`, so an"
         " unknown hook is the request model's 400 before this line"
     ),
+    "server/routes/sources.py:64:8:drop-raise": (
+        "the store's `put` refuses an existing name without `overwrite` with the same 409 on"
+        " `run`; the early check only spares the forward"
+    ),
+    "server/routes/sources.py:80:20:Or->And": (
+        "right after `put`, the store's manifest of the run is `run.manifest()` (a fresh run"
+        " has no lease), so returning the latter changes nothing"
+    ),
+    "server/routes/sources.py:83:4:drop-statement": (
+        "the gauges are read only through `/metrics`, which refreshes them before answering"
+    ),
+    "server/routes/sources.py:97:8:return-None": (
+        "`capture_run(positions=None)` keeps every position: the same as `all_prompt`'s list"
+    ),
     "engine/continuation.py:30:72:1->2": (
         "`_serves`' length clause is implied by its first (equal lists have equal lengths), so"
         " weakening it to `len(seq) - 2` changes nothing"

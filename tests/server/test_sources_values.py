@@ -230,3 +230,12 @@ def test_hooks_the_runtime_does_not_offer_are_refused_and_left_out(checkpoint_ro
         _error(refused, 400, "hooks")
         body = client.post("/v1/patch_source", json={"run": "offered", "prompt": CLEAN}).json()
         assert set(body["hooks"]) == set(card["hooks"]) & set(INJECTABLE_HOOKS)
+
+
+def test_position_errors_say_which(app_client):
+    empty = app_client.post("/v1/patch_source", json={"prompt": CLEAN, "positions": []})
+    _error(empty, 400, "positions")
+    assert empty.json()["error"]["message"] == "positions is empty"
+    past = app_client.post("/v1/patch_source", json={"prompt": CLEAN, "positions": [0, 99, -2]})
+    _error(past, 400, "positions")
+    assert past.json()["error"]["message"].startswith("positions [99, -2] are out of range")
