@@ -140,6 +140,9 @@ EQUIVALENT: dict[str, str] = {
     "server/routes/sources.py:83:4:drop-statement": (
         "the gauges are read only through `/metrics`, which refreshes them before answering"
     ),
+    "server/routes/sources.py:193:4:drop-statement": (
+        "as after a capture: `/metrics` refreshes the gauges before answering"
+    ),
     "server/routes/sources.py:97:8:return-None": (
         "`capture_run(positions=None)` keeps every position: the same as `all_prompt`'s list"
     ),

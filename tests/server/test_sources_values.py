@@ -239,3 +239,14 @@ def test_position_errors_say_which(app_client):
     past = app_client.post("/v1/patch_source", json={"prompt": CLEAN, "positions": [0, 99, -2]})
     _error(past, 400, "positions")
     assert past.json()["error"]["message"].startswith("positions [99, -2] are out of range")
+
+
+def test_a_run_dropped_between_manifest_and_read_is_a_404(app_client, monkeypatch):
+    app_client.post(
+        "/v1/patch_source",
+        json={"run": "racy", "prompt": CLEAN, "hooks": {"post_block": [0]}, "overwrite": True},
+    )
+    store = app_client.app.state.patchserve.store
+    monkeypatch.setattr(store, "get", lambda name: None)  # dropped after the manifest was read
+    params = {"include": "activations", "hook": "post_block", "layer": 0}
+    _error(app_client.get("/v1/patch_source/racy", params=params), 404, "run")
