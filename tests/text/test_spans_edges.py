@@ -119,7 +119,7 @@ def test_parse_span_reads_the_occurrence_and_refuses_a_bool():
 
 
 def test_offsets_and_special_flags_of_different_lengths_are_an_error():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="zip"):
         incremental_char_offsets(lambda ids: "x" * len(ids), [1, 2, 3], [False, False])
-    with pytest.raises(ValueError):
-        resolve_span(PROMPT, OFFSETS, SPECIAL[:-1], Span("ab", 1))
+    with pytest.raises(ValueError, match="zip"):  # not a SpanError: the inputs disagree
+        resolve_span(PROMPT, OFFSETS, SPECIAL[:-1], Span("ab", 0))
