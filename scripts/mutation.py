@@ -10,9 +10,9 @@ pass). Survivors must be killed by a test or listed as equivalent in
 ``docs/reliability.md``; ``EQUIVALENT`` below holds that list (by mutant id), so a
 run reports the survival rate after equivalents.
 
-Why a script and not ``mutmut``: mutmut is not installed here (no network beyond the
-package registry, and it rewrites the working tree in place); a small AST mutator is
-enough for nine modules, keeps the mutant ids stable and readable
+Why a script and not ``mutmut``: mutmut is not in the project's environment, and it
+mutates the source tree in place and starts a fresh test command (a fresh ``import
+torch``) per mutant; a small AST mutator is enough for nine modules, keeps the mutant ids stable and readable
 (``module:line:col:operator``), and lets each run reuse one pre-imported interpreter:
 the parent imports torch / transformers / pytest once and forks a child per mutant, so
 a mutant costs its tests, not a fresh ``import torch``. The tiny test checkpoints are
@@ -24,6 +24,7 @@ Usage (from the repository root)::
     python scripts/mutation.py --module text/spans.py --module engine/noise.py
     python scripts/mutation.py --list text/spans.py # the mutants only, no tests
     python scripts/mutation.py --json out.json      # also the per-mutant results
+    python scripts/mutation.py --table a.json b.json  # merge runs (b's outcomes win)
 
 Exit status 1 when a module's survival rate after equivalents exceeds ``--max-survival``
 (5 % by default). ``make test-long`` runs it (``tests/test_mutation.py``, marked long).
