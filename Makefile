@@ -51,3 +51,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
+
+# The mutation check (issue 26): each mutant of the modules whose results a user reads,
+# alone, against that module's fast test selection; table in docs/reliability.md.
+# `make test-long` runs it too (tests/test_mutation.py, marked long).
+mutation: $(STAMP)
+	$(PY) scripts/mutation.py
