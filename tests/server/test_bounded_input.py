@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from checkpoints import build_checkpoint
 from conftest import Server, start_server
 
 LIMIT = 64 * 1024
@@ -211,20 +212,44 @@ def test_a_missing_or_non_object_body_says_so(small: Server):
         assert "not valid JSON" in _assert_error(broken, 400)["message"]
 
 
-def test_a_prompt_past_the_models_context_is_a_400_on_every_model_route(client):
-    """The session server's checkpoint has a context of 256 positions (``max_position_
-    embeddings``) and the default ``--max-prompt-tokens`` of 2048: a longer prompt is
-    refused by name on the sweep, study, capture and completion routes (never run past the
-    positions the model computes), while ``/tokenize`` still counts it."""
+@pytest.fixture(scope="module")
+def phi3(checkpoint_root: Path) -> Iterator[Server]:
+    """A Phi-3 checkpoint with LongRoPE: exact up to original_max_position_embeddings (64)."""
+    srv = start_server(build_checkpoint("phi3", checkpoint_root))
+    yield srv
+    srv.stop()
+
+
+def test_a_prompt_past_the_positions_the_model_computes_is_a_400(phi3: Server):
+    """Past LongRoPE's 64 positions transformers recomputes every position with other
+    factors, which the runtime refuses: a longer prompt is a 400 naming the field on the
+    sweep, capture and completion routes (it was a 500), while ``/tokenize`` still counts
+    it and a prompt of exactly 64 tokens is served."""
+    words = "When Mary and John went to the store, John gave a drink to Mary. " * 8
+    with phi3.client() as c:
+        ids = c.post("/tokenize", json={"prompt": words}).json()["tokens"]
+        assert len(ids) > 64
+        fits = c.post("/detokenize", json={"tokens": ids[:64]}).json()["prompt"]
+        assert c.post("/tokenize", json={"prompt": fits}).json()["count"] == 64
+        sweep = {"prompt": words, "source_module": "zeros", "positions": [0], "layers": [0]}
+        for path, body, param in [
+            ("/v1/patch_sweep", sweep, "prompt"),
+            ("/v1/patch_sweep", {"prompt": "Mary", "clean_prompt": words}, "clean_prompt"),
+            ("/v1/patch_source", {"prompt": words, "run": "long"}, "prompt"),
+            ("/v1/completions", {"prompt": words, "max_tokens": 1}, "prompt"),
+        ]:
+            error = _assert_error(c.post(path, json=body), 400, param)
+            assert f"{len(ids)} tokens, more than the model's context of 64" in error["message"]
+        assert c.post("/v1/patch_source", json={"prompt": fits, "run": "fits"}).status_code == 200
+        assert c.post("/v1/patch_sweep", json={**sweep, "prompt": fits}).status_code == 200
+
+
+def test_a_rotary_model_serves_prompts_past_max_position_embeddings(client):
+    """Plain rotary positions have no table to run out of (transformers computes them
+    too): the session server's checkpoint (max_position_embeddings 256) captures a longer
+    prompt."""
     words = "When Mary and John went to the store, John gave a drink to Mary. " * 30
-    count = client.post("/tokenize", json={"prompt": words}).json()["count"]
-    assert 256 < count <= 2048
-    sweep = {"prompt": words, "source_module": "zeros", "positions": [0]}
-    for path, body, param in [
-        ("/v1/patch_sweep", sweep, "prompt"),
-        ("/v1/patch_sweep", {"prompt": "Mary", "clean_prompt": words}, "clean_prompt"),
-        ("/v1/patch_source", {"prompt": words, "run": "long"}, "prompt"),
-        ("/v1/completions", {"prompt": words, "max_tokens": 1}, "prompt"),
-    ]:
-        error = _assert_error(client.post(path, json=body), 400, param)
-        assert f"{count} tokens, more than the model's context of 256" in error["message"]
+    assert client.post("/tokenize", json={"prompt": words}).json()["count"] > 256
+    r = client.post("/v1/patch_source", json={"prompt": words, "run": "past_256"})
+    assert r.status_code == 200, r.text
+    client.delete("/v1/patch_source/past_256")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from patchserve.engine.errors import InvalidArgument
 from patchserve.models import HOOKS, ModelConfig, Transformer
 from patchserve.models.hooks import hook_unavailable
+from patchserve.models.layers import position_limit
 
 
 def is_int(value: object) -> bool:
@@ -15,12 +16,13 @@ def is_int(value: object) -> bool:
 
 
 def check_context(cfg: ModelConfig, count: int, param: str) -> None:
-    """A prompt of ``count`` tokens fits the model's context (the positions it computes
-    exactly: absolute position tables end there, Phi-3's LongRoPE switches factors past it)."""
-    context = cfg.max_position_embeddings
-    if count > context:
+    """A prompt of ``count`` tokens stays within the positions the model computes exactly
+    (a learned position table's rows, LongRoPE's original context; rotary models have no
+    such limit): past them a sweep or capture is refused, never approximated."""
+    limit = position_limit(cfg)
+    if limit is not None and count > limit:
         raise InvalidArgument(
-            f"{param} has {count} tokens, more than the model's context of {context}", param
+            f"{param} has {count} tokens, more than the model's context of {limit}", param
         )
 
 

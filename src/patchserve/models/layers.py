@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from patchserve.models.config import NormKind, RopeConfig
+from patchserve.models.config import ModelConfig, NormKind, RopeConfig
 from patchserve.models.decode_kernels import DecodeLinear
 
 
@@ -194,6 +194,17 @@ def rope_position_limit(rope: RopeConfig) -> int | None:
     if scaling is None or scaling["rope_type"] != "longrope":
         return None
     return int(scaling["original_max_position_embeddings"])
+
+
+def position_limit(cfg: ModelConfig) -> int | None:
+    """How many positions the runtime computes exactly, or None (no limit): a learned
+    absolute position table's rows, LongRoPE's ``original_max_position_embeddings``.
+    Rotary models without it compute any position as ``transformers`` does."""
+    limits = [rope_position_limit(r) for r in cfg.rope if r is not None]
+    if cfg.learned_positions:
+        limits.append(cfg.max_position_embeddings)
+    known = [limit for limit in limits if limit is not None]
+    return min(known) if known else None
 
 
 def check_rope_positions(rope: RopeConfig, last_position: int) -> None:
