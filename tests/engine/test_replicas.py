@@ -126,17 +126,7 @@ def test_two_actors_stream_the_one_process_grid_bit_for_bit(cluster):
     )
     plain_cells = []
     plain = run_sweep(model, spec, on_cell=lambda cell, done, total: plain_cells.append(cell))
-
-    async def collect():
-        events, summary = [], None
-        async for item in stream_sweep(model, spec, sweep=pool.run_sweep):
-            if item[0] == "cell":
-                events.append(item)
-            else:
-                summary = item[1]
-        return events, summary
-
-    events, outcome = asyncio.run(collect())
+    events, outcome = _streamed(model, spec, pool)
     key = lambda c: (c.hook, c.layer, c.position, c.head, c.value, c.skipped)
     assert sorted(map(key, (e[1] for e in events)), key=str) == sorted(
         map(key, plain_cells), key=str
