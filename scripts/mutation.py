@@ -12,8 +12,9 @@ run reports the survival rate after equivalents.
 
 Why a script and not ``mutmut``: mutmut is not in the project's environment, and it
 mutates the source tree in place and starts a fresh test command (a fresh ``import
-torch``) per mutant; a small AST mutator is enough for nine modules, keeps the mutant ids stable and readable
-(``module:line:col:operator``), and lets each run reuse one pre-imported interpreter:
+torch``) per mutant; a small AST mutator is enough for nine modules, keeps the mutant
+ids stable and readable (``module:line:col:operator``), and lets each run reuse one
+pre-imported interpreter:
 the parent imports torch / transformers / pytest once and forks a child per mutant, so
 a mutant costs its tests, not a fresh ``import torch``. The tiny test checkpoints are
 built once per check and linked into each child's pytest temp dir.
