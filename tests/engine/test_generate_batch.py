@@ -77,9 +77,9 @@ def _same(batched: GenerationResult, alone: GenerationResult) -> None:
             assert all(abs(x[i] - y[i]) < LOGPROB_TOL for i in x)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "qwen3"])
-def test_batched_equals_one_prompt_at_a_time(family, checkpoint_root):
-    folder = build_checkpoint(family, checkpoint_root)
+def test_batched_equals_one_prompt_at_a_time(family_checkpoint):
+    """Every family: mixed lengths and interventions, greedy and seeded sampling."""
+    folder = family_checkpoint
     lm = loaded(folder)
     tok = tokenizer(folder)
     for common in (
