@@ -59,8 +59,9 @@ class KVBlock:
     layer's device at its first write): row ``r`` keeps the key of its
     position ``p`` in slot ``p``. A pass writes its tokens' keys in place at
     their positions (rows may sit at different positions), then attends the
-    slots ``< end`` (``end``: set per pass). Rows that leave are dropped by
-    :meth:`keep` (one compaction when they leave, never a copy per step).
+    slots ``< end`` (``end``: set per pass). The generation scheduler's rows live in
+    views of it (:mod:`patchserve.engine.generation.blockrows`: rows that leave are
+    filled from the end, never a copy per step).
     """
 
     num_layers: int
@@ -89,17 +90,6 @@ class KVBlock:
         kb[rows, :, grid] = k
         vb[rows, :, grid] = v
         return kb[:, :, : self.end], vb[:, :, : self.end]
-
-    def keep(self, rows: list[int]) -> None:
-        """Row ``i`` becomes row ``rows[i]``: drops the rows that left (one compaction), or
-        repeats a row (samples sharing one prompt's prefill)."""
-        if rows == list(range(self.rows)):
-            return
-        for bufs in (self.keys, self.values):
-            for i, t in enumerate(bufs):
-                if t is not None:
-                    bufs[i] = t[torch.tensor(rows, dtype=torch.long, device=t.device)]
-        self.rows = len(rows)
 
 
 @dataclass
