@@ -33,7 +33,7 @@ from patchserve.engine.study import prepare_sweep, window_span
 from patchserve.engine.study_sources import check_module_covers, sweep_masks, vector_source
 from patchserve.engine.sweep import Cell, SweepOutcome, SweepSpec, run_sweep
 from patchserve.engine.vectors import unpack_table
-from patchserve.models import INJECTABLE_HOOKS, Transformer
+from patchserve.models import INJECTABLE_HOOKS, ModelConfig, Transformer
 from patchserve.text.tokenizer import Encoding, Tokenizer
 from patchserve.wire.axes import parse_hooks
 from patchserve.wire.base import WireModel
@@ -99,11 +99,12 @@ class NoVectors:
         return torch.zeros(width, dtype=like.dtype, device=like.device)
 
 
-def _plain_encode(tokenizer: Tokenizer) -> Callable[[str, str], Encoding]:
+def _plain_encode(tokenizer: Tokenizer, cfg: ModelConfig) -> Callable[[str, str], Encoding]:
     def encode(prompt: str, param: str) -> Encoding:
         encoding = tokenizer.encode(prompt)
         if not encoding.ids:
             raise InvalidArgument(f"{param} tokenizes to no tokens", param)
+        check_context(cfg, len(encoding.ids), param)
         return encoding
 
     return encode
@@ -128,9 +129,7 @@ class StudyResources:
     sweep: Callable[..., SweepOutcome] = run_sweep
 
     def encoded(self, prompt: str, param: str) -> Encoding:
-        encoding = (self.encode or _plain_encode(self.tokenizer))(prompt, param)
-        check_context(self.model.cfg, len(encoding.ids), param)
-        return encoding
+        return (self.encode or _plain_encode(self.tokenizer, self.model.cfg))(prompt, param)
 
 
 def _positions(req: PatchSweepRequest) -> Any:
